@@ -1,0 +1,172 @@
+"""The one ops registry.
+
+    ops = kernels.resolve("auto")          # or "torch", "triton", "liger", "triton,rope=torch", ...
+    model = MiniMind(cfg, ops=ops)
+    print(kernels.describe(ops))
+
+A spec is a base implementation followed by optional per-op overrides, comma separated. Bases:
+  torch   the pure-PyTorch reference (kernels/reference.py); runs everywhere
+  triton  our Triton kernels (kernels/<op>.py); needs CUDA, or TRITON_INTERPRET=1 with CPU tensors (tests)
+  liger   Liger-Kernel where it has the op, else ours (Triton), else torch, with a note for each fallback
+  auto    triton when CUDA and Triton work, else torch
+An explicit implementation that cannot run is an error, never a silent fallback. The environment is read here, once,
+never inside a forward pass. Implementations are imported lazily so that `import kernels` needs only torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+OP_NAMES: tuple[str, ...] = (
+    "rmsnorm",
+    "add_rmsnorm",
+    "rope",
+    "swiglu",
+    "linear_cross_entropy",
+    "moe_experts",
+    "attention",
+)
+
+# op -> "module:function" for each implementation family. An op missing from a family has no such implementation.
+_IMPLS: dict[str, dict[str, str]] = {
+    "torch": {op: f"kernels.reference:{op}" for op in OP_NAMES},
+    "triton": {
+        "rmsnorm": "kernels.rmsnorm:rmsnorm",
+        "add_rmsnorm": "kernels.rmsnorm:add_rmsnorm",
+        "rope": "kernels.rope:rope",
+        "swiglu": "kernels.swiglu:swiglu",
+        "linear_cross_entropy": "kernels.linear_ce:linear_cross_entropy",
+        "moe_experts": "kernels.moe:moe_experts",
+    },
+    "liger": {
+        "rmsnorm": "kernels.liger:rmsnorm",
+        "rope": "kernels.liger:rope",
+        "swiglu": "kernels.liger:swiglu",
+        "linear_cross_entropy": "kernels.liger:linear_cross_entropy",
+    },
+}
+_BASES = ("torch", "triton", "liger", "auto")
+
+
+class KernelSpecError(ValueError):
+    """A kernels spec that is malformed or names an implementation that cannot run here."""
+
+
+@dataclass(frozen=True)
+class Ops:
+    """The resolved implementation of every op: call ops.rmsnorm(...), etc. `impl` maps op -> family name."""
+
+    rmsnorm: Callable
+    add_rmsnorm: Callable
+    rope: Callable
+    swiglu: Callable
+    linear_cross_entropy: Callable
+    moe_experts: Callable
+    attention: Callable
+    impl: dict[str, str] = field(default_factory=dict)
+    notes: tuple[str, ...] = ()
+    spec: str = "torch"
+
+
+def triton_available() -> bool:
+    """True when the triton package imports (it may still have no device to run on)."""
+    if importlib.util.find_spec("triton") is None:
+        return False
+    try:
+        importlib.import_module("triton")
+    except Exception:
+        return False
+    return True
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def triton_runnable() -> bool:
+    """Triton kernels can run: CUDA is present, or the interpreter is on (CPU tensors, tests)."""
+    import torch
+
+    return triton_available() and (torch.cuda.is_available() or triton_interpreting())
+
+
+def liger_available() -> bool:
+    return importlib.util.find_spec("liger_kernel") is not None
+
+
+def _load(path: str) -> Callable:
+    module, name = path.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def _check_family(family: str) -> None:
+    if family == "triton" and not triton_runnable():
+        why = "triton is not installed" if not triton_available() else "no CUDA device (and TRITON_INTERPRET is not 1)"
+        raise KernelSpecError(f"kernels 'triton' cannot run here: {why}. Use --kernels torch or auto.")
+    if family == "liger":
+        if not liger_available():
+            raise KernelSpecError("kernels 'liger' asked for but liger-kernel is not installed (pip install liger-kernel)")
+        if not triton_runnable():
+            raise KernelSpecError("kernels 'liger' needs Triton on a CUDA device")
+
+
+def parse_spec(spec: str) -> tuple[str, dict[str, str]]:
+    """'triton,rope=torch' -> ('triton', {'rope': 'torch'}). Raises KernelSpecError on anything unknown."""
+    parts = [p.strip() for p in spec.split(",") if p.strip()]
+    if not parts or "=" in parts[0]:
+        raise KernelSpecError(f"kernels spec {spec!r} must start with one of {', '.join(_BASES)}")
+    base, overrides = parts[0], {}
+    if base not in _BASES:
+        raise KernelSpecError(f"unknown kernels base {base!r} in {spec!r}; expected one of {', '.join(_BASES)}")
+    for part in parts[1:]:
+        op, _, family = part.partition("=")
+        op, family = op.strip(), family.strip()
+        if op not in OP_NAMES:
+            raise KernelSpecError(f"unknown op {op!r} in kernels spec {spec!r}; ops are {', '.join(OP_NAMES)}")
+        if family not in ("torch", "triton", "liger"):
+            raise KernelSpecError(f"unknown implementation {family!r} for op {op!r}; expected torch, triton or liger")
+        overrides[op] = family
+    return base, overrides
+
+
+def resolve(spec: str = "auto") -> Ops:
+    """Resolve a kernels spec into an Ops table. See the module docstring for the grammar."""
+    base, overrides = parse_spec(spec)
+    if base == "auto":
+        import torch
+
+        base = "triton" if triton_available() and torch.cuda.is_available() else "torch"
+    chosen: dict[str, str] = {}
+    notes: list[str] = []
+    for op in OP_NAMES:
+        family = overrides.get(op, base)
+        if op not in _IMPLS[family]:
+            if op in overrides:
+                raise KernelSpecError(f"op {op!r} has no {family} implementation")
+            fallback = "triton" if family == "liger" and op in _IMPLS["triton"] and triton_runnable() else "torch"
+            if family != "triton" or op != "attention":
+                notes.append(f"{op}: no {family} implementation, using {fallback}")
+            family = fallback
+        chosen[op] = family
+    for family in set(chosen.values()):
+        _check_family(family)
+    fns = {}
+    for op, family in chosen.items():
+        try:
+            fns[op] = _load(_IMPLS[family][op])
+        except ImportError as exc:
+            raise KernelSpecError(f"cannot import the {family} implementation of {op}: {exc}") from exc
+    return Ops(**fns, impl=chosen, notes=tuple(notes), spec=spec)
+
+
+def describe(ops: Ops) -> str:
+    """The start-up table: one line per op with the implementation in use."""
+    width = max(len(op) for op in OP_NAMES)
+    lines = [f"kernels ({ops.spec}):"]
+    lines += [f"  {op:<{width}}  {ops.impl[op]}" for op in OP_NAMES]
+    lines += [f"  note: {n}" for n in ops.notes]
+    return "\n".join(lines)
