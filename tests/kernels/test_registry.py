@@ -1,0 +1,50 @@
+"""The ops registry: spec grammar, per-op overrides, errors instead of silent fallbacks, the start-up table."""
+
+import pytest
+
+import kernels
+from kernels import reference
+
+
+def test_torch_spec_uses_reference_everywhere():
+    ops = kernels.resolve("torch")
+    assert set(ops.impl.values()) == {"torch"}
+    assert ops.rmsnorm is reference.rmsnorm and ops.linear_cross_entropy is reference.linear_cross_entropy
+
+
+def test_auto_is_torch_without_cuda(monkeypatch):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    assert set(kernels.resolve("auto").impl.values()) == {"torch"}
+
+
+def test_override_grammar_and_table():
+    base, over = kernels.parse_spec("triton, rope=torch ,swiglu=torch")
+    assert base == "triton" and over == {"rope": "torch", "swiglu": "torch"}
+    table = kernels.describe(kernels.resolve("torch,rope=torch"))
+    assert table.splitlines()[0] == "kernels (torch,rope=torch):"
+    assert all(op in table for op in kernels.OP_NAMES)
+
+
+@pytest.mark.parametrize(
+    "spec, msg",
+    [
+        ("cuda", "unknown kernels base"),
+        ("", "must start with"),
+        ("rope=torch", "must start with"),
+        ("torch,softmax=triton", "unknown op"),
+        ("torch,rope=fast", "unknown implementation"),
+        ("torch,attention=triton", "no triton implementation"),
+    ],
+)
+def test_bad_specs_are_errors(spec, msg):
+    with pytest.raises(kernels.KernelSpecError, match=msg):
+        kernels.resolve(spec)
+
+
+def test_explicit_triton_that_cannot_run_is_an_error(monkeypatch):
+    monkeypatch.setattr(kernels, "triton_interpreting", lambda: False)
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    with pytest.raises(kernels.KernelSpecError, match="cannot run here"):
+        kernels.resolve("triton")
+    with pytest.raises(kernels.KernelSpecError, match="cannot run here"):
+        kernels.resolve("torch,rope=triton")

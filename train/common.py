@@ -1,0 +1,350 @@
+"""Free functions shared by the stage scripts: arguments, runtime, optimizer and schedule, logging, checkpoints.
+
+No trainer class and no callbacks: each stage keeps its loop in plain sight and calls these helpers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import math
+import re
+import shutil
+import signal
+import sys
+import time
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:  # `python train/x.py` from a checkout without `pip install -e .`
+    sys.path.insert(0, str(REPO_ROOT))
+
+import kernels  # noqa: E402
+from minimind import checkpoint as ckpt  # noqa: E402
+from minimind.config import MiniMindConfig, from_preset  # noqa: E402
+from minimind.model import MiniMind  # noqa: E402
+from minimind.tokenizer import Tokenizer  # noqa: E402
+
+
+# ----------------------------------------------------------------------------------------------------------- arguments
+def arg(default: Any, help: str) -> Any:
+    """A dataclass field with its --help text."""
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+def _str2bool(v: str) -> bool:
+    if v.lower() in ("1", "true", "yes", "on"):
+        return True
+    if v.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean (1/0, true/false), got {v!r}")
+
+
+def parse_args(cls: type, argv: list[str] | None, description: str) -> Any:
+    """Build an argparse parser from an Args dataclass (one --flag per field, help from its metadata) and parse.
+
+    Booleans accept both `--compile` and `--compile 1/0`. Unknown flags are an error with argparse's usage line.
+    """
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        hint = hints[f.name]
+        kind = next((t for t in typing.get_args(hint) if t is not type(None)), hint)
+        help_text = f.metadata.get("help", "")
+        if kind is bool:
+            parser.add_argument(f"--{f.name}", type=_str2bool, nargs="?", const=True, default=f.default, help=help_text)
+        else:
+            parser.add_argument(f"--{f.name}", type=kind, default=f.default, help=help_text)
+    return cls(**vars(parser.parse_args(argv)))
+
+
+# ------------------------------------------------------------------------------------------------------------ runtime
+@dataclass
+class Runtime:
+    device: torch.device
+    amp_dtype: torch.dtype | None  # autocast dtype, None = full fp32
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+
+def setup_runtime(device: str = "auto", dtype: str = "auto", seed: int = 42) -> Runtime:
+    """Pick the device and precision: bf16 autocast on CUDA (fp16 is not offered: no loss scaling here), fp32 on CPU."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda asked for but CUDA is not available")
+    if dtype == "auto":
+        dtype = "bfloat16" if dev.type == "cuda" else "float32"
+    if dtype not in ("bfloat16", "float32"):
+        raise SystemExit(f"error: --dtype must be auto, bfloat16 or float32, got {dtype!r}")
+    amp = torch.bfloat16 if dtype == "bfloat16" else None
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    torch.manual_seed(seed)
+    return Runtime(device=dev, amp_dtype=amp)
+
+
+def resolve_kernels(spec: str, rt: Runtime) -> kernels.Ops:
+    try:
+        ops = kernels.resolve(spec)
+    except kernels.KernelSpecError as exc:
+        raise SystemExit(f"error: {exc}") from exc
+    if rt.is_main:
+        print(kernels.describe(ops))
+    return ops
+
+
+def load_tokenizer(path: str | None) -> Tokenizer:
+    try:
+        return Tokenizer.load(path)
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from exc
+
+
+def build_config(preset: str, tokenizer: Tokenizer, **overrides: Any) -> MiniMindConfig:
+    cfg = from_preset(preset, **overrides)
+    if tokenizer.vocab_size > cfg.vocab_size:
+        raise SystemExit(f"error: tokenizer has {tokenizer.vocab_size} tokens but the model's vocab is {cfg.vocab_size}")
+    return cfg
+
+
+def load_init_weights(model: MiniMind, from_weight: str) -> None:
+    """--from_weight: a checkpoint folder (or a MiniMind2 .pth file) to start from; 'none' starts from scratch."""
+    if from_weight in ("", "none"):
+        return
+    path = Path(from_weight)
+    if path.suffix == ".pth":
+        ckpt.load_minimind_pth(model, path)
+        return
+    try:
+        ckpt.verify_checkpoint(path)
+        cfg, _ = ckpt.load_config(path)
+    except ckpt.CheckpointError as exc:
+        raise SystemExit(f"error: --from_weight: {exc}") from exc
+    if _arch(cfg) != _arch(model.config):
+        raise SystemExit(f"error: --from_weight {path} holds a different architecture than the one configured")
+    ckpt.load_model_weights(model, path)
+
+
+def _arch(cfg: MiniMindConfig) -> dict[str, Any]:
+    keys = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size",
+            "vocab_size", "use_moe", "n_routed_experts", "n_shared_experts")
+    return {k: getattr(cfg, k) for k in keys}
+
+
+# ---------------------------------------------------------------------------------------------- optimizer + schedule
+def build_optimizer(
+    model: torch.nn.Module, lr: float, weight_decay: float = 0.01, betas: tuple[float, float] = (0.9, 0.999)
+) -> torch.optim.AdamW:
+    """AdamW; weight decay on matrices only (norm gains are not decayed). Fused on CUDA."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    on_cuda = any(p.is_cuda for p in params)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=on_cuda or None)
+
+
+def lr_at(step: int, total_steps: int, lr: float, warmup_steps: int = 0) -> float:
+    """MiniMind's schedule: lr * (0.1 + 0.45 * (1 + cos(pi * t / T))), cosine from lr down to 0.1 * lr,
+    after an optional linear warmup over warmup_steps."""
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    t, T = step - warmup_steps, max(total_steps - warmup_steps, 1)
+    return lr * (0.1 + 0.45 * (1 + math.cos(math.pi * min(t, T) / T)))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for g in optimizer.param_groups:
+        g["lr"] = lr
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The sample order of one epoch: a permutation that depends only on (seed, epoch), so resume replays it."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g)
+
+
+# -------------------------------------------------------------------------------------------------------- throughput
+# Dense bf16 tensor-core peaks (vendor datasheets) used for the trainer's MFU line; bench/ measures the real peak.
+_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "4090": 165e12, "3090": 71e12, "L40S": 362e12}
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in _PEAK_BF16.items() if k in name), None)
+
+
+def flops_per_token(cfg: MiniMindConfig, n_active_params: int, seq_len: int) -> float:
+    """Training FLOPs per token: 6 * N_active + 12 * layers * hidden * seq_len (PaLM, Chowdhery et al. 2022, app. B)."""
+    return 6 * n_active_params + 12 * cfg.num_hidden_layers * cfg.hidden_size * seq_len
+
+
+# ------------------------------------------------------------------------------------------------------------ logging
+class MetricsLog:
+    """Appends one JSON object per line; the file survives a crash up to its last line."""
+
+    def __init__(self, path: Path, enabled: bool = True, append: bool = False):
+        self.path, self.enabled = path, enabled
+        if enabled:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if not append and path.exists():
+                path.unlink()
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def plot_loss_curve(metrics_path: Path, png_path: Path, title: str) -> Path | None:
+    """Draw loss against step from a metrics JSONL file into a PNG (nothing if there are no loss records)."""
+    records = [json.loads(line) for line in open(metrics_path)] if metrics_path.exists() else []
+    points = [(r["step"], r["loss"]) for r in records if "loss" in r and "step" in r]
+    if not points:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([p[0] for p in points], [p[1] for p in points], lw=1.2)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss (nats/token)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=110)
+    plt.close(fig)
+    return png_path
+
+
+# ------------------------------------------------------------------------------------------------ checkpoints/resume
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+def resume_dir(out_dir: str | Path, save_weight: str) -> Path:
+    return Path(out_dir) / f"{save_weight}_resume"
+
+
+def save_resume(
+    out_dir: str | Path,
+    save_weight: str,
+    step: int,
+    model: MiniMind,
+    tokenizer: Tokenizer,
+    args: Any,
+    state: dict[str, Any],
+    keep_last: int = 2,
+) -> Path:
+    """Write the model (as {out_dir}/{save_weight}) and a resumable copy with the training state
+    ({out_dir}/{save_weight}_resume/step_N), keeping the last keep_last resume folders."""
+    args_d = dataclasses.asdict(args)
+    ckpt.save_checkpoint(Path(out_dir) / save_weight, model, model.config, tokenizer, args_d, meta={"step": step})
+    rdir = resume_dir(out_dir, save_weight)
+    folder = ckpt.save_checkpoint(
+        rdir / f"step_{step:08d}", model, model.config, tokenizer, args_d, train_state=state, meta={"step": step}
+    )
+    old = sorted(p for p in rdir.iterdir() if _STEP_DIR.match(p.name))[:-keep_last] if keep_last > 0 else []
+    for p in old:
+        shutil.rmtree(p, ignore_errors=True)
+    return folder
+
+
+def latest_resume(out_dir: str | Path, save_weight: str) -> Path | None:
+    """The newest complete resume folder; torn or corrupt ones are reported and passed over."""
+    rdir = resume_dir(out_dir, save_weight)
+    if not rdir.is_dir():
+        return None
+    for p in sorted((p for p in rdir.iterdir() if _STEP_DIR.match(p.name)), reverse=True):
+        try:
+            ckpt.verify_checkpoint(p)
+            return p
+        except ckpt.CheckpointError as exc:
+            print(f"warning: skipping resume checkpoint: {exc}")
+    return None
+
+
+def rng_state() -> dict[str, torch.Tensor]:
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+class StopFlag:
+    """SIGTERM/SIGINT set a flag instead of killing the process, so the loop can save and exit cleanly.
+    A second SIGINT interrupts at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._old: dict[int, Any] = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        print(f"\nsignal {signal.Signals(signum).name}: saving a checkpoint and stopping after this step", flush=True)
+
+    def __enter__(self) -> StopFlag:
+        if hasattr(signal, "SIGTERM") and _in_main_thread():
+            for s in (signal.SIGTERM, signal.SIGINT):
+                self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+def _in_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+class Timer:
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.t0 = time.perf_counter()
+
+    def lap(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        t = time.perf_counter()
+        dt, self.t0 = t - self.t0, t
+        return dt

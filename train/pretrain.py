@@ -1,0 +1,202 @@
+"""Pretraining: next-token prediction on packed text.
+
+    python train/pretrain.py                                   # CPU: tiny preset on data/sample, a few minutes
+    python train/pretrain.py --compile                         # CUDA: small preset, bf16, Triton kernels
+    python train/pretrain.py --preset base --data_path pretrain_hq.jsonl --max_seq_len 512
+    python train/pretrain.py --from_resume 1                   # continue the last run from its newest checkpoint
+
+Algorithm, as implemented: documents become [bos] + tokens + [eos] and are packed back to back into rows of exactly
+max_seq_len tokens (no padding; MiniMind pads every sample instead). The loss is the token-mean cross-entropy of
+predicting token t+1 from tokens <= t over every position, plus the MoE balance loss of all MoE layers. AdamW
+(betas 0.9/0.999, weight decay 0.01 on matrices), gradient accumulation, gradient clipping at 1.0, MiniMind's cosine
+schedule from lr to 0.1 * lr (optional linear warmup), bf16 autocast on CUDA and fp32 on CPU.
+The sample order of each epoch is a permutation seeded by (seed, epoch), and the data position is the optimizer step,
+so --from_resume replays exactly the batches an uninterrupted run would have seen.
+
+Outputs under --out_dir: {save_weight}/ (model.safetensors, config.json, tokenizer files), {save_weight}_resume/step_N/
+(the same plus train_state.pt: optimizer, step, RNG), {save_weight}_metrics.jsonl and {save_weight}_loss.png.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as `python train/pretrain.py`
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch
+from tqdm import tqdm
+
+from minimind import checkpoint as ckpt
+from minimind.data import DataError, PretrainDataset
+from minimind.model import MiniMind
+from train import common
+from train.common import arg
+
+# Defaults that depend on the machine: (CPU, CUDA). On a CPU the run must finish in minutes on 2 cores.
+_AUTO = {
+    "preset": ("tiny", "small"),
+    "batch_size": (16, 32),
+    "accumulation_steps": (1, 8),
+    "max_seq_len": (256, 340),
+    "learning_rate": (1e-3, 5e-4),
+    "max_steps": (500, 0),
+}
+
+
+@dataclass
+class Args:
+    data_path: str = arg("data/sample/pretrain.jsonl", "pretrain JSONL ({'text': ...} per line) or a .bin from "
+                         "tools/prepare_data.py")
+    out_dir: str = arg("out", "where checkpoints, metrics and the loss curve go")
+    save_weight: str = arg("pretrain", "name of the checkpoint folder under --out_dir")
+    from_weight: str = arg("none", "checkpoint folder (or MiniMind .pth) to initialise from; 'none' = scratch")
+    from_resume: int = arg(0, "1: continue from the newest checkpoint in {out_dir}/{save_weight}_resume")
+    tokenizer: str | None = arg(None, "tokenizer folder or tokenizer.json (default: the shipped one)")
+    preset: str | None = arg(None, "model preset: tiny, small, base, moe (default: tiny on CPU, small on CUDA)")
+    use_moe: int = arg(0, "1: mixture-of-experts feed-forward on the chosen preset")
+    epochs: int = arg(1, "passes over the data")
+    batch_size: int | None = arg(None, "sequences per micro-batch (default: 16 on CPU, 32 on CUDA)")
+    accumulation_steps: int | None = arg(None, "micro-batches per optimizer step (default: 1 on CPU, 8 on CUDA)")
+    learning_rate: float | None = arg(None, "peak learning rate (default: 1e-3 on CPU for tiny, 5e-4 on CUDA)")
+    warmup_steps: int = arg(0, "linear warmup steps before the cosine schedule")
+    weight_decay: float = arg(0.01, "AdamW weight decay (matrices only)")
+    grad_clip: float = arg(1.0, "clip the global gradient norm to this (0 = off)")
+    max_seq_len: int | None = arg(None, "tokens per packed row (default: 256 on CPU, 340 on CUDA)")
+    max_steps: int | None = arg(None, "stop after this many optimizer steps (0 = run all epochs; default: 500 on CPU)")
+    aux_loss_alpha: float = arg(0.01, "MoE balance-loss weight (MiniMind's first release used 0.1)")
+    device: str = arg("auto", "cuda, cpu, or auto")
+    dtype: str = arg("auto", "bfloat16 or float32 (auto: bf16 autocast on CUDA, fp32 on CPU)")
+    kernels: str = arg("auto", "ops spec: torch | triton | liger | auto, with overrides like 'triton,rope=torch'")
+    compile: bool = arg(False, "torch.compile the model")
+    log_interval: int = arg(10, "optimizer steps between log lines")
+    save_interval: int = arg(200, "optimizer steps between checkpoints")
+    keep_last: int = arg(2, "resume checkpoints to keep")
+    seed: int = arg(42, "seed for initialisation and data order")
+
+
+def resolve_auto(args: Args, on_cuda: bool) -> Args:
+    """Fill the machine-dependent defaults (None) with their CPU or CUDA value."""
+    for name, (cpu, cuda) in _AUTO.items():
+        if getattr(args, name) is None:
+            setattr(args, name, cuda if on_cuda else cpu)
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = common.parse_args(Args, argv, __doc__.split("\n\n")[0])
+    rt = common.setup_runtime(args.device, args.dtype, args.seed)
+    args = resolve_auto(args, rt.is_cuda)
+    tok = common.load_tokenizer(args.tokenizer)
+    overrides = {"use_moe": True} if args.use_moe else {}
+    cfg = common.build_config(args.preset, tok, aux_loss_alpha=args.aux_loss_alpha, **overrides)
+    ops = common.resolve_kernels(args.kernels, rt)
+    model = MiniMind(cfg, ops=ops)
+    common.load_init_weights(model, args.from_weight)
+    model.to(rt.device)
+
+    try:
+        data = PretrainDataset(args.data_path, tok, args.max_seq_len)
+    except (DataError, FileNotFoundError) as exc:
+        raise SystemExit(f"error: {exc}") from exc
+    rows_per_step = args.batch_size * args.accumulation_steps
+    steps_per_epoch = len(data) // rows_per_step
+    if steps_per_epoch == 0:
+        raise SystemExit(
+            f"error: {args.data_path} packs into {len(data)} rows of {args.max_seq_len} tokens, fewer than one "
+            f"optimizer step needs ({args.batch_size} x {args.accumulation_steps}); lower --batch_size"
+        )
+    total_steps = steps_per_epoch * args.epochs
+    if args.max_steps:
+        total_steps = min(total_steps, args.max_steps)
+
+    optimizer = common.build_optimizer(model, args.learning_rate, args.weight_decay)
+    start_step = 0
+    if args.from_resume:
+        folder = common.latest_resume(args.out_dir, args.save_weight)
+        if folder is None:
+            print(f"no resume checkpoint under {common.resume_dir(args.out_dir, args.save_weight)}: starting fresh")
+        else:
+            ckpt.load_model_weights(model, folder)
+            state = ckpt.load_train_state(folder)
+            optimizer.load_state_dict(state["optimizer"])
+            common.set_rng_state(state["rng"])
+            start_step = int(state["step"])
+            print(f"resumed from {folder} at step {start_step}")
+
+    n_active = model.num_active_params()
+    flops_tok = common.flops_per_token(cfg, n_active, args.max_seq_len)
+    peak = common.peak_flops(rt.device)
+    train_model = torch.compile(model) if args.compile else model
+    print(
+        f"pretrain: preset {args.preset} ({model.num_params():,} params, {n_active:,} active) on {rt.device} "
+        f"({'bf16 autocast' if rt.amp_dtype else 'fp32'}{', compiled' if args.compile else ''}); "
+        f"{data.num_tokens:,} tokens -> {len(data):,} rows of {args.max_seq_len}; "
+        f"batch {args.batch_size} x accum {args.accumulation_steps}; {total_steps} steps "
+        f"({steps_per_epoch} per epoch), lr {args.learning_rate:g}"
+    )
+
+    metrics = common.MetricsLog(Path(args.out_dir) / f"{args.save_weight}_metrics.jsonl", append=start_step > 0)
+    model.train()
+    order, order_epoch = None, -1
+    loss_sum = torch.zeros((), device=rt.device)
+    loss_count, tokens_since, skipped, last_loss = 0, 0, 0, float("nan")
+    timer = common.Timer(rt.device)
+    bar = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps, desc="pretrain",
+               dynamic_ncols=True, disable=not rt.is_main)
+    with common.StopFlag() as stop:
+        for step in bar:
+            epoch, within = divmod(step, steps_per_epoch)
+            if epoch != order_epoch:
+                order, order_epoch = common.epoch_order(len(data), args.seed, epoch), epoch
+            lr = common.lr_at(step, total_steps, args.learning_rate, args.warmup_steps)
+            common.set_lr(optimizer, lr)
+            for micro in range(args.accumulation_steps):
+                first = (within * args.accumulation_steps + micro) * args.batch_size
+                idx = order[first : first + args.batch_size]
+                x = torch.stack([data[int(i)] for i in idx]).to(rt.device, non_blocking=True)
+                with rt.autocast():
+                    out = train_model(x, labels=x)
+                    loss = out.loss if out.aux_loss is None else out.loss + out.aux_loss
+                (loss / args.accumulation_steps).backward()
+                loss_sum += loss.detach()
+                loss_count += 1
+                tokens_since += x.numel()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf"))
+            if torch.isfinite(grad_norm):
+                optimizer.step()
+            else:
+                skipped += 1
+            optimizer.zero_grad(set_to_none=True)
+
+            done = step + 1
+            if done % args.log_interval == 0 or done == total_steps:
+                dt = timer.lap()
+                last_loss = (loss_sum / max(loss_count, 1)).item()
+                tok_s = tokens_since / dt
+                record = {"step": done, "epoch": epoch, "loss": round(last_loss, 5), "lr": lr,
+                          "grad_norm": round(float(grad_norm), 4), "tokens_per_s": round(tok_s, 1),
+                          "skipped_steps": skipped}
+                if peak:
+                    record["mfu"] = round(tok_s * flops_tok / peak, 4)
+                metrics.write(record)
+                bar.set_postfix(loss=f"{last_loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
+                loss_sum.zero_()
+                loss_count, tokens_since = 0, 0
+            if done % args.save_interval == 0 or done == total_steps or stop.requested:
+                state = {"step": done, "optimizer": optimizer.state_dict(), "rng": common.rng_state()}
+                common.save_resume(args.out_dir, args.save_weight, done, model, tok, args, state, args.keep_last)
+            if stop.requested:
+                break
+    bar.close()
+    png = common.plot_loss_curve(metrics.path, Path(args.out_dir) / f"{args.save_weight}_loss.png",
+                                 f"pretrain {args.preset}")
+    print(f"done: loss {last_loss:.4f}; model in {Path(args.out_dir) / args.save_weight}"
+          + (f"; loss curve {png}" if png else ""))
+    return {"loss": last_loss, "steps": total_steps, "out": str(Path(args.out_dir) / args.save_weight)}
+
+
+if __name__ == "__main__":
+    main()
