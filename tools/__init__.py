@@ -1,0 +1,1 @@
+"""Command-line tools: tokenizer training, sample data generation, and other helpers."""
