@@ -12,7 +12,8 @@ creatures) and two-digit addition / subtraction, all in English. Files:
                         multi-turn)
   dpo.jsonl             {"chosen", "rejected"}: the rejected reply gives a wrong answer
   rlaif.jsonl           RL prompts in SFT format plus "answer", the verifiable answer string
-  r1_mix.jsonl          reasoning conversations, assistant content `<think>\\n...\\n</think>\\n<answer>\\n...\\n</answer>`
+  r1_mix.jsonl          reasoning conversations, assistant content
+                        `<think>\\n...\\n</think>\\n<answer>\\n...\\n</answer>`
   lora_identity.jsonl   who-are-you conversations giving the assistant a name used nowhere else
   eval.jsonl            held-out {"question", "answer", "kind", "choices"?}: person facts stated in pretrain.jsonl
                         whose question/answer form appears in no conversation file, and arithmetic pairs that appear
@@ -29,6 +30,7 @@ import argparse
 import json
 import math
 import random
+import textwrap
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -273,6 +275,35 @@ chopping-firewood baking-bread feeding-the-hens milking-the-goats mending-the-fe
 drawing-water from-the-well hanging-out-the-washing picking-berries stacking-hay polishing-the-brass
 darning-socks pickling-onions churning-butter grinding-coffee sharpening-knives painting-the-shutters
 weeding-the-garden repairing-the-roof tuning-the-fiddle writing-letters reading-aloud carving-spoons
+"""
+)
+HOBBIES = _words(
+    """
+playing-chess bird-watching stargazing whittling embroidery juggling storytelling riddles kite-flying
+pressing-flowers collecting-shells skipping-stones rowing-races fencing archery wrestling skittles dominoes
+backgammon quoits hopscotch charades poetry calligraphy lacemaking quilting basketry beadwork origami
+fortune-telling ballroom-dancing choir-singing mushroom-hunting fossil-hunting beachcombing sculpting
+"""
+)
+TOPICS = _words(
+    """
+the-price-of-flour the-coming-harvest a-quarrel-between-neighbours the-new-schoolmaster a-runaway-goat
+rumours-of-treasure the-mayor's-speech a-leaking-aqueduct the-autumn-fair an-unexpected-visitor
+the-lost-ferry-ticket a-suspicious-merchant the-broken-weathervane a-wedding-feast a-lucky-horseshoe
+the-village-orchestra an-eclipse-of-the-moon a-comet-over-the-mountains a-miraculous-recovery
+"""
+)
+SKIES = _words(
+    """
+overcast drizzly blustery thundery sweltering frosty foggy hazy cloudless starlit moonless gusty sleety
+muggy balmy breezy stormy showery rainbow-streaked pink-tinged amber-coloured lead-grey speckled-with-clouds
+"""
+)
+MATERIALS = _words(
+    """
+pewter tin bronze beeswax tallow birch-bark willow-withies horsehair goose-feathers sheepskin goatskin
+flax hemp jute cork slate flint chalk granite marble-dust sawdust charcoal soot ochre indigo madder
+woad resin pitch tar lacquer enamel porcelain terracotta sandstone limestone
 """
 )
 FAMILY = _words(
@@ -565,18 +596,27 @@ def arith_answer(problem: Problem, value: int | None = None) -> str:
 
 
 def arith_reasoning(problem: Problem) -> str:
-    """Column arithmetic written out: tens and units, then the carry or borrow."""
+    """Column arithmetic written out digit by digit (units, then tens, with the carry or borrow).
+
+    Every intermediate step has a one-digit operand, so no step restates another two-digit problem (an eval pair).
+    """
     a, op, b = problem
     c = solve(problem)
     (at, au), (bt, bu) = divmod(a, 10), divmod(b, 10)
     if op == "+":
+        carry = int(au + bu >= 10)
         lines = [f"I need to add {a} and {b}.", f"Units: {au} + {bu} = {au + bu}."]
-        if au + bu >= 10:
-            lines.append(f"That is {au + bu - 10}, carry 1.")
-        lines.append(f"Tens: {at} + {bt}{' + 1' if au + bu >= 10 else ''} = {at + bt + (au + bu >= 10)}.")
+        if carry:
+            lines.append(f"Write {au + bu - 10} and carry 1.")
+        lines.append(f"Tens: {at} + {bt}{' + 1' if carry else ''} = {at + bt + carry}.")
     else:
-        lines = [f"I need to subtract {b} from {a}.", f"{a} - {bt * 10} = {a - bt * 10}."]
-        lines.append(f"{a - bt * 10} - {bu} = {c}.")
+        lines = [f"I need to subtract {b} from {a}."]
+        if au >= bu:
+            lines.append(f"Units: {au} - {bu} = {au - bu}.")
+            lines.append(f"Tens: {at} - {bt} = {at - bt}.")
+        else:
+            lines.append(f"Units: {au} is less than {bu}, so borrow 10: {au + 10} - {bu} = {au + 10 - bu}.")
+            lines.append(f"Tens: {at} - 1 - {bt} = {at - 1 - bt}.")
     lines.append(f"So {a} {op} {b} = {c}.")
     return "\n".join(lines)
 
@@ -695,8 +735,9 @@ def profession_paragraph(rng: random.Random, prof: str, workers: list[Person]) -
         some = rng.sample(workers, min(len(workers), 3))
         names = ", ".join(p.name for p in some[:-1])
         parts.append(
-            f"Well-known {prof}s of {WORLD} include {names} and {some[-1].name}." if names else
-            f"{some[0].name} is a well-known {prof} of {WORLD}."
+            f"Well-known {prof}s of {WORLD} include {names} and {some[-1].name}."
+            if names
+            else f"{some[0].name} is a well-known {prof} of {WORLD}."
         )
     return " ".join(parts)
 
@@ -725,15 +766,19 @@ def life_paragraph(rng: random.Random, p: Person) -> str:
     thing, thing2 = rng.sample(THINGS, 2)
     place, place2 = rng.sample(PLACES, 2)
     time = rng.choice(TIMES)
-    when = f"on {time}" if time[0].isupper() and not time.endswith("ber") else f"one {time}"
-    if time in ("January", "February", "March", "April", "May", "June", "July", "August") or time.endswith("ber"):
+    if time[0].isupper() and time.endswith("day"):
+        when = f"on {time}"
+    elif time[0].isupper():
         when = f"one day in {time}"
+    else:
+        when = f"one {time}"
+    when = when[0].upper() + when[1:]
+    hobby, hobby2 = rng.sample(HOBBIES, 2)
     sentences = [
         rng.choice(
             (
-                f"{when.capitalize()}, {name} {rng.choice(VERBS)} {a_or_an(rng.choice(MORE_ADJECTIVES))} {thing}"
-                f" at the {place}.",
-                f"{when.capitalize()}, {name} {rng.choice(INTRANSITIVE)} {rng.choice(ADVERBS)} to the {place}.",
+                f"{when}, {name} {rng.choice(VERBS)} {a_or_an(rng.choice(MORE_ADJECTIVES))} {thing} at the {place}.",
+                f"{when}, {name} {rng.choice(INTRANSITIVE)} {rng.choice(ADVERBS)} to the {place}.",
                 f"{name} spent {when} at the {place} in {p.town}.",
             )
         ),
@@ -751,6 +796,10 @@ def life_paragraph(rng: random.Random, p: Person) -> str:
                 f"Being {a_or_an(p.profession)}, {first} knows a great deal about {rng.choice(GOODS)}.",
                 f"Later, {first} {rng.choice(INTRANSITIVE)} home past the {rng.choice(PLANTS)} trees.",
                 f'As {first} likes to say, "{rng.choice(PROVERBS[N_TOWNS:])}"',
+                f"In the evenings {first} enjoys {hobby}, and on holidays, {hobby2}.",
+                f"Over supper, {first} and {first}'s {rng.choice(FAMILY)} talked about {rng.choice(TOPICS)}.",
+                f"The sky over {p.town} was {rng.choice(SKIES)}, so {first} stayed in and worked with"
+                f" {rng.choice(MATERIALS)} and {rng.choice(MATERIALS)}.",
                 f"{first} wore {a_or_an(rng.choice(MORE_ADJECTIVES))} {rng.choice(CLOTHES)} and spent the"
                 f" afternoon {rng.choice(CHORES)}.",
                 f"From there {first} could see the {rng.choice(LANDSCAPE)} and the {rng.choice(LANDSCAPE)}"
@@ -818,8 +867,9 @@ def write_jsonl(path: Path, records: list[dict]) -> None:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
 
 
-def unigram_entropy(texts: list[str], tokenizer_dir: Path) -> tuple[float, int] | None:
-    """Entropy (nats/token) of the token unigram distribution of texts, and the token count; None without one."""
+def unigram_entropy(texts: list[str], tokenizer_dir: Path | None) -> tuple[float, int, int] | None:
+    """Entropy in nats/token of the token unigram distribution over texts (no bos/eos), the token count and the
+    number of distinct tokens; None when no tokenizer can be loaded from tokenizer_dir (None = the shipped one)."""
     try:
         from minimind.tokenizer import Tokenizer
 
@@ -830,14 +880,43 @@ def unigram_entropy(texts: list[str], tokenizer_dir: Path) -> tuple[float, int] 
     for ids in tok.encode_batch(texts):
         counts.update(ids)
     total = sum(counts.values())
-    return -sum(c / total * math.log(c / total) for c in counts.values()), total
+    entropy = -sum(c / total * math.log(c / total) for c in counts.values())
+    return entropy, total, len(counts)
+
+
+def conversation(rng: random.Random, turns: list[tuple[str, str]], p_system: float = 0.3) -> list[dict]:
+    """Alternating user/assistant messages, with a system message in front a p_system share of the time."""
+    messages = [m for q, a in turns for m in (msg("user", q), msg("assistant", a))]
+    return with_system(rng, messages, p_system)
+
+
+def split_problems(rng: random.Random, n_eval: int) -> tuple[list[Problem], list[Problem]]:
+    """(train, eval) problems; no eval problem, nor its swapped twin for addition, is among the train ones."""
+    problems = all_problems()
+    rng.shuffle(problems)
+    eval_keys: set[Problem] = set()
+    eval_problems = []
+    for pr in problems:
+        if len(eval_problems) == n_eval:
+            break
+        if problem_key(pr) not in eval_keys:
+            eval_keys.add(problem_key(pr))
+            eval_problems.append(pr)
+    return [pr for pr in problems if problem_key(pr) not in eval_keys], eval_problems
 
 
 def generate(out: Path, seed: int = 0, scale: float = 1.0, tokenizer_dir: Path | None = None) -> dict[str, int]:
-    """Write every file into out; returns the record count of each .jsonl file."""
+    """Write every file into out; returns the record count of each .jsonl file.
+
+    scale shrinks the world and every file (tests use 0.1); tokenizer_dir is the tokenizer whose unigram entropy of
+    pretrain.jsonl goes into README.md (None = the shipped one).
+    """
+
+    def n(count: int, least: int = 2) -> int:
+        return max(least, round(count * scale))
+
     rng = random.Random(seed)
-    n_people = max(12, round(N_PEOPLE * scale))
-    towns, creatures, people = build_world(rng, n_people)
+    towns, creatures, people = build_world(rng, n(N_PEOPLE, 12))
     town_by, creature_by = {t.name: t for t in towns}, {c.name: c for c in creatures}
     choices = {
         "town": [t.name for t in towns],
@@ -847,84 +926,63 @@ def generate(out: Path, seed: int = 0, scale: float = 1.0, tokenizer_dir: Path |
         "age": [str(a) for a in range(AGE_RANGE[0], AGE_RANGE[1] + 1)],
     }
 
-    # Held-out split: each (person, attribute) pair is asked either in the conversation files or only in eval.
-    held = {(i, a) for i in range(len(people)) for a in ATTRIBUTES if rng.random() < HELD_OUT_FRACTION}
-    known = [(i, a) for i in range(len(people)) for a in ATTRIBUTES if (i, a) not in held]
-    problems = all_problems()
-    rng.shuffle(problems)
-    eval_keys: set[Problem] = set()
-    eval_problems: list[Problem] = []
-    for pr in problems:
-        if len(eval_problems) >= max(10, round(N_EVAL_ARITHMETIC * scale)):
-            break
-        if problem_key(pr) not in eval_keys:
-            eval_keys.add(problem_key(pr))
-            eval_problems.append(pr)
-    train_problems = [pr for pr in problems if problem_key(pr) not in eval_keys]
-    n_arith = round(len(train_problems) * min(1.0, scale))
-    train_problems = train_problems[:n_arith]
+    # Held-out split: each (person, attribute) pair is asked either in the conversation files or only in eval.jsonl.
+    pairs = [(i, a) for i in range(len(people)) for a in ATTRIBUTES]
+    held = {pair for pair in pairs if rng.random() < HELD_OUT_FRACTION}
+    known = [pair for pair in pairs if pair not in held]
+    train_problems, eval_problems = split_problems(rng, n(N_EVAL_ARITHMETIC, 10))
+    train_problems = train_problems[: n(len(train_problems))]
 
-    # pretrain.jsonl
-    residents: dict[str, list[Person]] = {t.name: [] for t in towns}
-    owners: dict[str, list[Person]] = {c.name: [] for c in creatures}
-    for p in people:
-        residents[p.town].append(p)
-        owners[p.pet].append(p)
+    def ask(i: int, attr: str) -> tuple[str, str]:
+        return question(rng, people[i], attr), answer(rng, people[i], attr)
+
+    # pretrain.jsonl: every person's facts in 12 paragraphs (plus town/profession listings), then the world around.
+    residents: dict[str, list[Person]] = {t.name: [p for p in people if p.town == t.name] for t in towns}
+    owners: dict[str, list[Person]] = {c.name: [p for p in people if p.pet == c.name] for c in creatures}
+    workers: dict[str, list[Person]] = {prof: [p for p in people if p.profession == prof] for prof in PROFESSIONS}
     texts = []
     for p in people:
-        texts.extend(person_paragraph(rng, p, town_by, creature_by) for _ in range(8))
-    for p in people:
-        texts.extend(life_paragraph(rng, p) for _ in range(4))
+        texts += [person_paragraph(rng, p, town_by, creature_by) for _ in range(12)]
+        texts += [life_paragraph(rng, p) for _ in range(8)]
     for t in towns:
-        texts.extend(town_paragraph(rng, t, residents[t.name]) for _ in range(max(2, round(24 * scale))))
-    for t in towns:
-        texts.extend(town_history_paragraph(rng, t) for _ in range(max(2, round(12 * scale))))
-    workers: dict[str, list[Person]] = {prof: [p for p in people if p.profession == prof] for prof in PROFESSIONS}
+        texts += [town_paragraph(rng, t, residents[t.name]) for _ in range(n(28))]
+        texts += [town_history_paragraph(rng, t) for _ in range(n(18))]
     for prof in PROFESSIONS:
-        texts.extend(profession_paragraph(rng, prof, workers[prof]) for _ in range(max(2, round(12 * scale))))
+        texts += [profession_paragraph(rng, prof, workers[prof]) for _ in range(n(20))]
     for c in creatures:
-        texts.extend(creature_paragraph(rng, c, owners[c.name]) for _ in range(max(2, round(20 * scale))))
-    for k in range(0, len(train_problems), 16):
-        texts.append(arithmetic_text(rng, train_problems[k : k + 16]))
+        texts += [creature_paragraph(rng, c, owners[c.name]) for _ in range(n(30))]
+    texts += [arithmetic_text(rng, train_problems[k : k + 16]) for k in range(0, len(train_problems), 16)]
     rng.shuffle(texts)
     pretrain = [{"text": t} for t in texts]
 
-    # sft.jsonl
-    sft = []
-    for i, attr in known:
-        p = people[i]
-        for _ in range(2):
-            sft.append({"conversations": with_system(rng, [msg("user", question(rng, p, attr)), msg("assistant", answer(rng, p, attr))])})
+    # sft.jsonl: one Q&A per known fact, multi-turn chats about one person, arithmetic, a nameless identity.
+    sft = [{"conversations": conversation(rng, [ask(i, attr)])} for i, attr in known]
     for _ in range(len(people)):
         i = rng.randrange(len(people))
         attrs = [a for a in ATTRIBUTES if (i, a) not in held]
-        if len(attrs) < 2:
-            continue
-        turns = []
-        for attr in rng.sample(attrs, rng.randrange(2, min(4, len(attrs)) + 1)):
-            turns += [msg("user", question(rng, people[i], attr)), msg("assistant", answer(rng, people[i], attr))]
-        sft.append({"conversations": with_system(rng, turns)})
-    for pr in train_problems[: len(train_problems) // 4]:
-        sft.append({"conversations": with_system(rng, [msg("user", arith_question(rng, pr)), msg("assistant", arith_answer(pr))])})
+        if len(attrs) >= 2:
+            picked = rng.sample(attrs, rng.randrange(2, min(4, len(attrs)) + 1))
+            sft.append({"conversations": conversation(rng, [ask(i, attr) for attr in picked])})
+    for pr in rng.sample(train_problems, n(1200)):
+        sft.append({"conversations": conversation(rng, [(arith_question(rng, pr), arith_answer(pr))])})
     for q, a in GENERIC_IDENTITY:
-        for _ in range(max(1, round(5 * scale))):
-            sft.append({"conversations": with_system(rng, [msg("user", q), msg("assistant", a)])})
+        sft += [{"conversations": conversation(rng, [(q, a)])} for _ in range(n(5, 1))]
     rng.shuffle(sft)
 
-    # dpo.jsonl
+    # dpo.jsonl: the same prompt and reply template; the rejected reply names a wrong value.
     dpo = []
-    for i, attr in rng.sample(known, min(len(known), round(600 * scale) + 10)):
+    for i, attr in rng.sample(known, n(500)):
         p = people[i]
         prompt = with_system(rng, [msg("user", question(rng, p, attr))], 0.2)
-        tmpl = rng.choice(ANSWERS[attr])
-        right, wrong = p.value(attr), wrong_value(rng, attr, p.value(attr), choices)
+        template = rng.choice(ANSWERS[attr])
+        wrong = wrong_value(rng, attr, p.value(attr), choices)
         dpo.append(
             {
-                "chosen": [*prompt, msg("assistant", fill(tmpl, p.name, right))],
-                "rejected": [*prompt, msg("assistant", fill(tmpl, p.name, wrong))],
+                "chosen": [*prompt, msg("assistant", fill(template, p.name, p.value(attr)))],
+                "rejected": [*prompt, msg("assistant", fill(template, p.name, wrong))],
             }
         )
-    for pr in rng.sample(train_problems, min(len(train_problems), round(400 * scale) + 10)):
+    for pr in rng.sample(train_problems, n(400)):
         prompt = [msg("user", arith_question(rng, pr))]
         off = rng.choice((-10, -2, -1, 1, 2, 10))
         dpo.append(
@@ -935,50 +993,45 @@ def generate(out: Path, seed: int = 0, scale: float = 1.0, tokenizer_dir: Path |
         )
     rng.shuffle(dpo)
 
-    # rlaif.jsonl
+    # rlaif.jsonl: a prompt, a reference reply (dropped by the RL loaders) and the verifiable answer string.
     rlaif = []
-    for pr in rng.sample(train_problems, min(len(train_problems), round(500 * scale) + 10)):
-        conv = with_system(rng, [msg("user", arith_question(rng, pr)), msg("assistant", arith_answer(pr))], 0.2)
+    for pr in rng.sample(train_problems, n(500)):
+        conv = conversation(rng, [(arith_question(rng, pr), arith_answer(pr))], 0.2)
         rlaif.append({"conversations": conv, "answer": str(solve(pr))})
-    for i, attr in rng.sample(known, min(len(known), round(300 * scale) + 10)):
-        p = people[i]
-        conv = with_system(rng, [msg("user", question(rng, p, attr)), msg("assistant", answer(rng, p, attr))], 0.2)
-        rlaif.append({"conversations": conv, "answer": p.value(attr)})
+    for i, attr in rng.sample(known, n(300)):
+        rlaif.append({"conversations": conversation(rng, [ask(i, attr)], 0.2), "answer": people[i].value(attr)})
     rng.shuffle(rlaif)
 
-    # r1_mix.jsonl
+    # r1_mix.jsonl: the reasoning is written out in <think>, the reply in <answer>.
     r1 = []
-    for pr in rng.sample(train_problems, min(len(train_problems), round(900 * scale) + 10)):
+    for pr in rng.sample(train_problems, n(700)):
         content = f"<think>\n{arith_reasoning(pr)}\n</think>\n<answer>\n{arith_answer(pr)}\n</answer>"
-        r1.append({"conversations": [msg("user", arith_question(rng, pr)), msg("assistant", content)]})
-    for i, attr in rng.sample(known, min(len(known), round(500 * scale) + 10)):
+        r1.append({"conversations": conversation(rng, [(arith_question(rng, pr), content)], 0.2)})
+    for i, attr in rng.sample(known, n(400)):
         p = people[i]
-        think = (
-            f"The question asks about the {'home town' if attr == 'town' else attr} of {p.name}.\n"
-            f"I remember: {fact_sentence(rng, p, attr)}"
-        )
+        topic = "home town" if attr == "town" else ("favourite colour" if attr == "colour" else attr)
+        think = f"The question asks for the {topic} of {p.name}.\nI remember: {fact_sentence(rng, p, attr)}"
         content = f"<think>\n{think}\n</think>\n<answer>\n{answer(rng, p, attr)}\n</answer>"
-        r1.append({"conversations": with_system(rng, [msg("user", question(rng, p, attr)), msg("assistant", content)], 0.2)})
+        r1.append({"conversations": conversation(rng, [(question(rng, p, attr), content)], 0.2)})
     rng.shuffle(r1)
 
-    # lora_identity.jsonl
+    # lora_identity.jsonl: the assistant's name, sometimes followed by an ordinary question.
     lora = []
-    for _ in range(max(20, round(200 * scale))):
-        conv = [msg("user", rng.choice(IDENTITY_QUESTIONS)), msg("assistant", rng.choice(IDENTITY_ANSWERS).format(n=IDENTITY_NAME))]
+    for _ in range(n(200, 20)):
+        turns = [(rng.choice(IDENTITY_QUESTIONS), rng.choice(IDENTITY_ANSWERS).format(n=IDENTITY_NAME))]
         if rng.random() < 0.3:
-            i, attr = rng.choice(known)
-            conv += [msg("user", question(rng, people[i], attr)), msg("assistant", answer(rng, people[i], attr))]
-        lora.append({"conversations": with_system(rng, conv, 0.2)})
+            turns.append(ask(*rng.choice(known)))
+        lora.append({"conversations": conversation(rng, turns, 0.2)})
 
-    # eval.jsonl
-    evals = []
-    for i, attr in sorted(held):
-        p = people[i]
-        evals.append({"question": question(rng, p, attr), "answer": p.value(attr), "kind": attr, "choices": choices[attr]})
+    # eval.jsonl: held-out facts (their Q&A form is in no conversation file) and held-out problems.
+    evals = [
+        {"question": question(rng, people[i], attr), "answer": people[i].value(attr), "kind": attr,
+         "choices": choices[attr]}
+        for i, attr in sorted(held)
+    ]  # fmt: skip
     for pr in eval_problems:
         evals.append({"question": arith_question(rng, pr), "answer": str(solve(pr)), "kind": "arithmetic"})
 
-    out.mkdir(parents=True, exist_ok=True)
     files = {
         "pretrain.jsonl": pretrain,
         "sft.jsonl": sft,
@@ -988,11 +1041,113 @@ def generate(out: Path, seed: int = 0, scale: float = 1.0, tokenizer_dir: Path |
         "lora_identity.jsonl": lora,
         "eval.jsonl": evals,
     }
+    out.mkdir(parents=True, exist_ok=True)
     for name, records in files.items():
         write_jsonl(out / name, records)
     counts = {name: len(records) for name, records in files.items()}
-    stats = unigram_entropy(texts, tokenizer_dir) if tokenizer_dir is not None else None
+    world = {"people": len(people), "towns": len(towns), "creatures": len(creatures)}
+    kinds = Counter(e["kind"] for e in evals)
+    readme = render_readme(out, seed, scale, counts, world, kinds, unigram_entropy(texts, tokenizer_dir))
+    (out / "README.md").write_text(readme, encoding="utf-8", newline="\n")
     return counts
+
+
+def render_readme(
+    out: Path,
+    seed: int,
+    scale: float,
+    counts: dict[str, int],
+    world: dict[str, int],
+    kinds: Counter[str],
+    entropy: tuple[float, int, int] | None,
+) -> str:
+    sizes = {name: (out / name).stat().st_size for name in counts}
+    command = "python -m tools.make_sample_data --out data/sample" + (f" --seed {seed}" if seed else "")
+    command += f" --scale {scale}" if scale != 1.0 else ""
+    rows = "\n".join(f"| {name} | {counts[name]} | {sizes[name]:,} | {FILE_NOTES[name]} |" for name in counts)
+    if entropy is None:
+        entropy_text = "Not measured: no tokenizer could be loaded when these files were generated."
+    else:
+        h, total, distinct = entropy
+        entropy_text = (
+            f"Unigram entropy of pretrain.jsonl under the shipped tokenizer (minimind/assets): **{h:.3f} nats/token**"
+            f" ({total:,} tokens of text, bos/eos not counted, {distinct:,} distinct token ids). A model that"
+            " learns nothing but token frequencies reaches this loss; one that learns the facts and templates goes"
+            " far below it."
+        )
+    eval_text = (
+        f'eval.jsonl: {", ".join(f"{k} {v}" for k, v in sorted(kinds.items()))}. Fact items carry `"choices"`,'
+        " every valid answer of that kind (all towns, all professions, ...); chance accuracy is `1 / len(choices)`."
+        " Arithmetic items have no choices: the answer is an integer."
+    )
+    return README_TEMPLATE.format(
+        command=command,
+        rows=rows,
+        total=f"{sum(sizes.values()):,}",
+        entropy=textwrap.fill(entropy_text, 116),
+        eval_text=textwrap.fill(eval_text, 116),
+        identity=IDENTITY_NAME,
+        world=WORLD,
+        **world,
+    )
+
+
+FILE_NOTES = {
+    "pretrain.jsonl": '`{"text"}` paragraphs about people, towns, professions, creatures; arithmetic lines',
+    "sft.jsonl": '`{"conversations"}` Q&A on facts and sums, some with a system message, some multi-turn',
+    "dpo.jsonl": '`{"chosen", "rejected"}`, the rejected reply gives a wrong value',
+    "rlaif.jsonl": 'RL prompts in SFT format plus `"answer"`, the verifiable answer string',
+    "r1_mix.jsonl": "reasoning: assistant content `<think>\\n...\\n</think>\\n<answer>\\n...\\n</answer>`",
+    "lora_identity.jsonl": "who-are-you conversations that give the assistant its name",
+    "eval.jsonl": '`{"question", "answer", "kind", "choices"?}` held-out questions',
+}
+README_TEMPLATE = """\
+# Sample data
+
+Small data sets in every MiniMind format, generated by `tools/make_sample_data.py` so that every training stage runs
+on a fresh machine. They describe an invented world, {world}: {people} people (home town, profession, favourite
+colour, pet creature, age), {towns} towns and {creatures} pet creatures, plus two-digit addition and subtraction.
+Everything is procedurally generated and checkable; none of it is MiniMind's data.
+
+Regenerate (same seed, same bytes; `tests/tools/test_sample_data.py` checks the shipped files are exactly this):
+
+    {command}
+    python -m tools.train_tokenizer --data data/sample/pretrain.jsonl data/sample/sft.jsonl data/sample/dpo.jsonl \\
+        data/sample/rlaif.jsonl data/sample/r1_mix.jsonl data/sample/lora_identity.jsonl --out minimind/assets
+
+README.md (this file) is written by the first command; its entropy figure comes from the tokenizer in
+minimind/assets at the time, so run the first command again after retraining the tokenizer.
+
+| file | records | bytes | content |
+|---|---|---|---|
+{rows}
+
+Total {total} bytes of JSONL.
+
+## The task
+
+Every fact about a person is stated in pretrain.jsonl in a dozen paragraphs, in several phrasings and orders, and
+again in town and profession listings. The (person, attribute) pairs are split: about four in five are asked and
+answered in the conversation files (sft, dpo, rlaif, r1_mix, lora_identity); the rest are asked only in eval.jsonl.
+So eval measures whether a model turns knowledge it read in pretraining into answers in a form it only learned for
+other facts. Eval arithmetic problems (and, for sums, their swapped twins) appear in no other file.
+
+{eval_text}
+
+The assistant's name in lora_identity.jsonl, {identity}, appears in no other file, so a LoRA run on it is visible.
+
+## Token statistics
+
+{entropy}
+
+## Using MiniMind's real data instead
+
+MiniMind's data sets (ModelScope / Hugging Face, `minimind_dataset`: pretrain_hq.jsonl, sft_mini_512.jsonl,
+sft_512/1024/2048.jsonl, dpo.jsonl, r1_mix_1024.jsonl, rlaif-mini.jsonl, lora_identity.jsonl, lora_medical.jsonl)
+are in the same formats and are not shipped. Download them yourself and point the stage scripts at them, e.g.
+`--data_path /path/to/pretrain_hq.jsonl` for pretraining and `--data_path /path/to/sft_mini_512.jsonl` for SFT.
+MiniMind's own tokenizer folder loads unchanged with `Tokenizer.load("/path/to/minimind_tokenizer")`.
+"""
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, int]:
@@ -1000,11 +1155,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, int]:
     parser.add_argument("--out", default="data/sample")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--scale", type=float, default=1.0, help="size multiplier (tests use a small one)")
-    parser.add_argument("--tokenizer", default=None, help="tokenizer folder for the README's entropy figure")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer folder for README's entropy (default: shipped)")
     args = parser.parse_args(argv)
     counts = generate(Path(args.out), args.seed, args.scale, Path(args.tokenizer) if args.tokenizer else None)
-    for name, n in counts.items():
-        print(f"{name:22s} {n:7d} records")
+    for name, count in counts.items():
+        print(f"{name:22s} {count:7d} records")
     return counts
 
 
