@@ -47,3 +47,39 @@ def assert_close_to_truth(
         f"{name}: max error vs float64 truth {err_ours:.3e} exceeds {bound:.3e} "
         f"(reference error {err_ref:.3e}, factor {factor}, floor {ulps} ulp of {scale:.3e})"
     )
+
+
+def check_op(ours_fn, ref_fn, args: tuple, factor: float = 2.0, ulps: float = 4.0, seed: int = 0, name: str = ""):
+    """Check every output and every input gradient of `ours_fn(*args)` against `ref_fn(*args)` with the rule above.
+
+    Tensors in `args` keep their dtype, device, strides and requires_grad for ours and the reference; the float64
+    truth is `ref_fn` on float64 copies. Each output gets the same random upstream gradient (drawn with `seed`) in all
+    three runs. To test a non-contiguous input, pass its base as the leaf and take the view inside the functions.
+    """
+
+    def leaves(cast):
+        return tuple(
+            cast(a.detach()).requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) else a for a in args
+        )
+
+    def run(fn, inputs, upstream=None):
+        outs = fn(*inputs)
+        outs = outs if isinstance(outs, tuple) else (outs,)
+        if upstream is None:
+            gen = torch.Generator(device=outs[0].device).manual_seed(seed)
+            upstream = [torch.randn(o.shape, generator=gen, device=o.device).to(o.dtype) for o in outs]
+        wants = [a for a in inputs if isinstance(a, torch.Tensor) and a.requires_grad]
+        ups = [u.to(o.dtype) for u, o in zip(upstream, outs)]
+        # an input the op does not use gets a zero gradient, as in autograd.grad(materialize_grads=True)
+        grads = torch.autograd.grad(outs, wants, ups, allow_unused=True, materialize_grads=True) if wants else ()
+        return outs, grads, upstream
+
+    ours, ours_grads, upstream = run(ours_fn, leaves(torch.clone))
+    ref, ref_grads, _ = run(ref_fn, leaves(torch.clone), upstream)
+    truth, truth_grads, _ = run(ref_fn, leaves(lambda t: t.double() if t.is_floating_point() else t.clone()), upstream)
+    assert len(ours) == len(ref), f"{name}: {len(ours)} outputs, the reference has {len(ref)}"
+    for i, (o, r, t) in enumerate(zip(ours, ref, truth)):
+        assert_close_to_truth(o, r, t, factor, ulps, name=f"{name} output {i}")
+    for i, (o, r, t) in enumerate(zip(ours_grads, ref_grads, truth_grads)):
+        assert o.dtype == r.dtype, f"{name}: gradient {i} dtype {o.dtype} != reference {r.dtype}"
+        assert_close_to_truth(o, r, t, factor, ulps, name=f"{name} gradient {i}")
