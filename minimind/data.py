@@ -356,9 +356,10 @@ def assistant_mask_from_offsets(offsets: Sequence[tuple[int, int]], spans: Seque
 class ChatEncoder:
     """Conversation -> (input_ids, labels), both length <= max_seq_len (right-truncated).
 
-    The mask is searched on token ids. When content starting with whitespace merges with the `\\n` of the header (a
-    byte-level BPE will encode "\\n\\n" as one token) the header is not found as ids; then the count of spans differs
-    from the count of assistant turns and the mask is taken from the character spans of the rendered string instead.
+    The mask is searched on token ids. Content that starts with whitespace can fuse with the header's `\\n` into one
+    token (a BPE with a "\\n\\n" merge does so for content starting "\\n\\n"); that header is then not found as ids,
+    the count of spans differs from the count of assistant turns, and the mask is taken from the character spans of
+    the rendered string instead (a token is trained when it starts inside an assistant span).
     """
 
     def __init__(self, tokenizer: Tokenizer, max_seq_len: int):
@@ -407,7 +408,8 @@ class PretrainDataset(Dataset):
 
     Every document becomes [bos] + tokens + [eos]; documents are concatenated in file order into one uint16 token
     stream, cut into rows of exactly max_seq_len tokens (a document may span rows; the final partial row is dropped).
-    Labels = input ids: pass the row as both input_ids and labels, the model shifts internally.
+    Labels = input ids: pass the row as both input_ids and labels, the model shifts internally (so a row trains
+    max_seq_len - 1 predictions).
 
     path is either
       - a .jsonl of {"text": ...}, tokenized here while streaming (in batches, with a progress bar when large), or
@@ -426,7 +428,7 @@ class PretrainDataset(Dataset):
             self._tokens = None
             self.num_tokens, self.num_documents = self._check_token_file(tokenizer)
         else:
-            self._tokens = self._tokenize_jsonl(tokenizer)
+            self._tokens, self.num_documents = self._tokenize_jsonl(tokenizer)
             self.num_tokens = len(self._tokens)
         if self.num_documents == 0:
             _require_records(0, path, self._bad)
@@ -454,9 +456,10 @@ class PretrainDataset(Dataset):
             self._mmap = np.memmap(self.path, dtype=TOKEN_DTYPE, mode="r")
         return self._mmap
 
-    def _tokenize_jsonl(self, tokenizer: Tokenizer) -> np.ndarray:
+    def _tokenize_jsonl(self, tokenizer: Tokenizer) -> tuple[np.ndarray, int]:
+        """-> (token stream uint16 [N], number of documents)."""
         size = os.path.getsize(self.path)
-        parts, self.num_documents = [], 0
+        parts, documents = [], 0
         desc = f"tokenize {Path(self.path).name}"
         with tqdm(total=size, unit="B", unit_scale=True, desc=desc, disable=size < PROGRESS_BYTES) as bar:
             for lines, nbytes in iter_line_chunks(self.path):
@@ -464,9 +467,9 @@ class PretrainDataset(Dataset):
                 for err in errors:
                     self._bad.report(err)
                 parts.append(tokens)
-                self.num_documents += docs
+                documents += docs
                 bar.update(nbytes)
-        return np.concatenate(parts) if parts else np.zeros(0, dtype=TOKEN_DTYPE)
+        return (np.concatenate(parts) if parts else np.zeros(0, dtype=TOKEN_DTYPE)), documents
 
     def _check_token_file(self, tokenizer: Tokenizer) -> tuple[int, int]:
         meta_path = token_file_meta_path(self.path)
@@ -491,7 +494,8 @@ class PretrainDataset(Dataset):
                 )
         if n_bytes % np.dtype(TOKEN_DTYPE).itemsize:
             raise DataError(f"{self.path}: size {n_bytes} bytes is not a whole number of uint16 tokens")
-        self._bad.count = int(meta.get("bad_lines", 0))
+        self._bad.count = int(meta.get("bad_lines", 0))  # skipped when the file was written
+        self._bad.reasons = list(meta.get("bad_line_reasons", []))
         return expected["tokens"], int(meta.get("documents", 0))
 
     def __len__(self) -> int:

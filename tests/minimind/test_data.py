@@ -11,6 +11,7 @@ import pickle
 import pytest
 import torch
 from tokenizers import Tokenizer as HFTokenizer
+from torch.utils.data import DataLoader
 
 from minimind.data import (
     IGNORE_INDEX,
@@ -170,6 +171,12 @@ def test_sft_reasoning_and_random_access(tokenizer, tmp_path):
     assert ds.index.where(4) == f"{tmp_path / 'sft.jsonl'}:6"
     clone = pickle.loads(pickle.dumps(ds))  # DataLoader workers may receive a pickled copy
     assert torch.equal(clone[5]["labels"], ds[5]["labels"])
+    ds[0]  # opens the parent's file handle before the workers fork: each must seek its own
+    batches = list(DataLoader(ds, batch_size=3, num_workers=2, collate_fn=collate_sft))
+    want = collate_sft([ds[i] for i in range(6)])
+    assert torch.equal(torch.cat([b["input_ids"][:, :4] for b in batches[:2]]), want["input_ids"][:, :4])
+    for b, first in zip(batches, (0, 3, 6)):
+        assert torch.equal(b["labels"], collate_sft([ds[i] for i in range(first, min(first + 3, 7))])["labels"])
 
 
 # ----------------------------------------------------------------------------------------------------- pretrain packing
