@@ -1,0 +1,276 @@
+"""Kernel benchmarks: every op x implementation x preset shape x (forward, forward+backward).
+
+    pytest bench/ --benchmark-only --bench-record=bench/results          # on a GPU (see bench/conftest.py)
+    BENCH_SCALE=tiny pytest bench/ --benchmark-only                      # smoke run anywhere
+
+Implementations: eager (kernels.reference, the spec), compile (torch.compile of the same reference function, fresh
+dynamo cache per benchmark so shapes never share a graph), triton (ours, kernels/<op>.py through the registry) and
+liger (Liger-Kernel through the registry, where it has the op). One that cannot run here (no CUDA, not importable, no
+such op) is skipped with the reason; on a CPU only eager and compile run, and their figures mean nothing.
+
+Shapes (full scale): B=32 rows of T=512 tokens (N=16384) at each preset's width: small D=512 F=1408 Dh=64, base D=768
+F=2048 Dh=96, moe D=640 F=1728 Dh=80; 8 query and 2 key/value heads; vocab 6400; MoE E=4 K=2 (moe preset only).
+Activations are bf16 on a GPU (fp32 on a CPU); norm gains are fp32 parameters as in the model under autocast.
+Tiny scale (CPU smoke runs): B=2, T=16, widths and vocab divided by 8 (heads kept, FFN width by MiniMind's rule).
+
+Every implementation gets the same inputs from one seeded factory (make_inputs) and is first checked against eager
+(relative L2 error of outputs, or of all input gradients for fwd+bwd): a wrong result fails the benchmark instead of
+being timed. On CUDA each benchmark records, in benchmark.extra_info: the CUDA-event median of
+triton.testing.do_bench (L2 flushed between calls; the figure ratios use), the first call's time (compilation,
+autotuning), the peak allocation during one call (max_memory_allocated after reset_peak_memory_stats) and the achieved
+GB/s (minimum bytes: each input read once, each output written once) or TFLOP/s. pytest-benchmark's own table is the
+host-clock time of call + torch.cuda.synchronize(), median over rounds after warm-up rounds.
+
+Shape legend: B batch, T sequence, H query heads, Hkv key/value heads, Dh head_dim, D hidden, F FFN width, N = B*T,
+V vocab, E experts, K experts per token.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import torch
+
+import kernels
+from kernels import reference
+from minimind.config import MiniMindConfig, from_preset
+
+PRESETS = ("small", "base", "moe")
+MODES = ("fwd", "fwd+bwd")
+IMPLS = ("eager", "compile", "triton", "liger")
+# (op, preset) pairs: the dense ops at every preset's width, the routed experts only where the model has them.
+CASES = [(op, p) for op in kernels.OP_NAMES if op != "moe_experts" for p in PRESETS] + [("moe_experts", "moe")]
+SHAPES = {"full": (32, 512), "tiny": (2, 16)}  # (B, T)
+TINY_SHRINK = 8  # tiny scale: widths and vocab / 8, so a CPU smoke run takes seconds
+# A result further than this from eager (relative L2) is wrong, not fast. bf16 rounding alone stays near 1e-2.
+MAX_REL_ERR = {torch.bfloat16: 5e-2, torch.float16: 5e-2, torch.float32: 1e-3}
+
+
+@dataclass
+class Inputs:
+    """Arguments in the reference signature's order, which of them get gradients, and the minimum work of one call."""
+
+    args: tuple
+    grad_idx: tuple[int, ...]
+    shape: str
+    bytes_fwd: float = 0.0  # minimum bytes moved; 0 for ops counted in FLOPs
+    bytes_fwdbwd: float = 0.0
+    flops_fwd: float = 0.0
+    flops_fwdbwd: float = 0.0
+
+
+def make_inputs(
+    op: str, preset: str, scale: str, device: torch.device, dtype: torch.dtype, requires_grad: bool, seed: int = 0
+) -> Inputs:
+    """The shared input factory: identical tensors for every implementation of (op, preset, scale)."""
+    cfg: MiniMindConfig = from_preset(preset)
+    if scale == "tiny":
+        cfg = from_preset(preset, hidden_size=cfg.hidden_size // TINY_SHRINK, vocab_size=cfg.vocab_size // TINY_SHRINK)
+    b, t = SHAPES[scale]
+    n, d, f, dh, v = b * t, cfg.hidden_size, cfg.intermediate_size, cfg.head_dim, cfg.vocab_size
+    h, hkv = cfg.num_attention_heads, cfg.num_key_value_heads
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    es = torch.tensor([], dtype=dtype).element_size()
+
+    def act(*shape: int, std: float = 1.0) -> torch.Tensor:
+        return (torch.randn(*shape, generator=g) * std).to(device=device, dtype=dtype)
+
+    def gain(dim: int) -> torch.Tensor:  # norm gains are fp32 parameters, near 1
+        return (1.0 + 0.1 * torch.randn(dim, generator=g)).to(device)
+
+    if op == "rmsnorm":
+        inp = Inputs((act(b, t, d), gain(d), cfg.rms_norm_eps), (0, 1), f"{b}x{t}x{d}")
+        inp.bytes_fwd, inp.bytes_fwdbwd = 2 * n * d * es, 5 * n * d * es  # fwd x->y; bwd x,dy->dx
+    elif op == "add_rmsnorm":
+        inp = Inputs((act(b, t, d), act(b, t, d), gain(d), cfg.rms_norm_eps), (0, 1, 2), f"{b}x{t}x{d}")
+        inp.bytes_fwd, inp.bytes_fwdbwd = 4 * n * d * es, 8 * n * d * es  # fwd x,delta->h,y; bwd h,dh,dy->dx
+    elif op == "rope":
+        from minimind.model import rope_tables
+
+        cos, sin = rope_tables(cfg)
+        q, k = act(b, t, h, dh), act(b, t, hkv, dh)
+        inp = Inputs(
+            (q, k, cos[:t].to(device), sin[:t].to(device)), (0, 1), f"q {b}x{t}x{h}x{dh}, k {b}x{t}x{hkv}x{dh}"
+        )
+        qk = (q.numel() + k.numel()) * es
+        inp.bytes_fwd, inp.bytes_fwdbwd = 2 * qk + 2 * t * dh * 2, 4 * qk + 2 * t * dh * 4
+    elif op == "swiglu":
+        inp = Inputs((act(n, f), act(n, f)), (0, 1), f"{n}x{f}")
+        inp.bytes_fwd, inp.bytes_fwdbwd = 3 * n * f * es, 8 * n * f * es  # fwd g,u->o; bwd g,u,do->dg,du
+    elif op == "linear_cross_entropy":
+        labels = torch.randint(0, v, (b, t), generator=g)
+        labels[:, -1] = -100  # as in the model: the last position of each row predicts nothing
+        w = act(v, d, std=0.02)
+        inp = Inputs((act(n, d), w, labels.reshape(-1).to(device)), (0, 1), f"{n}x{d}x{v}")
+        inp.flops_fwd, inp.flops_fwdbwd = 2 * n * d * v, 6 * n * d * v  # logits; + dh and dW
+    elif op == "moe_experts":
+        e, k = cfg.n_routed_experts, cfg.num_experts_per_tok
+        scores = torch.randn(n, e, generator=g).softmax(-1)
+        top_w, top_i = scores.topk(k, dim=-1)
+        top_w = top_w / top_w.sum(-1, keepdim=True)
+        inp = Inputs(
+            (
+                act(n, d),
+                top_i.to(device),
+                top_w.to(device=device, dtype=dtype),
+                act(e, f, d, std=0.02),
+                act(e, f, d, std=0.02),
+                act(e, d, f, std=0.02),
+            ),
+            (0, 2, 3, 4, 5),
+            f"{n}x{d}x{f} E{e} K{k}",
+        )
+        inp.flops_fwd, inp.flops_fwdbwd = 6 * n * k * d * f, 18 * n * k * d * f  # 3 GEMMs per pick; bwd twice fwd
+    elif op == "attention":
+        inp = Inputs(
+            (act(b, h, t, dh), act(b, hkv, t, dh), act(b, hkv, t, dh)),
+            (0, 1, 2),
+            f"q {b}x{h}x{t}x{dh}, kv {b}x{hkv}x{t}x{dh} causal",
+        )
+        # Causal: half of the 2 GEMMs of T x T x Dh per head; backward 2.5x forward (FlashAttention-2 paper's count).
+        inp.flops_fwd = 2 * b * h * t * t * dh
+        inp.flops_fwdbwd = 3.5 * inp.flops_fwd
+    else:
+        raise ValueError(f"no inputs for op {op!r}")
+    if requires_grad:
+        args = list(inp.args)
+        for i in inp.grad_idx:
+            args[i] = args[i].detach().requires_grad_(True)
+        inp.args = tuple(args)
+    return inp
+
+
+def implementation(op: str, impl: str, settings: Any) -> tuple[Callable | None, str]:
+    """(callable, '') or (None, why it cannot run here)."""
+    ref = getattr(reference, op)
+    if impl == "eager":
+        return ref, ""
+    if impl == "compile":
+        torch._dynamo.reset()  # each benchmark compiles its own graph: no recompile limit, no shape sharing
+        return torch.compile(ref, backend=settings.compile_backend, dynamic=False), ""
+    if not settings.on_cuda:
+        return None, "no CUDA (Triton kernels would run in the interpreter, whose timings mean nothing)"
+    try:
+        ops = kernels.resolve(f"torch,{op}={impl}")
+    except kernels.KernelSpecError as exc:
+        return None, str(exc)
+    return getattr(ops, op), ""
+
+
+def _as_tuple(x: Any) -> tuple:
+    return x if isinstance(x, tuple) else (x,)
+
+
+def make_call(fn: Callable, inp: Inputs, mode: str) -> Callable[[], tuple]:
+    """A zero-argument call of one forward (fwd) or forward plus backward to every grad input (fwd+bwd).
+
+    Backward uses torch.autograd.grad rather than .backward() so that no .grad accumulates between calls. The
+    output gradients are drawn once, seeded, so every implementation gets the same ones."""
+    if mode == "fwd":
+        return lambda: _as_tuple(fn(*inp.args))
+    leaves = [inp.args[i] for i in inp.grad_idx]
+    outs = _as_tuple(fn(*inp.args))
+    g = torch.Generator(device="cpu").manual_seed(1)
+    grads = [torch.randn(o.shape, generator=g).to(device=o.device, dtype=o.dtype) for o in outs]
+
+    def call() -> tuple:
+        return torch.autograd.grad(_as_tuple(fn(*inp.args)), leaves, grads)
+
+    return call
+
+
+def rel_err(got: tuple, want: tuple) -> float:
+    worst = 0.0
+    for a, b in zip(got, want, strict=True):
+        a64, b64 = a.detach().double(), b.detach().double()
+        if not torch.isfinite(a64).all():
+            return float("inf")
+        worst = max(worst, ((a64 - b64).norm() / b64.norm().clamp_min(1e-30)).item())
+    return worst
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("op, preset", CASES)
+def test_op(benchmark, bench_settings, bench_recorder, op: str, preset: str, mode: str, impl: str) -> None:
+    s = bench_settings
+    entry: dict[str, Any] = {
+        "op": op,
+        "preset": preset,
+        "mode": mode,
+        "impl": impl,
+        "scale": s.scale,
+        "dtype": str(s.dtype).replace("torch.", ""),
+        "device": str(s.device),
+    }
+    fn, why = implementation(op, impl, s)
+    if fn is None:
+        bench_recorder.add({**entry, "status": "skipped", "reason": why})
+        pytest.skip(f"{impl}: {why}")
+    try:
+        _measure(benchmark, s, entry, op, preset, mode, impl, fn)
+    except Exception as exc:
+        bench_recorder.add({**entry, "status": "failed", "reason": f"{type(exc).__name__}: {exc}"[:500]})
+        raise
+    bench_recorder.add(entry)
+
+
+def _measure(benchmark, s, entry: dict[str, Any], op: str, preset: str, mode: str, impl: str, fn: Callable) -> None:
+    inp = make_inputs(op, preset, s.scale, s.device, s.dtype, requires_grad=mode == "fwd+bwd")
+    entry["shape"] = inp.shape
+    if impl == "compile":
+        entry["compile_backend"] = s.compile_backend
+
+    t0 = time.perf_counter()
+    call = make_call(fn, inp, mode)
+    got = call()
+    _sync(s.device)
+    entry["first_call_s"] = round(time.perf_counter() - t0, 4)  # compilation / autotuning / first launch
+    if impl != "eager":
+        want = make_call(getattr(reference, op), inp, mode)()
+        err = rel_err(got, want)
+        entry["rel_err_vs_eager"] = err
+        assert err <= MAX_REL_ERR[s.dtype], f"{impl} {op} {mode}: relative error {err:.3g} against eager"
+        del want
+    del got
+
+    if s.on_cuda:
+        import triton.testing
+
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        out = call()
+        torch.cuda.synchronize()
+        entry["peak_mem_bytes"] = torch.cuda.max_memory_allocated()
+        entry["extra_mem_bytes"] = entry["peak_mem_bytes"] - before
+        del out
+        entry["gpu_median_ms"] = triton.testing.do_bench(call, warmup=25, rep=100, return_mode="median")
+
+    def timed() -> None:
+        call()
+        _sync(s.device)  # the timed call ends when the device is done, not when the launches return
+
+    benchmark.pedantic(timed, rounds=s.rounds, warmup_rounds=s.warmup_rounds, iterations=1)
+    stats = getattr(getattr(benchmark, "stats", None), "stats", None)
+    if stats is not None:
+        entry.update(wall_median_ms=stats.median * 1e3, wall_min_ms=stats.min * 1e3, rounds=stats.rounds)
+    t_ms = entry.get("gpu_median_ms") or entry.get("wall_median_ms")
+    if t_ms:
+        nbytes = inp.bytes_fwd if mode == "fwd" else inp.bytes_fwdbwd
+        flops = inp.flops_fwd if mode == "fwd" else inp.flops_fwdbwd
+        if nbytes:
+            entry["gbps"] = nbytes / (t_ms * 1e-3) / 1e9
+        if flops:
+            entry["tflops"] = flops / (t_ms * 1e-3) / 1e12
+    entry["status"] = "ok"
+    benchmark.extra_info.update(entry)
