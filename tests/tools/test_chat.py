@@ -1,0 +1,142 @@
+"""tools/chat.py against a tiny checkpoint saved here: the printed answer must be what generate() produces for the
+same prompt and seed, the chat history must reach the next prompt, and bad checkpoints must fail in one line."""
+
+import ast
+import io
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from minimind.checkpoint import load_model, save_checkpoint
+from minimind.config import from_preset
+from minimind.generate import generate
+from minimind.model import MiniMind
+from tools import chat
+
+ROOT = Path(__file__).resolve().parents[2]
+SPEED = re.compile(r"^\[(\d+) tokens in [\d.]+ s, [\d.]+ tokens/s\]$", re.M)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These models are tiny: a second intra-op thread costs more in synchronisation than it saves, and on a busy
+    machine it spins against other processes. Restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, tokenizer):
+    torch.manual_seed(0)
+    cfg = from_preset("tiny", num_hidden_layers=2)
+    model = MiniMind(cfg)
+    model.reset_parameters(std=0.1)  # a context-dependent random model, so answers differ between prompts
+    return save_checkpoint(tmp_path_factory.mktemp("chat") / "full_sft", model, cfg, tokenizer=tokenizer)
+
+
+def run_cli(args, stdin=None):
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, str(ROOT / "tools" / "chat.py"), "--device", "cpu", "--kernels", "torch", *args]
+    return subprocess.run(cmd, input=stdin, capture_output=True, text=True, encoding="utf-8", cwd=ROOT, env=env)
+
+
+def expected_answer(folder, tokenizer, prompt_ids, **kw):
+    model, _, _ = load_model(folder)
+    ids = generate(model.eval(), [prompt_ids], **kw)[0]
+    return ids, tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def test_one_shot_prints_the_generated_text_and_a_speed_line(checkpoint, tokenizer):
+    prompt = "你好, what is the sea?"
+    r = run_cli(["--load", str(checkpoint), "--prompt", prompt, "--max_new_tokens", "12", "--seed", "3"])
+    assert r.returncode == 0, r.stderr
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], True, tokenize=True)
+    want_ids, want_text = expected_answer(
+        checkpoint, tokenizer, ids, max_new_tokens=12, temperature=0.85, top_p=0.85, seed=3
+    )
+    assert want_text.strip()
+    m = SPEED.search(r.stdout)
+    assert m and int(m.group(1)) == len(want_ids)
+    assert r.stdout == want_text + "\n" + m.group(0) + "\n"
+    assert "loaded" in r.stderr and "attention" in r.stderr  # start-up line and kernels table
+
+
+def test_interactive_two_turns_keep_history_then_exit(checkpoint, tokenizer):
+    stdin = "first question\nsecond question\nexit\nnever read\n"
+    r = run_cli(
+        ["--load", str(checkpoint), "--history", "2", "--show_prompt", "--max_new_tokens", "6", "--seed", "0"], stdin
+    )
+    assert r.returncode == 0, r.stderr
+    prompts = [
+        ast.literal_eval(line[len("[prompt] ") :]) for line in r.stdout.splitlines() if line.startswith("[prompt] ")
+    ]
+    assert len(prompts) == 2 and len(SPEED.findall(r.stdout)) == 2
+    first_turn = [{"role": "user", "content": "first question"}]
+    assert prompts[0] == tokenizer.apply_chat_template(first_turn, True)
+    # The first answer is what was printed between the first prompt line and its speed line.
+    printed = r.stdout.split("\n", 1)[1]
+    answer = printed[: SPEED.search(printed).start()].strip()
+    assert answer
+    history = first_turn + [{"role": "assistant", "content": answer}, {"role": "user", "content": "second question"}]
+    assert prompts[1] == tokenizer.apply_chat_template(history, True)
+
+
+def test_clear_forgets_history_and_pretrain_mode_continues_raw_text(checkpoint, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "stdin", io.StringIO("alpha\n/clear\nbeta\n"))
+    assert chat.main(["--load", str(checkpoint), "--history", "3", "--show_prompt", "--max_new_tokens", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "(history cleared)" in out
+    assert "[prompt] '<|im_start|>user\\nbeta<|im_end|>\\n<|im_start|>assistant\\n'" in out
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO("The sea\nThe sky\n"))
+    args = ["--load", str(checkpoint), "--mode", "pretrain", "--history", "3", "--show_prompt", "--max_new_tokens", "3"]
+    assert chat.main(args) == 0
+    out = capsys.readouterr().out
+    assert "[prompt] '<|im_start|>The sea'" in out and "[prompt] '<|im_start|>The sky'" in out
+    assert len(SPEED.findall(out)) == 2
+
+
+def corrupt(folder: Path, how: str) -> None:
+    weights = folder / "model.safetensors"
+    if how == "truncated":
+        weights.write_bytes(weights.read_bytes()[:-100])
+    elif how == "flipped":
+        data = bytearray(weights.read_bytes())
+        data[-5] ^= 0xFF
+        weights.write_bytes(bytes(data))
+    elif how == "no manifest":
+        (folder / "manifest.json").unlink()
+
+
+@pytest.mark.parametrize(
+    "how, msg",
+    [
+        ("missing", "does not exist"),
+        ("truncated", "truncated"),
+        ("flipped", "sha256"),
+        ("no manifest", "incomplete"),
+        ("bad kernels", "unknown kernels base"),
+        ("a file", "expects a checkpoint folder"),
+    ],
+)
+def test_bad_checkpoint_or_option_is_one_error_line(checkpoint, tmp_path, capsys, how, msg):
+    folder = tmp_path / "ckpt"
+    extra = []
+    if how == "bad kernels":
+        extra = ["--kernels", "bogus"]
+    if how == "a file":
+        folder = checkpoint / "model.safetensors"
+    elif how != "missing":
+        shutil.copytree(checkpoint, folder)
+        corrupt(folder, how)
+    assert chat.main(["--load", str(folder), "--prompt", "hi", "--device", "cpu", *extra]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and msg in err, err

@@ -1,0 +1,226 @@
+"""Talk to a MiniMind checkpoint from the terminal, with the answer streamed as it is generated.
+
+    python tools/chat.py --load out/full_sft                                   # interactive chat
+    python tools/chat.py --load out/full_sft --prompt "What is a tide?"        # one answer, then exit
+    python tools/chat.py --load out/pretrain --mode pretrain --prompt "The sea"   # raw continuation
+    options: --max_new_tokens 256 --temperature 0.85 --top_p 0.85 --top_k 0 --repetition_penalty 1.0
+             --history N (earlier turns kept in the prompt) --device auto|cpu|cuda[:i] --kernels auto|torch|triton
+             --yarn (YaRN rope scaling for long contexts) --seed S --compile (torch.compile the decode step)
+             --show_prompt (print the exact prompt text before each answer)
+
+Interactive mode reads one user turn per line from stdin; `exit` or end of input quits, `/clear` forgets the
+conversation. Chat mode renders the last --history turns (user + assistant pairs) plus the new line through the
+ChatML template with the assistant generation prompt; pretrain mode continues [bos] + the line as plain text, without
+history. After each answer a line `[N tokens in S s, R tokens/s]` reports the speed, prompt processing included.
+Temperature 0 decodes greedily. A missing or corrupt checkpoint stops with one `error: ...` line and exit status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as `python tools/chat.py`: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+import kernels  # noqa: E402
+from minimind.checkpoint import CheckpointError, load_model  # noqa: E402
+from minimind.config import ConfigError  # noqa: E402
+from minimind.generate import GenerationError, IncrementalDecoder, generate_iter  # noqa: E402
+from minimind.tokenizer import Tokenizer, TokenizerError  # noqa: E402
+
+
+class ChatError(RuntimeError):
+    """Something the user can fix (bad path, device, kernels spec): reported as one line."""
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--load", required=True, help="checkpoint folder (model.safetensors, config.json, manifest.json)")
+    p.add_argument("--mode", choices=("chat", "pretrain"), default="chat", help="chat template, or raw continuation")
+    p.add_argument("--prompt", default=None, help="answer this one prompt and exit (default: interactive)")
+    p.add_argument("--max_new_tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.85, help="0 = greedy")
+    p.add_argument("--top_p", type=float, default=0.85)
+    p.add_argument("--top_k", type=int, default=0, help="0 = off")
+    p.add_argument("--repetition_penalty", type=float, default=1.0)
+    p.add_argument("--history", type=int, default=0, help="earlier turns (user + assistant pairs) kept in the prompt")
+    p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
+    p.add_argument("--kernels", default="auto", help="ops spec: auto, torch, triton, liger, triton,rope=torch ...")
+    p.add_argument("--yarn", action="store_true", help="YaRN rope scaling (longer contexts than trained on)")
+    p.add_argument("--seed", type=int, default=None, help="seed for sampling (default: not reproducible)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the one-token decode step")
+    p.add_argument("--show_prompt", action="store_true", help="print the prompt text the model sees")
+    args = p.parse_args(argv)
+    if args.history < 0:
+        p.error("--history must be >= 0")
+    if args.max_new_tokens < 1:
+        p.error("--max_new_tokens must be >= 1")
+    return args
+
+
+def pick_device(spec: str) -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(spec)
+    except RuntimeError as exc:
+        raise ChatError(f"--device {spec!r} is not a device ({exc})") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ChatError(f"--device {spec} asked for but CUDA is not available")
+    return dev
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:400]
+
+
+def load_chat_model(args: argparse.Namespace) -> tuple[torch.nn.Module, Tokenizer]:
+    """The model (eval mode, on its device, YaRN switched as asked) and the tokenizer saved with it (or the shipped
+    one when the checkpoint has none)."""
+    folder = Path(args.load)
+    if folder.is_file():
+        raise ChatError(f"--load {folder} is a file; it expects a checkpoint folder (model.safetensors, config.json)")
+    device = pick_device(args.device)
+    try:
+        ops = kernels.resolve(args.kernels)
+    except kernels.KernelSpecError as exc:
+        raise ChatError(str(exc)) from exc
+    try:
+        model, config, _ = load_model(folder, ops=ops, device=device)
+        tokenizer = Tokenizer.load(folder if (folder / "tokenizer.json").is_file() else None)
+    except (CheckpointError, ConfigError, TokenizerError) as exc:
+        raise ChatError(_one_line(exc)) from exc
+    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+        raise ChatError(f"checkpoint {folder} cannot be loaded: {_one_line(exc)}") from exc
+    model.eval()
+    if args.yarn:
+        model.set_yarn(True)
+    print(
+        f"loaded {folder}: {model.num_params() / 1e6:.1f}M parameters, {device}, yarn {'on' if args.yarn else 'off'}",
+        file=sys.stderr,
+    )
+    print(kernels.describe(ops), file=sys.stderr)
+    return model, tokenizer
+
+
+class Session:
+    """One conversation: its history, the sampling settings, and how a line becomes a prompt."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Tokenizer, args: argparse.Namespace):
+        self.model, self.tokenizer, self.args = model, tokenizer, args
+        self.history: list[dict[str, str]] = []
+        self.generator = None
+        if args.seed is not None:
+            self.generator = torch.Generator(device=next(model.parameters()).device).manual_seed(args.seed)
+
+    def prompt_ids(self, line: str) -> list[int]:
+        if self.args.mode == "pretrain":
+            return [self.tokenizer.bos_id] + self.tokenizer.encode(line)
+        turns = self.history[-2 * self.args.history :] if self.args.history > 0 else []
+        text = self.tokenizer.apply_chat_template(turns + [{"role": "user", "content": line}], True)
+        return self.tokenizer.encode(text)
+
+    def clear(self) -> None:
+        self.history.clear()
+
+    def answer(self, line: str, out=None) -> str:
+        """Generate, streaming text to `out` (stdout), then the speed line; returns the answer (specials removed)."""
+        out = sys.stdout if out is None else out
+        a = self.args
+        ids = self.prompt_ids(line)
+        if a.show_prompt:
+            print(f"[prompt] {self.tokenizer.decode(ids)!r}", file=out, flush=True)
+        limit = self.model.config.max_position_embeddings
+        if len(ids) >= limit:
+            raise GenerationError(f"prompt of {len(ids)} tokens does not fit max_position_embeddings {limit}")
+        decoder = IncrementalDecoder(self.tokenizer, skip_special_tokens=True)
+        pieces: list[str] = []
+        n_tokens = 0
+        t0 = time.perf_counter()
+        steps = generate_iter(
+            self.model,
+            [ids],
+            min(a.max_new_tokens, limit - len(ids)),
+            temperature=a.temperature,
+            top_k=a.top_k,
+            top_p=a.top_p,
+            repetition_penalty=a.repetition_penalty,
+            eos_id=self.tokenizer.eos_id,
+            pad_id=self.tokenizer.pad_id,
+            generator=self.generator,
+            compile_decode=a.compile,
+        )
+        for (tok,) in steps:
+            n_tokens += 1
+            piece = decoder.push(tok)
+            if piece:
+                pieces.append(piece)
+                print(piece, end="", file=out, flush=True)
+        seconds = time.perf_counter() - t0
+        tail = decoder.flush()
+        if tail:
+            pieces.append(tail)
+            print(tail, end="", file=out)
+        print(file=out)
+        print(f"[{n_tokens} tokens in {seconds:.2f} s, {n_tokens / max(seconds, 1e-9):.1f} tokens/s]", file=out)
+        out.flush()
+        text = "".join(pieces).strip()
+        if a.mode == "chat":
+            self.history += [{"role": "user", "content": line}, {"role": "assistant", "content": text}]
+            keep = 2 * a.history
+            self.history = self.history[-keep:] if keep else []
+        return text
+
+
+def interactive(session: Session) -> None:
+    marker = "> " if sys.stdin.isatty() else ""
+    while True:
+        try:
+            line = input(marker)
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return
+        line = line.strip()
+        if not line:
+            continue
+        if line == "exit":
+            return
+        if line == "/clear":
+            session.clear()
+            print("(history cleared)")
+            continue
+        try:
+            session.answer(line)
+        except GenerationError as exc:
+            print(f"error: {exc}")
+        except KeyboardInterrupt:
+            print("\n(interrupted)")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        model, tokenizer = load_chat_model(args)
+    except ChatError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    session = Session(model, tokenizer, args)
+    if args.prompt is not None:
+        try:
+            session.answer(args.prompt)
+        except GenerationError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        return 0
+    interactive(session)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
