@@ -39,6 +39,8 @@ from typing import Any
 
 import torch
 
+from minimind.model import KVCache
+
 StepCallback = Callable[[list[int | None]], None]
 
 
@@ -210,8 +212,6 @@ class _BatchDecoder:
         self.step = 0
         self.cache = None
         if use_cache:
-            from minimind.model import KVCache
-
             self.cache = KVCache(model.config, b, total, device=self.device, dtype=cache_dtype)
         if compile_decode:
             self.decode_fn = compiled_decode_step("inductor" if compile_decode is True else compile_decode)
