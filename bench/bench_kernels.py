@@ -152,7 +152,7 @@ def implementation(op: str, impl: str, settings: Any) -> tuple[Callable | None, 
     if impl == "compile":
         torch._dynamo.reset()  # each benchmark compiles its own graph: no recompile limit, no shape sharing
         return torch.compile(ref, backend=settings.compile_backend, dynamic=False), ""
-    if not settings.on_cuda:
+    if not (settings.on_cuda or (settings.interpret and impl == "triton")):
         return None, "no CUDA (Triton kernels would run in the interpreter, whose timings mean nothing)"
     try:
         ops = kernels.resolve(f"torch,{op}={impl}")

@@ -6,7 +6,9 @@
     BENCH_SCALE=tiny pytest bench/ --benchmark-only                  # tiny shapes anywhere (smoke test)
 
 Options: --bench-scale auto|tiny|full (env BENCH_SCALE; auto = full on CUDA, tiny on CPU), --bench-rounds N (timed
-rounds per benchmark), --bench-record DIR. A CPU run says so in its header and summary: its figures mean nothing.
+rounds per benchmark), --bench-record DIR, --bench-interpret (no CUDA: run our Triton kernels in Triton's
+interpreter to check that they plug in and agree with eager; nothing about speed). A CPU run says so in its header
+and summary: its figures mean nothing.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ class Settings:
     warmup_rounds: int
     compile_backend: str
     record_dir: Path | None
+    interpret: bool = False  # run our Triton kernels in Triton's interpreter on a CPU (plumbing checks only)
 
     @property
     def on_cuda(self) -> bool:
@@ -67,6 +70,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "--bench-rounds", type=int, default=None, help="timed rounds per benchmark (default 2 tiny, 30 full)"
     )
     group.addoption(
+        "--bench-interpret",
+        action="store_true",
+        help="without CUDA, still run our Triton implementations, in Triton's interpreter (checks that they plug in "
+        "and match eager at tiny scale; their times mean nothing)",
+    )
+    group.addoption(
         "--bench-record",
         default=None,
         metavar="DIR",
@@ -92,7 +101,11 @@ def pytest_configure(config: pytest.Config) -> None:
         # aot_eager still runs dynamo's capture and AOT autograd, which is what can break.
         compile_backend="inductor" if cuda else "aot_eager",
         record_dir=Path(record) if record else None,
+        interpret=bool(config.getoption("--bench-interpret", default=False)) and not cuda,
     )
+    if settings.interpret:
+        # Read when a kernel module is imported (lazily, at the first benchmark that resolves it), so set it now.
+        os.environ["TRITON_INTERPRET"] = "1"
     if settings.record_dir is not None:
         why = bench.refuse_cpu_results(settings.record_dir)
         if why:
@@ -123,6 +136,8 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     peak = _STATE.get("matmul_peak")
     if peak:
         lines.append(f"measured bf16 matmul peak: {peak['tflops']} TFLOP/s ({peak['n']}^3)")
+    if s.interpret:
+        lines.append("Triton kernels run in Triton's interpreter: a check that they plug in, not a timing")
     if not s.on_cuda:
         lines.append(bench.CPU_WARNING)
     return lines
