@@ -69,7 +69,7 @@ def check_op(ours_fn, ref_fn, args: tuple, factor: float = 2.0, ulps: float = 4.
             gen = torch.Generator(device=outs[0].device).manual_seed(seed)
             upstream = [torch.randn(o.shape, generator=gen, device=o.device).to(o.dtype) for o in outs]
         wants = [a for a in inputs if isinstance(a, torch.Tensor) and a.requires_grad]
-        ups = [u.to(o.dtype) for u, o in zip(upstream, outs)]
+        ups = [u.to(o.dtype, copy=True) for u, o in zip(upstream, outs)]  # a backward may write into its input
         # an input the op does not use gets a zero gradient, as in autograd.grad(materialize_grads=True)
         grads = torch.autograd.grad(outs, wants, ups, allow_unused=True, materialize_grads=True) if wants else ()
         return outs, grads, upstream
