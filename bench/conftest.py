@@ -53,6 +53,7 @@ class Recorder:
 
     def add(self, entry: dict[str, Any]) -> None:
         self.entries.append(entry)
+        _write_record(exitstatus=None)  # after every entry, so a run killed at a time limit keeps what it measured
 
 
 _STATE: dict[str, Any] = {}
@@ -165,23 +166,31 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    _write_record(exitstatus=int(exitstatus))
+
+
+def _write_record(exitstatus: int | None) -> None:
+    """(Re)write the --bench-record files; exitstatus None while the session is still running."""
     s: Settings | None = _STATE.get("settings")
     if s is None or s.record_dir is None:
         return
-    rec: Recorder = _STATE["recorder"]
-    meta = bench.run_metadata(" ".join(["pytest", *_STATE["argv"]]))
-    meta.update(
-        scale=s.scale,
-        dtype=str(s.dtype).replace("torch.", ""),
-        rounds=s.rounds,
-        compile_backend=s.compile_backend,
-        matmul_peak=_STATE.get("matmul_peak"),
-        exitstatus=int(exitstatus),
-    )
-    json_path, md_path = bench.result_paths(s.record_dir, "kernels")
-    json_path.write_text(json.dumps({"kind": "kernels", "meta": meta, "entries": rec.entries}, indent=1) + "\n")
-    md_path.write_text(kernels_markdown(meta, rec.entries, json_path.name))
-    _STATE["written"] = [json_path, md_path]
+    if "meta" not in _STATE:
+        meta = bench.run_metadata(" ".join(["pytest", *_STATE["argv"]]))
+        meta.update(
+            scale=s.scale,
+            dtype=str(s.dtype).replace("torch.", ""),
+            rounds=s.rounds,
+            compile_backend=s.compile_backend,
+            interpreter=s.interpret,
+            matmul_peak=_STATE.get("matmul_peak"),
+        )
+        _STATE["meta"] = meta
+        _STATE["written"] = bench.result_paths(s.record_dir, "kernels")
+    meta = {**_STATE["meta"], "exitstatus": exitstatus, "finished": exitstatus is not None}
+    entries = _STATE["recorder"].entries
+    json_path, md_path = _STATE["written"]
+    json_path.write_text(json.dumps({"kind": "kernels", "meta": meta, "entries": entries}, indent=1) + "\n")
+    md_path.write_text(kernels_markdown(meta, entries, json_path.name))
 
 
 def _time_ms(e: dict[str, Any]) -> float | None:
@@ -203,6 +212,8 @@ def kernels_markdown(meta: dict[str, Any], entries: list[dict[str, Any]], json_n
     ]
     if meta.get("matmul_peak"):
         lines.append(f"- measured bf16 matmul peak: {meta['matmul_peak']['tflops']} TFLOP/s")
+    if not meta.get("finished"):
+        lines.append("- **incomplete**: written before the session ended (the run was cut short or is still going)")
     if not meta.get("cuda_available"):
         lines += ["", f"**{bench.CPU_WARNING}**"]
     lines += [

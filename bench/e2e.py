@@ -286,8 +286,9 @@ def run_one(args: Args, command: str) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------------------------------- matrix
 def matrix_configs(args: Args) -> list[dict[str, Any]]:
-    """Per preset: the baseline, then the configurations in the order that matters most when time runs out
-    (eager torch, compiled triton, compiled torch, eager triton, then liger)."""
+    """Configurations in the order that matters most when --budget_s runs out, each across all presets: the
+    baseline, eager torch, compiled triton, compiled torch, eager triton, then the rest (liger) as listed."""
+    presets = [p.strip() for p in args.presets.split(",") if p.strip()]
     specs = [k.strip() for k in args.kernels_list.split(",") if k.strip()]
     compiles = [c.strip() in ("1", "true") for c in args.compiles.split(",") if c.strip()]
     combos = [(k, c) for k in specs for c in compiles]
@@ -295,10 +296,10 @@ def matrix_configs(args: Args) -> list[dict[str, Any]]:
     rank = {kc: first.index(kc) if kc in first else len(first) + i for i, kc in enumerate(combos)}
     combos = sorted(combos, key=rank.__getitem__)
     configs = []
-    for preset in [p.strip() for p in args.presets.split(",") if p.strip()]:
-        if args.matrix_baseline:
-            configs.append({"preset": preset, "baseline": "minimind", "kernels": "torch", "compile": False})
-        configs += [{"preset": preset, "baseline": "", "kernels": k, "compile": c} for k, c in combos]
+    if args.matrix_baseline:
+        configs += [{"preset": p, "baseline": "minimind", "kernels": "torch", "compile": False} for p in presets]
+    for k, c in combos:
+        configs += [{"preset": p, "baseline": "", "kernels": k, "compile": c} for p in presets]
     return configs
 
 
@@ -453,7 +454,9 @@ def table(runs: list[dict[str, Any]]) -> list[str]:
         "first step s | non-pad | status |"
     )
     lines = [head, "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for i, r in enumerate(runs):
+    preset_order = {p: j for j, p in enumerate(dict.fromkeys(r["preset"] for r in runs))}
+    rows = sorted(enumerate(runs), key=lambda ir: (preset_order[ir[1]["preset"]], ir[0]))  # by preset, run order
+    for i, r in rows:
         ok = r["status"] == "ok"
         s = sp.get(i, {})
 

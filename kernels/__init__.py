@@ -109,7 +109,9 @@ def _check_family(family: str) -> None:
         raise KernelSpecError(f"kernels 'triton' cannot run here: {why}. Use --kernels torch or auto.")
     if family == "liger":
         if not liger_available():
-            raise KernelSpecError("kernels 'liger' asked for but liger-kernel is not installed (pip install liger-kernel)")
+            raise KernelSpecError(
+                "kernels 'liger' asked for but liger-kernel is not installed (pip install liger-kernel)"
+            )
         if not triton_runnable():
             raise KernelSpecError("kernels 'liger' needs Triton on a CUDA device")
 

@@ -16,8 +16,10 @@ Algorithm. Tokens are processed in chunks of C rows: logits_CV = h_CD W^T goes t
 kernel then walks each row in vocab blocks with an online log-sum-exp (Milakov & Gimelshein 2018, "Online normalizer
 calculation for softmax", alg. 3: m' = max(m, max_b z), s' = s * exp(m - m') + sum_b exp(z - m')), all in fp32, writes
 the row's loss and lse, and in a second sweep overwrites the row in place with dL/dz (cast back to the compute dtype).
-Two more cuBLAS calls per chunk turn that into dL/dh (rows of the chunk, compute dtype) and add dz^T h into a [V, D]
-fp32 accumulator for dL/dW. So the largest temporary is one [C, V] chunk in the compute dtype.
+Two more cuBLAS calls per chunk turn that into dL/dh (the chunk's rows) and add dz^T h into a [V, D] fp32
+accumulator for dL/dW; with bf16 inputs on CUDA they write fp32 results directly (out_dtype) where torch can, so dW is
+rounded to bf16 once, as in the reference, not once per chunk. The largest temporary is one [C, V] chunk in the
+compute dtype.
 
 "mean" and "sum": the gradients are computed in the forward pass (the loss is linear in its scalar grad_output), kept,
 and scaled by the scalar grad_output in backward. "none": the per-token grad_output g_i is only known in backward and
@@ -166,7 +168,7 @@ def linear_ce_fwd(
     chunk: int | None = None,
     block_v: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns (loss, lse_N2, dL/dhidden [N, D] or empty, dL/dW [V, D] fp32 or empty).
+    """Returns (loss, lse_N2, dL/dhidden [N, D] fp32 or empty, dL/dW [V, D] fp32 or empty).
 
     loss is a 0-dim fp32 tensor for "mean"/"sum", the fp32 [N] per-token loss for "none". The gradients are those of
     the loss itself (grad_output 1) and are computed only for "mean"/"sum" and only where asked. lse_N2 holds each
@@ -186,7 +188,8 @@ def linear_ce_fwd(
     count = (labels_N != ignore_index).sum().clamp(min=1)
     inv_count = (1.0 / count.to(torch.float32)) if reduction == "mean" else torch.ones((), device=hidden_ND.device)
     inv_count = inv_count.reshape(1)
-    gh_ND = torch.empty_like(hidden_ND) if write_grad and grad_hidden else hidden_ND.new_empty(0)
+    # dL/dhidden is kept in fp32 until backward scales it by grad_output, so that it is rounded to bf16 only once.
+    gh_ND = hidden_ND.new_empty(n, d, dtype=torch.float32) if write_grad and grad_hidden else hidden_ND.new_empty(0)
     gw_VD = torch.zeros(v, d, dtype=torch.float32, device=hidden_ND.device) if write_grad and grad_weight else None
 
     c = chunk or chunk_rows(n, v, d)
@@ -223,16 +226,53 @@ def linear_ce_fwd(
     return loss, lse_N2, gh_ND, gw_VD if gw_VD is not None else hidden_ND.new_empty(0, dtype=torch.float32)
 
 
+_FP32_OUT_MM: dict[torch.device, bool] = {}
+
+
+def _fp32_out_mm(device: torch.device) -> bool:
+    """Whether bf16/fp16 matmuls can write an fp32 result directly here (out_dtype: torch >= 2.8, CUDA only).
+    Probed once per device, numerically, so that any build without it falls back to rounding each chunk's product."""
+    if device.type != "cuda":
+        return False
+    if device not in _FP32_OUT_MM:
+        try:
+            a = torch.randn(64, 48, device=device, dtype=torch.bfloat16)
+            b = torch.randn(48, 32, device=device, dtype=torch.bfloat16)
+            acc = torch.ones(64, 32, device=device)
+            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+            prod = torch.empty(64, 32, device=device)
+            torch.mm(a, b, out_dtype=torch.float32, out=prod)
+            want = a.float() @ b.float()
+            ok = torch.allclose(acc, want + 1, rtol=1e-3, atol=1e-3) and torch.allclose(
+                prod, want, rtol=1e-3, atol=1e-3
+            )
+        except (RuntimeError, TypeError):
+            ok = False
+        _FP32_OUT_MM[device] = ok
+    return _FP32_OUT_MM[device]
+
+
 def _accumulate_grads(
     dz_CV: torch.Tensor, h_CD: torch.Tensor, weight_VD: torch.Tensor, gh_CD: torch.Tensor | None, gw_VD: torch.Tensor
 ) -> None:
+    """gh_CD = dz_CV @ W (gh_CD in fp32 or the compute dtype), gw_VD += dz_CV^T @ h_CD (gw_VD in fp32).
+
+    cuBLAS accumulates in fp32 either way; writing fp32 results directly keeps dW from being rounded to bf16 once per
+    chunk (the reference rounds it once in all) and dhidden from being rounded before the grad_output scaling."""
+    same = dz_CV.dtype == torch.float32
+    wide = not same and _fp32_out_mm(dz_CV.device)
     if gh_CD is not None:
-        torch.mm(dz_CV, weight_VD, out=gh_CD)
+        if same or gh_CD.dtype == dz_CV.dtype:
+            torch.mm(dz_CV, weight_VD, out=gh_CD)
+        elif wide:
+            torch.mm(dz_CV, weight_VD, out_dtype=torch.float32, out=gh_CD)
+        else:
+            gh_CD.copy_(dz_CV @ weight_VD)
     if gw_VD is not None:
-        # The chunk's product comes out of cuBLAS in the compute dtype (fp32 accumulation inside it); the sum over
-        # chunks runs in fp32 so that bf16 rounding does not build up across chunks.
-        if gw_VD.dtype == dz_CV.dtype:
+        if same:
             gw_VD.addmm_(dz_CV.t(), h_CD)
+        elif wide:
+            torch.addmm(gw_VD, dz_CV.t(), h_CD, out_dtype=torch.float32, out=gw_VD)
         else:
             gw_VD.add_(dz_CV.t() @ h_CD)
 
@@ -251,7 +291,7 @@ def linear_ce_bwd(
     block_v: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Backward of the "none" reduction for an arbitrary per-token grad_loss_N: recomputes each chunk's logits and
-    returns (dL/dhidden [N, D] or empty, dL/dW [V, D] fp32 or empty)."""
+    returns (dL/dhidden [N, D] in the compute dtype or empty, dL/dW [V, D] fp32 or empty)."""
     _check_inputs(hidden_ND, weight_VD, labels_N)
     n, d = hidden_ND.shape
     v = weight_VD.shape[0]
@@ -318,7 +358,7 @@ def _(hidden_ND, weight_VD, labels_N, token_weight_N, ignore_index, reduction, g
     f32 = torch.float32
     write_grad = reduction != "none" and (grad_hidden or grad_weight)
     loss = hidden_ND.new_empty(n, dtype=f32) if reduction == "none" else hidden_ND.new_empty((), dtype=f32)
-    gh = hidden_ND.new_empty(n, d) if write_grad and grad_hidden else hidden_ND.new_empty(0)
+    gh = hidden_ND.new_empty(n, d, dtype=f32) if write_grad and grad_hidden else hidden_ND.new_empty(0)
     gw = hidden_ND.new_empty(v, d, dtype=f32) if write_grad and grad_weight else hidden_ND.new_empty(0, dtype=f32)
     return loss, hidden_ND.new_empty(n, 2, dtype=f32), gh, gw
 
@@ -358,7 +398,7 @@ class _LinearCEFn:
         _, lse_N2, gh_ND, gw_VD = output
         ctx.reduction, ctx.ignore_index = reduction, ignore_index
         ctx.grad_hidden, ctx.grad_weight = grad_hidden, grad_weight
-        ctx.weight_dtype = weight_VD.dtype
+        ctx.hidden_dtype, ctx.weight_dtype = hidden_ND.dtype, weight_VD.dtype
         ctx.mark_non_differentiable(lse_N2, gh_ND, gw_VD)
         if reduction == "none":
             ctx.save_for_backward(hidden_ND, weight_VD, labels_N, token_weight_N, lse_N2)
@@ -387,7 +427,7 @@ class _LinearCEFn:
             gh, gw = ctx.saved_tensors
             gh, gw = gh * grad_loss, gw * grad_loss
         return (
-            gh if ctx.grad_hidden else None,
+            gh.to(ctx.hidden_dtype) if ctx.grad_hidden else None,
             gw.to(ctx.weight_dtype) if ctx.grad_weight else None,
             *rest,
         )

@@ -28,7 +28,12 @@ from safetensors.torch import load_file, save_file
 
 from minimind.config import MiniMindConfig
 
-MODEL_FILE, CONFIG_FILE, STATE_FILE, MANIFEST_FILE = "model.safetensors", "config.json", "train_state.pt", "manifest.json"
+MODEL_FILE, CONFIG_FILE, STATE_FILE, MANIFEST_FILE = (
+    "model.safetensors",
+    "config.json",
+    "train_state.pt",
+    "manifest.json",
+)
 TIED_KEY = "lm_head.weight"
 
 
@@ -109,7 +114,9 @@ def verify_checkpoint(folder: str | Path, check_hashes: bool = True) -> dict[str
             raise CheckpointError(f"checkpoint {folder}: {name} is missing")
         size = path.stat().st_size
         if size != want["bytes"]:
-            raise CheckpointError(f"checkpoint {folder}: {name} has {size} bytes, expected {want['bytes']} (truncated?)")
+            raise CheckpointError(
+                f"checkpoint {folder}: {name} has {size} bytes, expected {want['bytes']} (truncated?)"
+            )
         if check_hashes and _sha256(path) != want["sha256"]:
             raise CheckpointError(f"checkpoint {folder}: {name} does not match its sha256 (corrupt)")
     return manifest

@@ -56,9 +56,7 @@ class Tokenizer:
         self.source = source
         ids = [hf.token_to_id(t) for t in SPECIAL_TOKENS]
         if ids != [0, 1, 2]:
-            raise TokenizerError(
-                f"{source}: special tokens {SPECIAL_TOKENS} must have ids 0, 1, 2; found {ids}"
-            )
+            raise TokenizerError(f"{source}: special tokens {SPECIAL_TOKENS} must have ids 0, 1, 2; found {ids}")
         self.pad_id, self.bos_id, self.eos_id = 0, 1, 2
 
     @classmethod

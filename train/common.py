@@ -128,7 +128,9 @@ def load_tokenizer(path: str | None) -> Tokenizer:
 def build_config(preset: str, tokenizer: Tokenizer, **overrides: Any) -> MiniMindConfig:
     cfg = from_preset(preset, **overrides)
     if tokenizer.vocab_size > cfg.vocab_size:
-        raise SystemExit(f"error: tokenizer has {tokenizer.vocab_size} tokens but the model's vocab is {cfg.vocab_size}")
+        raise SystemExit(
+            f"error: tokenizer has {tokenizer.vocab_size} tokens but the model's vocab is {cfg.vocab_size}"
+        )
     return cfg
 
 
@@ -151,8 +153,17 @@ def load_init_weights(model: MiniMind, from_weight: str) -> None:
 
 
 def _arch(cfg: MiniMindConfig) -> dict[str, Any]:
-    keys = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size",
-            "vocab_size", "use_moe", "n_routed_experts", "n_shared_experts")
+    keys = (
+        "hidden_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "intermediate_size",
+        "vocab_size",
+        "use_moe",
+        "n_routed_experts",
+        "n_shared_experts",
+    )
     return {k: getattr(cfg, k) for k in keys}
 
 
@@ -348,3 +359,32 @@ class Timer:
         t = time.perf_counter()
         dt, self.t0 = t - self.t0, t
         return dt
+
+
+# ------------------------------------------------------------------------------------------ models and batches (SFT+)
+def load_base_model(from_weight: str, ops: kernels.Ops, device: torch.device, **overrides: Any) -> MiniMind:
+    """Build the model a post-training stage starts from: config and weights from a checkpoint folder.
+
+    overrides change config fields that do not alter the weights (e.g. dropout, aux_loss_alpha)."""
+    if from_weight in ("", "none"):
+        raise SystemExit("error: this stage needs --from_weight (a checkpoint folder, e.g. out/pretrain)")
+    try:
+        ckpt.verify_checkpoint(from_weight)
+        cfg, _ = ckpt.load_config(from_weight)
+    except ckpt.CheckpointError as exc:
+        raise SystemExit(f"error: --from_weight: {exc}") from exc
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    model = MiniMind(cfg, ops=ops)
+    ckpt.load_model_weights(model, from_weight)
+    return model.to(device)
+
+
+def iterate_batches(dataset: Any, collate: Any, batch_size: int, seed: int, epoch: int, start_batch: int = 0) -> Any:
+    """Yield (batch_index, collated batch) for one epoch in the (seed, epoch) order, from start_batch on.
+
+    The last partial batch is dropped so every optimizer step sees the same number of sequences."""
+    order = epoch_order(len(dataset), seed, epoch)
+    for b in range(start_batch, len(dataset) // batch_size):
+        idx = order[b * batch_size : (b + 1) * batch_size]
+        yield b, collate([dataset[int(i)] for i in idx])

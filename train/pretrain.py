@@ -48,8 +48,9 @@ _AUTO = {
 
 @dataclass
 class Args:
-    data_path: str = arg("data/sample/pretrain.jsonl", "pretrain JSONL ({'text': ...} per line) or a .bin from "
-                         "tools/prepare_data.py")
+    data_path: str = arg(
+        "data/sample/pretrain.jsonl", "pretrain JSONL ({'text': ...} per line) or a .bin from tools/prepare_data.py"
+    )
     out_dir: str = arg("out", "where checkpoints, metrics and the loss curve go")
     save_weight: str = arg("pretrain", "name of the checkpoint folder under --out_dir")
     from_weight: str = arg("none", "checkpoint folder (or MiniMind .pth) to initialise from; 'none' = scratch")
@@ -144,8 +145,14 @@ def main(argv: list[str] | None = None) -> dict:
     loss_sum = torch.zeros((), device=rt.device)
     loss_count, tokens_since, skipped, last_loss = 0, 0, 0, float("nan")
     timer = common.Timer(rt.device)
-    bar = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps, desc="pretrain",
-               dynamic_ncols=True, disable=not rt.is_main)
+    bar = tqdm(
+        range(start_step, total_steps),
+        initial=start_step,
+        total=total_steps,
+        desc="pretrain",
+        dynamic_ncols=True,
+        disable=not rt.is_main,
+    )
     with common.StopFlag() as stop:
         for step in bar:
             epoch, within = divmod(step, steps_per_epoch)
@@ -176,9 +183,15 @@ def main(argv: list[str] | None = None) -> dict:
                 dt = timer.lap()
                 last_loss = (loss_sum / max(loss_count, 1)).item()
                 tok_s = tokens_since / dt
-                record = {"step": done, "epoch": epoch, "loss": round(last_loss, 5), "lr": lr,
-                          "grad_norm": round(float(grad_norm), 4), "tokens_per_s": round(tok_s, 1),
-                          "skipped_steps": skipped}
+                record = {
+                    "step": done,
+                    "epoch": epoch,
+                    "loss": round(last_loss, 5),
+                    "lr": lr,
+                    "grad_norm": round(float(grad_norm), 4),
+                    "tokens_per_s": round(tok_s, 1),
+                    "skipped_steps": skipped,
+                }
                 if peak:
                     record["mfu"] = round(tok_s * flops_tok / peak, 4)
                 metrics.write(record)
@@ -191,10 +204,13 @@ def main(argv: list[str] | None = None) -> dict:
             if stop.requested:
                 break
     bar.close()
-    png = common.plot_loss_curve(metrics.path, Path(args.out_dir) / f"{args.save_weight}_loss.png",
-                                 f"pretrain {args.preset}")
-    print(f"done: loss {last_loss:.4f}; model in {Path(args.out_dir) / args.save_weight}"
-          + (f"; loss curve {png}" if png else ""))
+    png = common.plot_loss_curve(
+        metrics.path, Path(args.out_dir) / f"{args.save_weight}_loss.png", f"pretrain {args.preset}"
+    )
+    print(
+        f"done: loss {last_loss:.4f}; model in {Path(args.out_dir) / args.save_weight}"
+        + (f"; loss curve {png}" if png else "")
+    )
     return {"loss": last_loss, "steps": total_steps, "out": str(Path(args.out_dir) / args.save_weight)}
 
 

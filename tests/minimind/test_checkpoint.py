@@ -17,8 +17,14 @@ def _tiny():
 
 def test_roundtrip_gives_identical_logits(tmp_path, tokenizer):
     model = _tiny().eval()
-    folder = ckpt.save_checkpoint(tmp_path / "c", model, model.config, tokenizer, args={"lr": 1.0},
-                                  train_state={"step": 7, "rng": torch.get_rng_state()})
+    folder = ckpt.save_checkpoint(
+        tmp_path / "c",
+        model,
+        model.config,
+        tokenizer,
+        args={"lr": 1.0},
+        train_state={"step": 7, "rng": torch.get_rng_state()},
+    )
     names = {p.name for p in folder.iterdir()}
     assert {"model.safetensors", "config.json", "tokenizer.json", "train_state.pt", "manifest.json"} <= names
     loaded, cfg, payload = ckpt.load_model(folder)

@@ -96,8 +96,12 @@ def test_hf_llama_state_dict_names_and_strict_roundtrip():
     assert sd["model.layers.0.mlp.experts.2.down_proj.weight"].shape == (64, model.config.intermediate_size)
     other = MiniMind(model.config)
     other.load_state_dict({k: v.half() for k, v in sd.items()}, strict=True)  # a MiniMind .pth is fp16
-    torch.testing.assert_close(other.model.layers[0].mlp.experts.w_up[3], sd["model.layers.0.mlp.experts.3.up_proj.weight"],
-                               atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(
+        other.model.layers[0].mlp.experts.w_up[3],
+        sd["model.layers.0.mlp.experts.3.up_proj.weight"],
+        atol=1e-3,
+        rtol=1e-3,
+    )
 
 
 def test_moe_routing_and_seq_aux_loss_independently():
