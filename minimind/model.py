@@ -30,7 +30,8 @@ def rope_frequencies(cfg: MiniMindConfig, yarn: bool | None = None) -> torch.Ten
 
     YaRN (Peng et al. 2023, "YaRN: Efficient Context Window Extension of LLMs", sec. 3.2 "NTK-by-parts"), with
     MiniMind2's constants: inv_dim(b) = Dh * ln(orig / (2 pi b)) / (2 ln theta);
-    low = max(floor(inv_dim(beta_fast)), 0); high = min(ceil(inv_dim(beta_slow)), Dh/2 - 1); ramp g_i = clamp((i - low) / max(high - low, 1e-3), 0, 1);
+    low = max(floor(inv_dim(beta_fast)), 0); high = min(ceil(inv_dim(beta_slow)), Dh/2 - 1);
+    ramp g_i = clamp((i - low) / max(high - low, 1e-3), 0, 1);
     f_i <- f_i * ((1 - g_i) + g_i / factor). Head_dim 64 gives low 5, high 14.
     """
     dh, theta = cfg.head_dim, cfg.rope_theta
