@@ -269,7 +269,8 @@ class MiniMindModel(nn.Module):
 class CausalLMOutput:
     """loss: scalar (reduction mean/sum) or [B, T] per-token loss aligned with the labels (column t is
     -log p(labels[t] | tokens < t); column 0 is 0). aux_loss: summed MoE balance loss (None for dense or eval).
-    logits: [B, T, V] (or [B, 1, V] with last_only), only when asked for."""
+    logits: [B, T, V] (or [B, 1, V] with last_only), only when asked for. hidden: final-norm hidden states [B, T, D]
+    with return_hidden=True."""
 
     loss: torch.Tensor | None = None
     aux_loss: torch.Tensor | None = None
@@ -347,11 +348,13 @@ class MiniMind(nn.Module):
         ignore_index: int = -100,
         return_logits: bool | None = None,
         last_only: bool = False,
+        return_hidden: bool = False,
     ) -> CausalLMOutput:
         """input_ids [B, T]. With labels [B, T] (not pre-shifted: position t predicts labels[t+1]) returns the loss
         through ops.linear_cross_entropy without materialising logits, unless return_logits=True. Without labels,
         returns logits. attention_mask [B, S] (1 real, 0 pad) covers cache + new tokens; position_ids [B, T]
-        default to cache.length + arange(T). token_weight [B, T] weighs each label's loss."""
+        default to cache.length + arange(T). token_weight [B, T] weighs each label's loss. return_hidden=True also
+        returns the final-norm hidden states [B, T, D] (what lm_head sees), e.g. for chunked distillation."""
         b, t = input_ids.shape
         start = kv_cache.length if kv_cache is not None else 0
         if position_ids is None:
@@ -376,7 +379,7 @@ class MiniMind(nn.Module):
             kv_cache.length += t
         hidden_BTD = n
 
-        out = CausalLMOutput(aux_loss=aux_total)
+        out = CausalLMOutput(aux_loss=aux_total, hidden=hidden_BTD if return_hidden else None)
         want_logits = labels is None if return_logits is None else return_logits
         if want_logits:
             h = hidden_BTD[:, -1:] if last_only else hidden_BTD
