@@ -1,10 +1,10 @@
 """Tests for kernels/linear_ce.py, the fused linear + cross-entropy.
 
-Without CUDA these run in Triton's interpreter (fp32, small odd shapes: a single row, N not a multiple of the chunk, V
-not a multiple of the vocab block, chunks with every label ignored). Every check compares the kernel and the PyTorch
-reference at the same dtype against an fp64 truth, and asks that the kernel's error not exceed the reference's own
-by more than the shared margin (tests/kernels/_tolerance.py). The `gpu` tests repeat at the model's shapes natively
-in fp32 and bf16 and check peak memory.
+Without CUDA these run in Triton's interpreter (fp32 and one bf16 case; small odd shapes: a single row, N not a
+multiple of the chunk, V not a multiple of the vocab block, chunks with every label ignored). Every check compares the
+kernel and the PyTorch reference at the same dtype against an fp64 truth, and asks that the kernel's error not exceed
+the reference's own by more than the shared margin (tests/kernels/_tolerance.py). The `gpu` tests repeat at the
+model's shapes natively in fp32 and bf16 and check peak memory.
 """
 
 from __future__ import annotations
@@ -100,6 +100,22 @@ def test_matches_reference(small_blocks, reduction, weighted):
     n, d, v = 37, 80, 1000
     assert v % 256 and n % lce.chunk_rows(n, v, d), "want a partial vocab block and a partial last chunk"
     _check_against_reference(n, d, v, reduction, f"main/{reduction}/{weighted}", weighted=weighted)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_bf16_in_interpreter(small_blocks, reduction):
+    """bf16 logits and dlogits buffers; on the CPU the dW chunk products are rounded to bf16 before the fp32 sum (the
+    fallback of _accumulate_grads), which must still meet the rule."""
+    n, d, v = 37, 80, 1000
+    tag = f"bf16/{reduction}"
+    hidden, weight, labels, tw = _inputs(n, d, v, tag, weighted=True)
+    g = _grad_out(reduction, n, tag)
+    truth = _run(_fp64_truth, hidden, weight, labels, tw, reduction, g, torch.float64)
+    ref = _run(reference.linear_cross_entropy, hidden, weight, labels, tw, reduction, g, torch.bfloat16)
+    ours = _run(lce.linear_cross_entropy, hidden, weight, labels, tw, reduction, g, torch.bfloat16)
+    for name, o, r, t in zip(("loss", "d_hidden", "d_weight"), ours, ref, truth):
+        assert o.dtype == r.dtype
+        assert_close_to_truth(o, r, t, name=f"{tag} {name}")
 
 
 @pytest.mark.parametrize(
