@@ -44,6 +44,7 @@ _IMPLS: dict[str, dict[str, str]] = {
     },
     "liger": {
         "rmsnorm": "kernels.liger:rmsnorm",
+        "add_rmsnorm": "kernels.liger:add_rmsnorm",
         "rope": "kernels.liger:rope",
         "swiglu": "kernels.liger:swiglu",
         "linear_cross_entropy": "kernels.liger:linear_cross_entropy",

@@ -63,7 +63,7 @@ def rope(
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up (Shazeer 2020, "GLU Variants Improve Transformer", FFN_SwiGLU without the projections)."""
-    return F.silu(gate) * up
+    return (F.silu(gate) * up).to(gate.dtype)
 
 
 def linear_cross_entropy(

@@ -42,7 +42,7 @@ _AUTO = {
     "accumulation_steps": (1, 8),
     "max_seq_len": (256, 340),
     "learning_rate": (1e-3, 5e-4),
-    "max_steps": (500, 0),
+    "max_steps": (0, 0),
 }
 
 
