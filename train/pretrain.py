@@ -42,7 +42,6 @@ _AUTO = {
     "accumulation_steps": (1, 8),
     "max_seq_len": (256, 340),
     "learning_rate": (1e-3, 5e-4),
-    "max_steps": (0, 0),
 }
 
 
@@ -66,7 +65,7 @@ class Args:
     weight_decay: float = arg(0.01, "AdamW weight decay (matrices only)")
     grad_clip: float = arg(1.0, "clip the global gradient norm to this (0 = off)")
     max_seq_len: int | None = arg(None, "tokens per packed row (default: 256 on CPU, 340 on CUDA)")
-    max_steps: int | None = arg(None, "stop after this many optimizer steps (0 = run all epochs; default: 500 on CPU)")
+    max_steps: int = arg(0, "stop after this many optimizer steps (0 = run all epochs)")
     aux_loss_alpha: float = arg(0.01, "MoE balance-loss weight (MiniMind's first release used 0.1)")
     device: str = arg("auto", "cuda, cpu, or auto")
     dtype: str = arg("auto", "bfloat16 or float32 (auto: bf16 autocast on CUDA, fp32 on CPU)")
