@@ -86,10 +86,12 @@ def linear_cross_entropy(
     """
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
-    logits = (hidden_ND @ weight_VD.to(hidden_ND.dtype).t()).float()
+    # fp32 softmax for fp32/bf16 inputs; float64 inputs stay float64 (the tests' truth).
+    logits = hidden_ND @ weight_VD.to(hidden_ND.dtype).t()
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     loss = F.cross_entropy(logits, labels_N, ignore_index=ignore_index, reduction="none")
     if token_weight_N is not None:
-        loss = loss * token_weight_N.float()
+        loss = loss * token_weight_N.to(loss.dtype)
     if reduction == "none":
         return loss
     total = loss.sum()
