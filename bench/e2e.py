@@ -361,7 +361,7 @@ def run_matrix(args: Args, command: str) -> dict[str, Any]:
     paths = _result_paths(args, "e2e-matrix")
     result = {
         "kind": "e2e",
-        "meta": {**bench.run_metadata(command), "matmul_peak": peak_info},
+        "meta": {**bench.run_metadata(command), "matmul_peak": peak_info, "finished": False},
         "runs": [],
         "paths": [str(p) for p in paths] if paths else [],
     }
@@ -407,6 +407,8 @@ def run_matrix(args: Args, command: str) -> dict[str, Any]:
         if record["status"] not in ("ok", "unavailable"):
             print("    " + record.get("reason", "")[-1500:].replace("\n", "\n    "), flush=True)
         _write(result, paths)
+    result["meta"]["finished"] = True
+    _write(result, paths)
     return result
 
 
@@ -496,6 +498,8 @@ def markdown(result: dict[str, Any], json_name: str) -> str:
                 f"- per step: {r0['batch_size']} rows x {r0['accumulation_steps']} micro-batches x "
                 f"{r0['max_seq_len']} tokens; {r0['steps']} steps, the first {r0['warmup_steps']} not timed"
             )
+    if m.get("finished") is False:
+        lines.append("- **incomplete**: written before the matrix ended (the run was cut short or is still going)")
     if not m.get("cuda_available"):
         lines += ["", f"**{bench.CPU_WARNING}**"]
     lines += [

@@ -74,6 +74,7 @@ def test_kernel_benchmarks_run_and_record_every_op(tmp_path):
     assert len(recorded) == 1 and recorded[0].with_suffix(".md").exists()
     result = json.loads(recorded[0].read_text())
     assert result["kind"] == "kernels" and result["meta"]["scale"] == "tiny"
+    assert result["meta"]["finished"] is True and result["meta"]["exitstatus"] == 0
     assert result["meta"]["git_commit"] and result["meta"]["torch"] == torch.__version__
     entries = result["entries"]
     for op in OP_NAMES:
@@ -166,6 +167,7 @@ def test_e2e_counts_non_pad_tokens_and_plot(tmp_path, one_thread, tokenizer):
     )
     assert [r["status"] for r in matrix["runs"]] == ["unavailable"]
     assert "no-such-kernels" in matrix["runs"][0]["reason"]
+    assert json.loads(Path(matrix["paths"][0]).read_text())["meta"]["finished"] is True
 
     png = plot_bench.main([str(tmp_path), "--out", str(tmp_path / "e2e.png")])
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
