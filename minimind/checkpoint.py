@@ -49,11 +49,15 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _plain(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Contiguous CPU tensors without the tied head (it is the embedding); safetensors stores no shared storage."""
+    out = {k: v.detach().to("cpu").contiguous() for k, v in sd.items() if k != TIED_KEY}
+    return out
+
+
 def model_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The model's state dict as contiguous CPU tensors, without the tied head (it is the embedding)."""
-    sd = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    sd.pop(TIED_KEY, None)
-    return sd
+    """The model's state dict as contiguous CPU tensors, without the tied head."""
+    return _plain(model.state_dict())
 
 
 def save_checkpoint(
@@ -64,13 +68,16 @@ def save_checkpoint(
     args: dict[str, Any] | None = None,
     train_state: dict[str, Any] | None = None,
     meta: dict[str, Any] | None = None,
+    state_dict: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write a checkpoint folder atomically (temp folder + rename), replacing any previous one at that path."""
+    """Write a checkpoint folder atomically (temp folder + rename), replacing any previous one at that path.
+    state_dict overrides model.state_dict() (e.g. the gathered full state of a sharded model)."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
     try:
-        save_file(model_state_dict(model), str(tmp / MODEL_FILE), metadata={"format": "pt"})
+        sd = model_state_dict(model) if state_dict is None else _plain(state_dict)
+        save_file(sd, str(tmp / MODEL_FILE), metadata={"format": "pt"})
         payload = {"model": config.to_dict(), "args": args or {}, "meta": meta or {}}
         (tmp / CONFIG_FILE).write_text(json.dumps(payload, indent=2, default=str) + "\n")
         if tokenizer is not None:
@@ -131,12 +138,17 @@ def load_config(folder: str | Path) -> tuple[MiniMindConfig, dict[str, Any]]:
     return MiniMindConfig.from_dict(payload["model"]), payload
 
 
-def load_model_weights(model: torch.nn.Module, folder: str | Path, strict: bool = True) -> None:
-    """Load model.safetensors into model (the tied head is restored from the embedding)."""
+def load_model_state(folder: str | Path) -> dict[str, torch.Tensor]:
+    """model.safetensors as a state dict, with the tied head restored from the embedding."""
     sd = load_file(str(Path(folder) / MODEL_FILE))
     if TIED_KEY not in sd and "model.embed_tokens.weight" in sd:
         sd[TIED_KEY] = sd["model.embed_tokens.weight"]
-    model.load_state_dict(sd, strict=strict)
+    return sd
+
+
+def load_model_weights(model: torch.nn.Module, folder: str | Path, strict: bool = True) -> None:
+    """Load model.safetensors into model."""
+    model.load_state_dict(load_model_state(folder), strict=strict)
 
 
 def load_train_state(folder: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

@@ -70,6 +70,8 @@ class MiniMindConfig:
         return self.hidden_size // self.num_attention_heads
 
     def validate(self) -> None:
+        if self.num_hidden_layers < 1:
+            raise ConfigError(f"num_hidden_layers must be >= 1, got {self.num_hidden_layers}")
         if self.hidden_size % self.num_attention_heads:
             raise ConfigError(
                 f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}"

@@ -222,12 +222,16 @@ class MoEFeedForward(nn.Module):
 
 
 class Block(nn.Module):
-    """One pre-norm block. Written around fused add+norm: given the residual x and n1 = norm1(x) it computes
+    """One pre-norm block: MiniMind's `h = x + attn(norm1(x)); out = h + ffn(norm2(h))`, written around fused
+    add+norm ops. The block receives the residual x and the previous block's FFN output f_prev that has not been
+    added yet, and returns its own residual h and FFN output f, so every residual add is fused with the norm that
+    follows it:
 
-        h = x + attn(n1);  n2 = norm2(h);  out = h + ffn(n2);  and returns (out, next_norm(out), aux)
+        x, n1 = add_rmsnorm(x, f_prev)      (plain rmsnorm in the first block, where nothing is pending)
+        h, n2 = add_rmsnorm(x, attn(n1))
+        return h, ffn(n2)                   (the next block, or the final norm, adds it)
 
-    which is MiniMind's `h = x + attn(norm1(x)); out = h + ffn(norm2(h))` with the following norm (the next block's
-    input_layernorm, or the final norm) folded in, so each residual add and norm is one op.
+    Each block touches only its own parameters, so FSDP can shard blocks one by one.
     """
 
     def __init__(self, cfg: MiniMindConfig, ops: kernels.Ops, layer_idx: int):
@@ -238,12 +242,15 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops)
         self.mlp = MoEFeedForward(cfg, ops) if cfg.use_moe else FeedForward(cfg, ops)
 
-    def forward(self, x, n1, next_norm_weight, cos, sin, attn_mask=None, kv_cache=None):
+    def forward(self, x, f_prev, cos, sin, attn_mask=None, kv_cache=None):
+        if f_prev is None:
+            n1 = self.ops.rmsnorm(x, self.input_layernorm.weight, self.eps)
+        else:
+            x, n1 = self.ops.add_rmsnorm(x, f_prev, self.input_layernorm.weight, self.eps)
         a = self.self_attn(n1, cos, sin, attn_mask=attn_mask, kv_cache=kv_cache)
         h, n2 = self.ops.add_rmsnorm(x, a, self.post_attention_layernorm.weight, self.eps)
         f, aux = self.mlp(n2) if isinstance(self.mlp, MoEFeedForward) else (self.mlp(n2), None)
-        out, n_next = self.ops.add_rmsnorm(h, f, next_norm_weight, self.eps)
-        return out, n_next, aux
+        return h, f, aux
 
 
 class RMSNorm(nn.Module):
@@ -368,16 +375,14 @@ class MiniMind(nn.Module):
 
         inner = self.model
         x = inner.dropout(inner.embed_tokens(input_ids))
-        n = self.ops.rmsnorm(x, inner.layers[0].input_layernorm.weight, self.config.rms_norm_eps)
-        aux_total = None
-        for i, layer in enumerate(inner.layers):
-            nxt = inner.layers[i + 1].input_layernorm.weight if i + 1 < len(inner.layers) else inner.norm.weight
-            x, n, aux = layer(x, n, nxt, cos, sin, attn_mask=attn_mask, kv_cache=kv_cache)
+        f, aux_total = None, None
+        for layer in inner.layers:
+            x, f, aux = layer(x, f, cos, sin, attn_mask=attn_mask, kv_cache=kv_cache)
             if aux is not None:
                 aux_total = aux if aux_total is None else aux_total + aux
+        _, hidden_BTD = self.ops.add_rmsnorm(x, f, inner.norm.weight, self.config.rms_norm_eps)
         if kv_cache is not None:
             kv_cache.length += t
-        hidden_BTD = n
 
         out = CausalLMOutput(aux_loss=aux_total, hidden=hidden_BTD if return_hidden else None)
         want_logits = labels is None if return_logits is None else return_logits

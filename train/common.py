@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import re
 import shutil
 import signal
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:  # `python train/x.py` from a checkout without `pip install -e .`
@@ -89,9 +91,16 @@ class Runtime:
 
 
 def setup_runtime(device: str = "auto", dtype: str = "auto", seed: int = 42) -> Runtime:
-    """Pick the device and precision: bf16 autocast on CUDA (fp16 is not offered: no loss scaling here), fp32 on CPU."""
+    """Pick the device and precision: bf16 autocast on CUDA (fp16 is not offered: no loss scaling here), fp32 on CPU.
+
+    Under torchrun (WORLD_SIZE > 1) it also joins the process group: NCCL on CUDA (one GPU per LOCAL_RANK), gloo on
+    CPU. Every rank seeds identically, so models start equal before DDP/FSDP broadcast anything."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and world > 1:
+        device = f"cuda:{local_rank}"
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda asked for but CUDA is not available")
@@ -104,8 +113,119 @@ def setup_runtime(device: str = "auto", dtype: str = "auto", seed: int = 42) -> 
         torch.cuda.set_device(dev)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    if world > 1 and not dist.is_initialized():
+        if dev.type == "cuda":
+            dist.init_process_group("nccl", device_id=dev)
+        else:
+            dist.init_process_group("gloo")
     torch.manual_seed(seed)
-    return Runtime(device=dev, amp_dtype=amp)
+    return Runtime(device=dev, amp_dtype=amp, rank=rank, world_size=world, local_rank=local_rank)
+
+
+def shutdown(rt: Runtime) -> None:
+    """Leave the process group cleanly (no-op for a single process)."""
+    if rt.world_size > 1 and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def barrier(rt: Runtime) -> None:
+    if rt.world_size > 1:
+        dist.barrier()
+
+
+def all_reduce_mean(value: torch.Tensor, rt: Runtime) -> torch.Tensor:
+    """Mean of a tensor over ranks (for logging: each rank's loss covers an equal share of the global batch)."""
+    if rt.world_size > 1:
+        value = value.clone()
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+        value /= rt.world_size
+    return value
+
+
+def wrap_model(model: MiniMind, rt: Runtime, fsdp: bool = False) -> torch.nn.Module:
+    """Data parallelism applied from outside the model: DDP, or FSDP2 (`fully_shard` per transformer block, then the
+    root) with bf16 parameters in compute and fp32 gradient reduction when autocast is bf16. Returns the module to
+    call; the optimizer and checkpoints keep using `model` (FSDP2 shards it in place)."""
+    if rt.world_size == 1 and not fsdp:
+        return model
+    if fsdp:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        mp = MixedPrecisionPolicy(param_dtype=rt.amp_dtype, reduce_dtype=torch.float32) if rt.amp_dtype else None
+        kw = {"mp_policy": mp} if mp is not None else {}
+        for block in model.model.layers:
+            fully_shard(block, **kw)
+        fully_shard(model, **kw)
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model, device_ids=[rt.device.index] if rt.is_cuda else None)
+
+
+def clip_grad_norm(model: torch.nn.Module, max_norm: float) -> torch.Tensor:
+    """Clip the global gradient norm (0 = measure only); returns the norm before clipping as a plain tensor, also
+    when FSDP2 gradients are sharded DTensors."""
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm if max_norm > 0 else float("inf"))
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+
+def any_rank(flag: bool, rt: Runtime) -> bool:
+    """True on every rank if it is true on any (so all ranks stop, or save, at the same step)."""
+    if rt.world_size == 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=rt.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def no_sync(wrapped: torch.nn.Module, sync: bool) -> contextlib.AbstractContextManager:
+    """Skip the gradient all-reduce on non-final micro-steps of an accumulation (DDP's no_sync; FSDP2's
+    set_requires_gradient_sync)."""
+    if sync:
+        return contextlib.nullcontext()
+    if hasattr(wrapped, "no_sync"):
+        return wrapped.no_sync()
+    if hasattr(wrapped, "set_requires_gradient_sync"):
+        return _FsdpNoSync(wrapped)
+    return contextlib.nullcontext()
+
+
+class _FsdpNoSync:
+    def __init__(self, module):
+        self.module = module
+
+    def __enter__(self):
+        self.module.set_requires_gradient_sync(False)
+
+    def __exit__(self, *exc):
+        self.module.set_requires_gradient_sync(True)
+
+
+def full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, rt: Runtime):
+    """(model state dict, optimizer state dict) as full, unsharded CPU tensors on every rank, whether the model is
+    plain, DDP-wrapped or FSDP2-sharded: what checkpoints store, so a run can resume on another world size."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=rt.world_size > 1)
+    if optimizer is None:
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        return get_model_state_dict(model, options=opts), None
+    return get_state_dict(model, optimizer, options=opts)
+
+
+def load_full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, model_sd, optim_sd) -> None:
+    """Inverse of full_state: load full state dicts into a plain or sharded model and its optimizer."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    set_state_dict(
+        model,
+        optimizer,
+        model_state_dict=model_sd,
+        optim_state_dict=optim_sd,
+        options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=False),
+    )
 
 
 def resolve_kernels(spec: str, rt: Runtime) -> kernels.Ops:
@@ -275,14 +395,26 @@ def save_resume(
     args: Any,
     state: dict[str, Any],
     keep_last: int = 2,
+    model_sd: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write the model (as {out_dir}/{save_weight}) and a resumable copy with the training state
-    ({out_dir}/{save_weight}_resume/step_N), keeping the last keep_last resume folders."""
+    ({out_dir}/{save_weight}_resume/step_N), keeping the last keep_last resume folders. model_sd: the full state dict
+    when the model is sharded (see full_state); by default model.state_dict()."""
     args_d = dataclasses.asdict(args)
-    ckpt.save_checkpoint(Path(out_dir) / save_weight, model, model.config, tokenizer, args_d, meta={"step": step})
+    meta = {"step": step}
+    ckpt.save_checkpoint(
+        Path(out_dir) / save_weight, model, model.config, tokenizer, args_d, meta=meta, state_dict=model_sd
+    )
     rdir = resume_dir(out_dir, save_weight)
     folder = ckpt.save_checkpoint(
-        rdir / f"step_{step:08d}", model, model.config, tokenizer, args_d, train_state=state, meta={"step": step}
+        rdir / f"step_{step:08d}",
+        model,
+        model.config,
+        tokenizer,
+        args_d,
+        train_state=state,
+        meta=meta,
+        state_dict=model_sd,
     )
     old = sorted(p for p in rdir.iterdir() if _STEP_DIR.match(p.name))[:-keep_last] if keep_last > 0 else []
     for p in old:

@@ -71,6 +71,7 @@ class Args:
     dtype: str = arg("auto", "bfloat16 or float32 (auto: bf16 autocast on CUDA, fp32 on CPU)")
     kernels: str = arg("auto", "ops spec: torch | triton | liger | auto, with overrides like 'triton,rope=torch'")
     compile: bool = arg(False, "torch.compile the model")
+    fsdp: bool = arg(False, "shard parameters, gradients and optimizer state with FSDP2 (under torchrun)")
     log_interval: int = arg(10, "optimizer steps between log lines")
     save_interval: int = arg(200, "optimizer steps between checkpoints")
     keep_last: int = arg(2, "resume checkpoints to keep")
@@ -101,17 +102,20 @@ def main(argv: list[str] | None = None) -> dict:
         data = PretrainDataset(args.data_path, tok, args.max_seq_len)
     except (DataError, FileNotFoundError) as exc:
         raise SystemExit(f"error: {exc}") from exc
-    rows_per_step = args.batch_size * args.accumulation_steps
+    # One optimizer step = accumulation_steps micro-batches of batch_size rows on each of world_size ranks.
+    rows_per_step = args.batch_size * args.accumulation_steps * rt.world_size
     steps_per_epoch = len(data) // rows_per_step
     if steps_per_epoch == 0:
         raise SystemExit(
             f"error: {args.data_path} packs into {len(data)} rows of {args.max_seq_len} tokens, fewer than one "
-            f"optimizer step needs ({args.batch_size} x {args.accumulation_steps}); lower --batch_size"
+            f"optimizer step needs ({args.batch_size} x {args.accumulation_steps} x {rt.world_size} ranks); "
+            "lower --batch_size"
         )
     total_steps = steps_per_epoch * args.epochs
     if args.max_steps:
         total_steps = min(total_steps, args.max_steps)
 
+    wrapped = common.wrap_model(model, rt, fsdp=args.fsdp)
     optimizer = common.build_optimizer(model, args.learning_rate, args.weight_decay)
     start_step = 0
     if args.from_resume:
@@ -119,26 +123,33 @@ def main(argv: list[str] | None = None) -> dict:
         if folder is None:
             print(f"no resume checkpoint under {common.resume_dir(args.out_dir, args.save_weight)}: starting fresh")
         else:
-            ckpt.load_model_weights(model, folder)
             state = ckpt.load_train_state(folder)
-            optimizer.load_state_dict(state["optimizer"])
+            common.load_full_state(model, optimizer, ckpt.load_model_state(folder), state["optimizer"])
             common.set_rng_state(state["rng"])
-            start_step = int(state["step"])
-            print(f"resumed from {folder} at step {start_step}")
+            # The data position is counted in rows, so a run may resume on a different number of ranks.
+            start_step = int(state["rows_seen"]) // rows_per_step
+            if state["world_size"] != rt.world_size and rt.is_main:
+                print(f"note: world size {state['world_size']} -> {rt.world_size}: resuming at step {start_step}")
+            if rt.is_main:
+                print(f"resumed from {folder} at step {start_step}")
 
     n_active = model.num_active_params()
     flops_tok = common.flops_per_token(cfg, n_active, args.max_seq_len)
     peak = common.peak_flops(rt.device)
-    train_model = torch.compile(model) if args.compile else model
-    print(
-        f"pretrain: preset {args.preset} ({model.num_params():,} params, {n_active:,} active) on {rt.device} "
-        f"({'bf16 autocast' if rt.amp_dtype else 'fp32'}{', compiled' if args.compile else ''}); "
-        f"{data.num_tokens:,} tokens -> {len(data):,} rows of {args.max_seq_len}; "
-        f"batch {args.batch_size} x accum {args.accumulation_steps}; {total_steps} steps "
-        f"({steps_per_epoch} per epoch), lr {args.learning_rate:g}"
-    )
+    train_model = torch.compile(wrapped) if args.compile else wrapped
+    if rt.is_main:
+        print(
+            f"pretrain: preset {args.preset} ({model.num_params():,} params, {n_active:,} active) on {rt.device}"
+            f"{f' x {rt.world_size} ranks' if rt.world_size > 1 else ''} "
+            f"({'bf16 autocast' if rt.amp_dtype else 'fp32'}{', compiled' if args.compile else ''}"
+            f"{', FSDP2' if args.fsdp else ''}); {data.num_tokens:,} tokens -> {len(data):,} rows of "
+            f"{args.max_seq_len}; batch {args.batch_size} x accum {args.accumulation_steps}; {total_steps} steps "
+            f"({steps_per_epoch} per epoch), lr {args.learning_rate:g}"
+        )
 
-    metrics = common.MetricsLog(Path(args.out_dir) / f"{args.save_weight}_metrics.jsonl", append=start_step > 0)
+    metrics = common.MetricsLog(
+        Path(args.out_dir) / f"{args.save_weight}_metrics.jsonl", enabled=rt.is_main, append=start_step > 0
+    )
     model.train()
     order, order_epoch = None, -1
     loss_sum = torch.zeros((), device=rt.device)
@@ -160,17 +171,19 @@ def main(argv: list[str] | None = None) -> dict:
             lr = common.lr_at(step, total_steps, args.learning_rate, args.warmup_steps)
             common.set_lr(optimizer, lr)
             for micro in range(args.accumulation_steps):
-                first = (within * args.accumulation_steps + micro) * args.batch_size
+                # This rank's slice of the micro-batch: the same rows a single process with batch_size x world_size
+                # would take, so DDP reproduces a single-process run with the same global batch.
+                first = ((within * args.accumulation_steps + micro) * rt.world_size + rt.rank) * args.batch_size
                 idx = order[first : first + args.batch_size]
                 x = torch.stack([data[int(i)] for i in idx]).to(rt.device, non_blocking=True)
-                with rt.autocast():
+                with common.no_sync(wrapped, sync=micro == args.accumulation_steps - 1), rt.autocast():
                     out = train_model(x, labels=x)
                     loss = out.loss if out.aux_loss is None else out.loss + out.aux_loss
-                (loss / args.accumulation_steps).backward()
+                    (loss / args.accumulation_steps).backward()
                 loss_sum += loss.detach()
                 loss_count += 1
-                tokens_since += x.numel()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf"))
+                tokens_since += x.numel() * rt.world_size
+            grad_norm = common.clip_grad_norm(model, args.grad_clip)
             if torch.isfinite(grad_norm):
                 optimizer.step()
             else:
@@ -180,7 +193,7 @@ def main(argv: list[str] | None = None) -> dict:
             done = step + 1
             if done % args.log_interval == 0 or done == total_steps:
                 dt = timer.lap()
-                last_loss = (loss_sum / max(loss_count, 1)).item()
+                last_loss = common.all_reduce_mean(loss_sum / max(loss_count, 1), rt).item()
                 tok_s = tokens_since / dt
                 record = {
                     "step": done,
@@ -192,17 +205,32 @@ def main(argv: list[str] | None = None) -> dict:
                     "skipped_steps": skipped,
                 }
                 if peak:
-                    record["mfu"] = round(tok_s * flops_tok / peak, 4)
+                    record["mfu"] = round(tok_s * flops_tok / (peak * rt.world_size), 4)
                 metrics.write(record)
                 bar.set_postfix(loss=f"{last_loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
                 loss_sum.zero_()
                 loss_count, tokens_since = 0, 0
-            if done % args.save_interval == 0 or done == total_steps or stop.requested:
-                state = {"step": done, "optimizer": optimizer.state_dict(), "rng": common.rng_state()}
-                common.save_resume(args.out_dir, args.save_weight, done, model, tok, args, state, args.keep_last)
-            if stop.requested:
+            stopping = common.any_rank(stop.requested, rt)
+            if done % args.save_interval == 0 or done == total_steps or stopping:
+                model_sd, optim_sd = common.full_state(model, optimizer, rt)
+                state = {
+                    "step": done,
+                    "rows_seen": done * rows_per_step,
+                    "world_size": rt.world_size,
+                    "optimizer": optim_sd,
+                    "rng": common.rng_state(),
+                }
+                if rt.is_main:
+                    common.save_resume(
+                        args.out_dir, args.save_weight, done, model, tok, args, state, args.keep_last, model_sd
+                    )
+                common.barrier(rt)
+            if stopping:
                 break
     bar.close()
+    common.shutdown(rt)
+    if not rt.is_main:
+        return {"loss": last_loss, "steps": total_steps}
     png = common.plot_loss_curve(
         metrics.path, Path(args.out_dir) / f"{args.save_weight}_loss.png", f"pretrain {args.preset}"
     )
