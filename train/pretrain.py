@@ -41,7 +41,8 @@ _AUTO = {
     "batch_size": (16, 32),
     "accumulation_steps": (1, 8),
     "max_seq_len": (256, 340),
-    "learning_rate": (1e-3, 5e-4),
+    "learning_rate": (2e-3, 5e-4),
+    "epochs": (2, 1),
 }
 
 
@@ -57,10 +58,10 @@ class Args:
     tokenizer: str | None = arg(None, "tokenizer folder or tokenizer.json (default: the shipped one)")
     preset: str | None = arg(None, "model preset: tiny, small, base, moe (default: tiny on CPU, small on CUDA)")
     use_moe: int = arg(0, "1: mixture-of-experts feed-forward on the chosen preset")
-    epochs: int = arg(1, "passes over the data")
+    epochs: int | None = arg(None, "passes over the data (default: 2 on CPU for the small sample data, 1 on CUDA)")
     batch_size: int | None = arg(None, "sequences per micro-batch (default: 16 on CPU, 32 on CUDA)")
     accumulation_steps: int | None = arg(None, "micro-batches per optimizer step (default: 1 on CPU, 8 on CUDA)")
-    learning_rate: float | None = arg(None, "peak learning rate (default: 1e-3 on CPU for tiny, 5e-4 on CUDA)")
+    learning_rate: float | None = arg(None, "peak learning rate (default: 2e-3 on CPU for tiny, 5e-4 on CUDA)")
     warmup_steps: int = arg(0, "linear warmup steps before the cosine schedule")
     weight_decay: float = arg(0.01, "AdamW weight decay (matrices only)")
     grad_clip: float = arg(1.0, "clip the global gradient norm to this (0 = off)")
