@@ -1,0 +1,555 @@
+"""Move MiniMind weights between our checkpoints, Hugging Face folders and MiniMind2 .pth files.
+
+    python tools/export.py hf --load out/full_sft --out out/hf/full_sft           # -> a transformers folder
+         [--dtype float32|bfloat16|float16] [--lora out/lora_identity] [--yarn] [--moe_format qwen2_moe|minimind]
+    python tools/export.py import-pth --pth MiniMind2.pth --out out/minimind2    # MiniMind2 release -> checkpoint
+         [--num_attention_heads 8] [--num_experts_per_tok 2] [--tokenizer DIR]
+    python tools/export.py import-hf --hf out/hf/full_sft --out out/back          # transformers folder -> checkpoint
+
+Exported folders (`hf`)
+  Dense models become a LlamaForCausalLM folder: config.json (hidden/intermediate sizes, heads, num_key_value_heads,
+  head_dim, rms_norm_eps, rope_theta, tie_word_embeddings=true, no biases, silu, bos 1 / eos 2 / pad 0, and
+  rope_scaling {"rope_type": "yarn", factor 16, original_max_position_embeddings 2048, beta_fast 32, beta_slow 1,
+  attention_factor 1.0} when the checkpoint has inference_rope_scaling on, or with --yarn), model.safetensors (our
+  parameter names are Llama's, so the tensors are written as they are; the tied head is stored once, as the
+  embedding), generation_config.json, and the tokenizer (tokenizer.json, tokenizer_config.json with the ChatML
+  chat template). Load it offline with
+      AutoModelForCausalLM.from_pretrained(folder); AutoTokenizer.from_pretrained(folder)
+  MiniMind's RoPE is Llama's non-interleaved rotate-half layout, and HF's YaRN computes the same frequencies as ours
+  (same correction range, ramp and blend; HF clamps the range's top at head_dim-1 where MiniMind clamps at
+  head_dim/2-1, which only differs for contexts far beyond the ones used here).
+
+  MoE models, --moe_format qwen2_moe (default): a Qwen2MoeForCausalLM folder that transformers loads the same way.
+  Qwen2-MoE has MiniMind's router (softmax in fp32, top-k, optional renormalisation) and one shared expert whose
+  output is scaled by sigmoid(shared_expert_gate(x)). MiniMind adds its shared experts unscaled, so the gate's
+  weight is written as zeros (sigmoid(0) = 1/2) and the shared down projection doubled: exact in every float format,
+  being a power of two. Several shared experts become one wider shared expert (a sum of SwiGLUs over disjoint
+  intermediate units is one SwiGLU over their concatenation).
+  --moe_format minimind: config.json is our MiniMindConfig's fields flat plus "model_type": "minimind" and
+  "architectures": ["MiniMindForCausalLM"], model.safetensors holds the state dict under our own names. Load it with
+      from tools.export import load_exported; model = load_exported(folder)
+  or turn it back into a checkpoint with `import-hf`.
+
+Imports
+  import-pth: a MiniMind2 .pth is a plain fp16 state dict under the same names; it is read with
+  torch.load(weights_only=True) (no code can run) through minimind.checkpoint.load_minimind_pth, in fp32. Its config
+  is inferred from the tensor shapes (vocab, hidden, layers, kv heads, FFN width, experts); the number of query heads
+  cannot be read off the shapes and is --num_attention_heads (8 for every MiniMind2 model), likewise top-k
+  (--num_experts_per_tok, 2). Keys prefixed by DDP ("module.") or torch.compile ("_orig_mod.") are accepted.
+  import-hf: a Llama, Qwen2-MoE (as exported above) or minimind-format folder -> our checkpoint. Anything our model
+  cannot express (biases, an untied head, another activation or rope type, a non-zero shared-expert gate) is refused
+  with the reason. The folder's tokenizer is kept when it has MiniMind's special tokens at ids 0-2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as `python tools/export.py`: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
+
+from minimind.checkpoint import (  # noqa: E402
+    TIED_KEY,
+    CheckpointError,
+    load_minimind_pth,
+    load_model,
+    model_state_dict,
+    save_checkpoint,
+)
+from minimind.config import ConfigError, MiniMindConfig  # noqa: E402
+from minimind.model import MiniMind  # noqa: E402
+from minimind.tokenizer import Tokenizer, TokenizerError  # noqa: E402
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+EMBED_KEY = "model.embed_tokens.weight"
+
+
+class ExportError(ValueError):
+    """Weights or a folder that cannot be converted: the message says why."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Export
+
+
+def yarn_rope_scaling(cfg: MiniMindConfig) -> dict[str, Any]:
+    rs = cfg.rope_scaling
+    out = {
+        "rope_type": "yarn",
+        "factor": float(rs["factor"]),
+        "original_max_position_embeddings": int(rs["original_max_position_embeddings"]),
+        "beta_fast": float(rs["beta_fast"]),
+        "beta_slow": float(rs["beta_slow"]),
+        # Given explicitly: HF's default would be 0.1 * ln(factor) + 1, MiniMind uses 1.0.
+        "attention_factor": float(rs.get("attention_factor", 1.0)),
+    }
+    return out
+
+
+def _common_hf_fields(cfg: MiniMindConfig, dtype: torch.dtype) -> dict[str, Any]:
+    name = {v: k for k, v in DTYPES.items()}[dtype]
+    return {
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "num_hidden_layers": cfg.num_hidden_layers,
+        "num_attention_heads": cfg.num_attention_heads,
+        "num_key_value_heads": cfg.num_key_value_heads,
+        "head_dim": cfg.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "rope_theta": cfg.rope_theta,
+        "rope_scaling": yarn_rope_scaling(cfg) if cfg.inference_rope_scaling else None,
+        "attention_dropout": 0.0,
+        "tie_word_embeddings": True,
+        "bos_token_id": cfg.bos_token_id,
+        "eos_token_id": cfg.eos_token_id,
+        "pad_token_id": cfg.pad_token_id,
+        "initializer_range": 0.02,
+        "use_cache": True,
+        "torch_dtype": name,
+    }
+
+
+def llama_config(cfg: MiniMindConfig, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+    """config.json of the LlamaForCausalLM equivalent of a dense MiniMind."""
+    if cfg.use_moe:
+        raise ExportError("a MoE model has no Llama equivalent (use the qwen2_moe or minimind format)")
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        **_common_hf_fields(cfg, dtype),
+        "intermediate_size": cfg.intermediate_size,
+        "attention_bias": False,
+        "mlp_bias": False,
+        "pretraining_tp": 1,
+    }
+
+
+def qwen2_moe_config(cfg: MiniMindConfig, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+    """config.json of the Qwen2MoeForCausalLM equivalent of a MiniMind MoE."""
+    if not cfg.use_moe:
+        raise ExportError("a dense model is exported as Llama")
+    return {
+        "architectures": ["Qwen2MoeForCausalLM"],
+        "model_type": "qwen2_moe",
+        **_common_hf_fields(cfg, dtype),
+        "intermediate_size": cfg.intermediate_size,
+        "moe_intermediate_size": cfg.intermediate_size,
+        "shared_expert_intermediate_size": max(cfg.n_shared_experts, 1) * cfg.intermediate_size,
+        "num_experts": cfg.n_routed_experts,
+        "num_experts_per_tok": cfg.num_experts_per_tok,
+        "norm_topk_prob": bool(cfg.norm_topk_prob),
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": [],
+        "qkv_bias": False,
+        "use_sliding_window": False,
+        "sliding_window": None,
+        "max_window_layers": cfg.num_hidden_layers,
+        "output_router_logits": False,
+        "router_aux_loss_coef": cfg.aux_loss_alpha,
+    }
+
+
+def minimind_flat_config(cfg: MiniMindConfig, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+    return {
+        "architectures": ["MiniMindForCausalLM"],
+        "model_type": "minimind",
+        **cfg.to_dict(),
+        "head_dim": cfg.head_dim,
+        "tie_word_embeddings": True,
+        "torch_dtype": {v: k for k, v in DTYPES.items()}[dtype],
+    }
+
+
+_SHARED = re.compile(r"^(model\.layers\.\d+\.mlp\.)shared_experts\.(\d+)\.(gate|up|down)_proj\.weight$")
+
+
+def to_qwen2_moe_state_dict(sd: dict[str, torch.Tensor], cfg: MiniMindConfig) -> dict[str, torch.Tensor]:
+    """Our MoE names -> Qwen2-MoE's: shared experts fused into one (gate/up rows and down columns concatenated, down
+    doubled) and a zero shared_expert_gate. Router and routed experts keep their names."""
+    out: dict[str, torch.Tensor] = {}
+    shared: dict[str, dict[str, list[torch.Tensor]]] = {}
+    for k, v in sd.items():
+        m = _SHARED.match(k)
+        if m is None:
+            out[k] = v
+            continue
+        prefix, j, proj = m.group(1), int(m.group(2)), m.group(3)
+        slot = shared.setdefault(prefix, {"gate": [], "up": [], "down": []})[proj]
+        slot.extend([None] * (j + 1 - len(slot)))
+        slot[j] = v
+    d, f = cfg.hidden_size, cfg.intermediate_size
+    for i in range(cfg.num_hidden_layers):
+        prefix = f"model.layers.{i}.mlp."
+        parts = shared.get(prefix)
+        ref = sd[f"{prefix}gate.weight"]
+        if parts is None:  # no shared expert: a zero one of width f contributes nothing
+            gate = up = torch.zeros(f, d, dtype=ref.dtype)
+            down = torch.zeros(d, f, dtype=ref.dtype)
+        else:
+            gate, up = torch.cat(parts["gate"], dim=0), torch.cat(parts["up"], dim=0)
+            down = torch.cat(parts["down"], dim=1) * 2  # undoes sigmoid(0) = 1/2 exactly
+        out[f"{prefix}shared_expert.gate_proj.weight"] = gate.contiguous()
+        out[f"{prefix}shared_expert.up_proj.weight"] = up.contiguous()
+        out[f"{prefix}shared_expert.down_proj.weight"] = down.contiguous()
+        out[f"{prefix}shared_expert_gate.weight"] = torch.zeros(1, d, dtype=ref.dtype)
+    return out
+
+
+def export_hf(
+    model: MiniMind,
+    tokenizer: Tokenizer,
+    out: str | Path,
+    dtype: torch.dtype | None = None,
+    moe_format: str = "qwen2_moe",
+) -> Path:
+    """Write the Hugging Face folder for model (see the module docstring). Returns the folder."""
+    cfg = model.config
+    dtype = dtype or next(model.parameters()).dtype
+    if dtype not in DTYPES.values():
+        raise ExportError(f"dtype {dtype} is not one of {', '.join(DTYPES)}")
+    sd = {k: v.to(dtype).contiguous() for k, v in model_state_dict(model).items()}
+    if not cfg.use_moe:
+        config, how = llama_config(cfg, dtype), "AutoModelForCausalLM.from_pretrained(folder)"
+    elif moe_format == "qwen2_moe":
+        config, how = qwen2_moe_config(cfg, dtype), "AutoModelForCausalLM.from_pretrained(folder)"
+        sd = to_qwen2_moe_state_dict(sd, cfg)
+    elif moe_format == "minimind":
+        config, how = minimind_flat_config(cfg, dtype), "tools.export.load_exported(folder)"
+    else:
+        raise ExportError(f"unknown --moe_format {moe_format!r} (qwen2_moe or minimind)")
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "pad_token_id": cfg.pad_token_id}
+    (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+    tokenizer.save(out)
+    (out / "README.md").write_text(
+        f"# {out.name}\n\nA MiniMind model ({model.num_params():,} parameters, {config['architectures'][0]}, "
+        f"{config['torch_dtype']}), exported by tools/export.py.\n\nLoad it with `{how}`; the tokenizer with "
+        "`AutoTokenizer.from_pretrained(folder)` (ChatML chat template).\n"
+    )
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Import
+
+
+def _clean_keys(sd: dict[str, Any]) -> dict[str, torch.Tensor]:
+    out = {}
+    for k, v in sd.items():
+        for prefix in ("module.", "_orig_mod."):
+            while k.startswith(prefix):
+                k = k[len(prefix) :]
+        k = k.replace("._orig_mod.", ".")
+        if not isinstance(v, torch.Tensor):
+            raise ExportError(f"entry {k!r} is a {type(v).__name__}, not a tensor: this is not a state dict")
+        out[k] = v
+    return out
+
+
+def infer_config(
+    sd: dict[str, torch.Tensor], num_attention_heads: int = 8, num_experts_per_tok: int = 2, **overrides: Any
+) -> MiniMindConfig:
+    """A MiniMind state dict's config, read off its tensor shapes (query heads and top-k must be given)."""
+    if EMBED_KEY not in sd:
+        if any("lora_A" in k or "lora_B" in k for k in sd):
+            raise ExportError("this is a LoRA adapter, not a full model: merge it with a base model first")
+        raise ExportError(f"no {EMBED_KEY}: not a MiniMind state dict (first keys: {list(sd)[:3]})")
+    vocab, hidden = sd[EMBED_KEY].shape
+    layers = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"model\.layers\.(\d+)\.", k)))
+    q = sd["model.layers.0.self_attn.q_proj.weight"]
+    k = sd["model.layers.0.self_attn.k_proj.weight"]
+    if q.shape[0] != hidden or hidden % num_attention_heads:
+        raise ExportError(
+            f"q_proj has {q.shape[0]} rows for hidden size {hidden}: MiniMind needs heads * head_dim == hidden with "
+            f"{num_attention_heads} heads (--num_attention_heads)"
+        )
+    head_dim = hidden // num_attention_heads
+    fields: dict[str, Any] = dict(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=num_attention_heads,
+        num_key_value_heads=k.shape[0] // head_dim,
+    )
+    if "model.layers.0.mlp.gate.weight" in sd:
+        fields.update(
+            use_moe=True,
+            n_routed_experts=sd["model.layers.0.mlp.gate.weight"].shape[0],
+            n_shared_experts=sum(1 for key in sd if re.match(r"model\.layers\.0\.mlp\.shared_experts\.\d+\.up_", key)),
+            intermediate_size=sd["model.layers.0.mlp.experts.0.gate_proj.weight"].shape[0],
+            num_experts_per_tok=num_experts_per_tok,
+        )
+    else:
+        fields["intermediate_size"] = sd["model.layers.0.mlp.gate_proj.weight"].shape[0]
+    try:
+        return MiniMindConfig(**{**fields, **overrides})
+    except ConfigError as exc:
+        raise ExportError(f"the inferred config is not valid: {exc}") from exc
+
+
+def _tokenizer_for(folder: Path | None, fallback: str | None = None) -> Tokenizer:
+    for cand in (fallback, folder):
+        if cand is not None and (Path(cand) / "tokenizer.json").is_file():
+            try:
+                return Tokenizer.load(cand)
+            except TokenizerError as exc:
+                print(f"warning: {exc}; using the shipped tokenizer", file=sys.stderr)
+                break
+    return Tokenizer.load()
+
+
+def import_pth(
+    pth: str | Path,
+    out: str | Path,
+    num_attention_heads: int = 8,
+    num_experts_per_tok: int = 2,
+    tokenizer: str | None = None,
+) -> Path:
+    """A MiniMind2 .pth state dict -> our checkpoint folder (fp32)."""
+    pth = Path(pth)
+    if not pth.is_file():
+        raise ExportError(f"{pth} is not a file")
+    try:
+        raw = torch.load(pth, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle errors come in many types: all mean "not a plain state dict"
+        raise ExportError(f"{pth} is not a loadable weights-only state dict ({exc})") from exc
+    if not isinstance(raw, dict):
+        raise ExportError(f"{pth} holds a {type(raw).__name__}, not a state dict")
+    sd = _clean_keys(raw)
+    cfg = infer_config(sd, num_attention_heads, num_experts_per_tok)
+    model = MiniMind(cfg)
+    try:
+        if sd.keys() == raw.keys():
+            load_minimind_pth(model, pth)
+        else:  # prefixed keys: the same load, from the cleaned dict
+            if TIED_KEY not in sd:
+                sd[TIED_KEY] = sd[EMBED_KEY]
+            model.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True)
+    except RuntimeError as exc:
+        raise ExportError(f"{pth} does not match the inferred config: {exc}") from exc
+    meta = {"imported_from": str(pth), "format": "minimind-pth"}
+    return save_checkpoint(out, model, cfg, tokenizer=_tokenizer_for(None, tokenizer), meta=meta)
+
+
+def _read_hf_weights(folder: Path) -> dict[str, torch.Tensor]:
+    if (folder / "model.safetensors").is_file():
+        return load_file(str(folder / "model.safetensors"))
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        sd: dict[str, torch.Tensor] = {}
+        for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
+            sd.update(load_file(str(folder / shard)))
+        return sd
+    if (folder / "pytorch_model.bin").is_file():
+        return torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    raise ExportError(f"{folder} has no model.safetensors, sharded safetensors index or pytorch_model.bin")
+
+
+def _rope_from_hf(hf: dict[str, Any]) -> tuple[float, bool, dict[str, Any] | None]:
+    """(rope_theta, inference_rope_scaling, yarn params) from a transformers 4.x or 5.x config."""
+    params = hf.get("rope_parameters") or {}
+    scaling = hf.get("rope_scaling") or {}
+    theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
+    spec = {**scaling, **params}
+    kind = spec.get("rope_type", spec.get("type", "default"))
+    if kind == "default":
+        return float(theta), False, None
+    if kind != "yarn":
+        raise ExportError(f"rope type {kind!r} is not supported (MiniMind has plain RoPE and YaRN)")
+    yarn = {
+        "factor": float(spec["factor"]),
+        "original_max_position_embeddings": int(spec["original_max_position_embeddings"]),
+        "beta_fast": float(spec.get("beta_fast") or 32.0),
+        "beta_slow": float(spec.get("beta_slow") or 1.0),
+        "attention_factor": float(spec.get("attention_factor") or 1.0),
+    }
+    if spec.get("attention_factor") is None:
+        raise ExportError("YaRN without attention_factor (HF would derive 0.1 ln(factor) + 1; MiniMind uses 1.0)")
+    return float(theta), True, yarn
+
+
+def _from_qwen2_moe(sd: dict[str, torch.Tensor], hf: dict[str, Any]) -> tuple[dict[str, torch.Tensor], int]:
+    """Qwen2-MoE names -> ours; returns (state dict, shared experts). The shared expert's gate must be zero (as
+    export writes it): MiniMind cannot scale its shared expert by a learned gate."""
+    f = hf["moe_intermediate_size"]
+    fs = hf.get("shared_expert_intermediate_size", f)
+    if fs % f:
+        raise ExportError(f"shared_expert_intermediate_size {fs} is not a multiple of moe_intermediate_size {f}")
+    n_shared = fs // f
+    out: dict[str, torch.Tensor] = {}
+    for k, v in sd.items():
+        m = re.match(r"^(model\.layers\.\d+\.mlp\.)(.*)$", k)
+        if m is None:
+            out[k] = v
+            continue
+        prefix, rest = m.groups()
+        if rest == "shared_expert_gate.weight":
+            if torch.count_nonzero(v):
+                raise ExportError(f"{k} is not zero: MiniMind adds its shared expert without a gate")
+        elif rest.startswith("shared_expert."):
+            proj = rest.split(".")[1]
+            for j in range(n_shared):
+                part = v[:, j * f : (j + 1) * f] / 2 if proj == "down_proj" else v[j * f : (j + 1) * f]
+                out[f"{prefix}shared_experts.{j}.{proj}.weight"] = part.contiguous()
+        elif rest == "experts.gate_up_proj":  # transformers 5 fused layout [E, 2F, D]
+            for e in range(v.shape[0]):
+                out[f"{prefix}experts.{e}.gate_proj.weight"] = v[e, :f].contiguous()
+                out[f"{prefix}experts.{e}.up_proj.weight"] = v[e, f:].contiguous()
+        elif rest == "experts.down_proj":
+            for e in range(v.shape[0]):
+                out[f"{prefix}experts.{e}.down_proj.weight"] = v[e].contiguous()
+        else:
+            out[k] = v
+    return out, n_shared
+
+
+def config_from_hf(hf: dict[str, Any], sd: dict[str, torch.Tensor]) -> tuple[MiniMindConfig, dict[str, torch.Tensor]]:
+    """(our config, state dict under our names) for a Llama / Qwen2-MoE / minimind folder's config and weights."""
+    kind = hf.get("model_type")
+    if kind == "minimind":
+        fields = {k: v for k, v in hf.items() if k in MiniMindConfig.__dataclass_fields__}
+        return MiniMindConfig(**fields), sd
+    if kind not in ("llama", "qwen2_moe"):
+        raise ExportError(f"model_type {kind!r} is not supported (llama, qwen2_moe or minimind)")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise ExportError(f"hidden_act {hf['hidden_act']!r}: MiniMind's FFN is SwiGLU (silu)")
+    if hf.get("attention_bias") or hf.get("mlp_bias") or any(k.endswith(".bias") for k in sd):
+        raise ExportError("the model has bias terms; MiniMind's projections have none")
+    hidden, heads = hf["hidden_size"], hf["num_attention_heads"]
+    if hf.get("head_dim") not in (None, hidden // heads):
+        raise ExportError(f"head_dim {hf['head_dim']} != hidden_size / num_attention_heads = {hidden // heads}")
+    theta, yarn_on, yarn = _rope_from_hf(hf)
+    fields: dict[str, Any] = dict(
+        vocab_size=hf["vocab_size"],
+        hidden_size=hidden,
+        num_hidden_layers=hf["num_hidden_layers"],
+        num_attention_heads=heads,
+        num_key_value_heads=hf.get("num_key_value_heads") or heads,
+        max_position_embeddings=hf.get("max_position_embeddings", 32768),
+        rms_norm_eps=hf.get("rms_norm_eps", 1e-5),
+        rope_theta=theta,
+        inference_rope_scaling=yarn_on,
+    )
+    if yarn is not None:
+        fields["rope_scaling"] = yarn
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        if isinstance(hf.get(name), int):
+            fields[name] = hf[name]
+    if kind == "llama":
+        fields["intermediate_size"] = hf["intermediate_size"]
+    else:
+        if hf.get("mlp_only_layers") or hf.get("decoder_sparse_step", 1) != 1:
+            raise ExportError("every layer must be a MoE layer (mlp_only_layers empty, decoder_sparse_step 1)")
+        sd, n_shared = _from_qwen2_moe(sd, hf)
+        fields.update(
+            use_moe=True,
+            intermediate_size=hf["moe_intermediate_size"],
+            n_routed_experts=hf["num_experts"],
+            num_experts_per_tok=hf["num_experts_per_tok"],
+            n_shared_experts=n_shared,
+            norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
+        )
+    if TIED_KEY in sd and EMBED_KEY in sd and not torch.equal(sd[TIED_KEY], sd[EMBED_KEY]):
+        raise ExportError("lm_head.weight differs from the embedding: MiniMind ties them")
+    try:
+        return MiniMindConfig(**fields), sd
+    except ConfigError as exc:
+        raise ExportError(f"config not supported: {exc}") from exc
+
+
+def load_exported(folder: str | Path, ops=None) -> MiniMind:
+    """Our model from an exported folder (any format export writes; fp32)."""
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise ExportError(f"{folder} has no config.json")
+    hf = json.loads((folder / "config.json").read_text())
+    cfg, sd = config_from_hf(hf, _read_hf_weights(folder))
+    sd = {k: v.float() for k, v in sd.items()}
+    sd.setdefault(TIED_KEY, sd[EMBED_KEY])
+    model = MiniMind(cfg, ops=ops)
+    try:
+        model.load_state_dict(sd, strict=True)
+    except RuntimeError as exc:
+        raise ExportError(f"{folder}: weights do not match config.json: {exc}") from exc
+    return model
+
+
+def import_hf(folder: str | Path, out: str | Path, tokenizer: str | None = None) -> Path:
+    """A Hugging Face folder (Llama, Qwen2-MoE or minimind format) -> our checkpoint folder (fp32)."""
+    folder = Path(folder)
+    model = load_exported(folder)
+    meta = {"imported_from": str(folder), "format": json.loads((folder / "config.json").read_text())["model_type"]}
+    return save_checkpoint(out, model, model.config, tokenizer=_tokenizer_for(folder, tokenizer), meta=meta)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    e = sub.add_parser("hf", help="checkpoint -> Hugging Face folder")
+    e.add_argument("--load", required=True, help="our checkpoint folder")
+    e.add_argument("--out", required=True, help="folder to write (replaced if it exists)")
+    e.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="weights dtype (default: the checkpoint's)")
+    e.add_argument("--lora", default=None, help="a LoRA adapter folder to merge into the weights first")
+    e.add_argument("--yarn", action="store_true", help="export with YaRN rope scaling on")
+    e.add_argument("--moe_format", choices=("qwen2_moe", "minimind"), default="qwen2_moe")
+    i = sub.add_parser("import-pth", help="MiniMind2 .pth state dict -> checkpoint")
+    i.add_argument("--pth", required=True)
+    i.add_argument("--out", required=True)
+    i.add_argument("--num_attention_heads", type=int, default=8)
+    i.add_argument("--num_experts_per_tok", type=int, default=2)
+    i.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the shipped one)")
+    h = sub.add_parser("import-hf", help="Hugging Face folder -> checkpoint")
+    h.add_argument("--hf", required=True)
+    h.add_argument("--out", required=True)
+    h.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the HF folder's, else shipped)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    try:
+        if args.command == "hf":
+            model, _, _ = load_model(args.load)
+            if args.lora:
+                from minimind import lora
+
+                lora.load_adapter(model, args.lora)
+                lora.remove_lora(model, merge=True)
+            if args.yarn:
+                model.set_yarn(True)
+            folder = Path(args.load)
+            tok = Tokenizer.load(folder if (folder / "tokenizer.json").is_file() else None)
+            out = export_hf(model, tok, args.out, DTYPES.get(args.dtype), args.moe_format)
+            print(f"exported {args.load} -> {out} ({json.loads((out / 'config.json').read_text())['model_type']})")
+        elif args.command == "import-pth":
+            out = import_pth(args.pth, args.out, args.num_attention_heads, args.num_experts_per_tok, args.tokenizer)
+            print(f"imported {args.pth} -> {out}")
+        else:
+            out = import_hf(args.hf, args.out, args.tokenizer)
+            print(f"imported {args.hf} -> {out}")
+    except (ValueError, CheckpointError, OSError) as exc:  # ExportError, ConfigError, TokenizerError, AdapterError
+        raise SystemExit(f"error: {' '.join(str(exc).split())[:400]}") from None
+
+
+if __name__ == "__main__":
+    main()
