@@ -1,0 +1,175 @@
+"""The chat page served by tools/serve.py at "/", driven in headless Chromium (selenium + chromedriver): a question
+streams into the page, the model's thinking lands apart from its answer, the temperature and max-tokens controls
+reach the server, and the conversation so far is sent with the next turn.
+
+The model is a one-layer net trained here for a second to answer one question in the <think>/<answer> format; the
+second turn's expected text comes from minimind.generate on the same model. Skipped only where /usr/bin/chromium is
+absent (CI installs the Debian packages chromium and chromium-driver).
+"""
+
+import shutil
+import socket
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+import uvicorn
+
+from minimind.config import MiniMindConfig
+from minimind.generate import generate
+from minimind.model import MiniMind
+from tools import serve
+
+CHROMIUM = Path("/usr/bin/chromium")
+pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="needs /usr/bin/chromium (apt install chromium)")
+
+QUESTION = "Is the sky blue?"
+THOUGHT = "Light scatters; blue scatters most."
+ANSWER = "Yes, it is blue."
+
+
+def train_reasoner(tokenizer) -> MiniMind:
+    """A one-layer model trained until its greedy answer to QUESTION is the R1-style text, eos included."""
+    torch.manual_seed(0)
+    cfg = MiniMindConfig(
+        hidden_size=64, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256
+    )
+    model = MiniMind(cfg)
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": QUESTION}], True, tokenize=True)
+    answer = tokenizer.encode(f"<think>\n{THOUGHT}\n</think>\n<answer>\n{ANSWER}\n</answer><|im_end|>")
+    ids = torch.tensor([prompt + answer])
+    labels = ids.clone()
+    labels[0, : len(prompt)] = -100
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for step in range(400):
+        loss = model(ids, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % 10 == 9:
+            model.eval()
+            if generate(model, [prompt], len(answer) + 2, greedy=True)[0] == answer:
+                return model
+            model.train()
+    raise AssertionError("the reasoning model did not learn its answer")
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield train_reasoner(tokenizer)
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def server(model, tokenizer):
+    engine = serve.Engine(model, tokenizer)
+    app = serve.create_app(engine, "reasoner")
+    sock = socket.create_server(("127.0.0.1", 0))
+    srv = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not srv.started and time.time() < deadline:
+        time.sleep(0.02)
+    assert srv.started
+    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    srv.should_exit = True
+    thread.join(timeout=15)
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    driver_path = shutil.which("chromedriver") or "/usr/bin/chromedriver"
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = str(CHROMIUM)
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-dev-shm-usage",
+        f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}",
+    ):
+        opts.add_argument(flag)
+    # An explicit driver path: selenium must not try to download one.
+    driver = webdriver.Chrome(options=opts, service=Service(executable_path=driver_path))
+    driver.set_page_load_timeout(30)
+    yield driver
+    driver.quit()
+
+
+def _set(browser, element_id, value):
+    from selenium.webdriver.common.by import By
+
+    box = browser.find_element(By.ID, element_id)
+    box.clear()
+    box.send_keys(str(value))
+
+
+def _wait(predicate, timeout=30.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        got = predicate()
+        if got:
+            return got
+        time.sleep(0.05)
+    raise AssertionError("timed out waiting for the page")
+
+
+def test_page_streams_answers_with_thinking_apart_and_keeps_history(server, browser, model, tokenizer):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    browser.get(server + "/")
+    _wait(lambda: browser.find_element(By.ID, "model-name").text == "reasoner")
+    _set(browser, "temperature", 0)
+    _set(browser, "max-tokens", 60)
+
+    # Turn 1: typed, sent with Enter.
+    browser.find_element(By.ID, "input").send_keys(QUESTION, Keys.ENTER)
+    _wait(lambda: browser.find_element(By.ID, "status").text == "done")
+    bubbles = browser.find_elements(By.CSS_SELECTOR, ".msg.assistant")
+    assert len(bubbles) == 1
+    first = bubbles[0]
+    assert first.find_element(By.CSS_SELECTOR, ".content").text == ANSWER
+    thinking = first.find_element(By.CSS_SELECTOR, ".thinking")
+    assert thinking.get_attribute("hidden") is None
+    assert thinking.find_element(By.CSS_SELECTOR, ".thought").get_attribute("textContent") == THOUGHT
+    assert int(first.get_attribute("data-chunks")) > 5  # streamed piece by piece
+    assert first.get_attribute("data-finish-reason") == "stop"
+    assert browser.find_element(By.CSS_SELECTOR, ".msg.user").text == QUESTION
+
+    # Turn 2: the page must send turn 1 back (the answer without its thinking), with max tokens 5.
+    _set(browser, "max-tokens", 5)
+    follow_up = "And at night?"
+    browser.find_element(By.ID, "input").send_keys(follow_up)
+    browser.find_element(By.ID, "send").click()
+    _wait(lambda: len(browser.find_elements(By.CSS_SELECTOR, ".msg.assistant")) == 2)
+    _wait(lambda: browser.find_element(By.ID, "status").text == "done")
+    second = browser.find_elements(By.CSS_SELECTOR, ".msg.assistant")[1]
+    history = [
+        {"role": "user", "content": QUESTION},
+        {"role": "assistant", "content": ANSWER},
+        {"role": "user", "content": follow_up},
+    ]
+    ids = tokenizer.apply_chat_template(history, add_generation_prompt=True, tokenize=True)
+    assert int(second.get_attribute("data-prompt-tokens")) == len(ids)
+    out = generate(model, [ids], 5, greedy=True)[0]
+    want_thought, want_answer = serve.split_reasoning(tokenizer.decode(out, skip_special_tokens=True))
+    assert second.find_element(By.CSS_SELECTOR, ".content").get_attribute("textContent") == want_answer
+    assert second.find_element(By.CSS_SELECTOR, ".thought").get_attribute("textContent") == (want_thought or "")
+    recent = httpx.get(server + "/metrics").json()["recent"]
+    assert recent[-1]["max_tokens"] == 5 and recent[-1]["prompt_tokens"] == len(ids)
+    assert browser.find_elements(By.CSS_SELECTOR, ".msg.error") == []
