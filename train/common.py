@@ -340,10 +340,11 @@ def flops_per_token(cfg: MiniMindConfig, n_active_params: int, seq_len: int) -> 
 
 # ------------------------------------------------------------------------------------------------------------ logging
 class MetricsLog:
-    """Appends one JSON object per line; the file survives a crash up to its last line."""
+    """Appends one JSON object per line (the file survives a crash up to its last line) and forwards each record to
+    the optional trackers from open_trackers."""
 
-    def __init__(self, path: Path, enabled: bool = True, append: bool = False):
-        self.path, self.enabled = path, enabled
+    def __init__(self, path: Path, enabled: bool = True, append: bool = False, trackers: list | None = None):
+        self.path, self.enabled, self.trackers = path, enabled, trackers or []
         if enabled:
             path.parent.mkdir(parents=True, exist_ok=True)
             if not append and path.exists():
@@ -353,6 +354,32 @@ class MetricsLog:
         if self.enabled:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+            for t in self.trackers:
+                t.log(record, step=record.get("step"))
+
+    def close(self) -> None:
+        for t in self.trackers:
+            t.finish()
+
+
+def open_trackers(wandb: bool, swanlab: bool, project: str, name: str, config: dict[str, Any]) -> list:
+    """Start the experiment trackers asked for (--wandb / --swanlab). A tracker that is not installed is an error
+    before any compute, with the install command; the local JSONL metrics and loss PNG are always written."""
+    trackers = []
+    if wandb:
+        try:
+            import wandb as wb
+        except ImportError as exc:
+            raise SystemExit("error: --wandb needs the wandb package: pip install wandb") from exc
+        trackers.append(wb.init(project=project, name=name, config=config))
+    if swanlab:
+        try:
+            import swanlab as sl
+        except ImportError as exc:
+            raise SystemExit("error: --swanlab needs the swanlab package: pip install swanlab") from exc
+        sl.init(project=project, experiment_name=name, config=config)
+        trackers.append(sl)
+    return trackers
 
 
 def plot_loss_curve(metrics_path: Path, png_path: Path, title: str) -> Path | None:

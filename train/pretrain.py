@@ -73,6 +73,10 @@ class Args:
     kernels: str = arg("auto", "ops spec: torch | triton | liger | auto, with overrides like 'triton,rope=torch'")
     compile: bool = arg(False, "torch.compile the model")
     fsdp: bool = arg(False, "shard parameters, gradients and optimizer state with FSDP2 (under torchrun)")
+    max_bad_steps: int = arg(10, "stop after this many non-finite steps in a row (each one is skipped and counted)")
+    skip_bad_lines: bool = arg(False, "count and skip malformed data lines instead of stopping at the first")
+    wandb: bool = arg(False, "also log to Weights & Biases (needs `pip install wandb`)")
+    swanlab: bool = arg(False, "also log to SwanLab (needs `pip install swanlab`)")
     log_interval: int = arg(10, "optimizer steps between log lines")
     save_interval: int = arg(200, "optimizer steps between checkpoints")
     keep_last: int = arg(2, "resume checkpoints to keep")
@@ -94,13 +98,21 @@ def main(argv: list[str] | None = None) -> dict:
     tok = common.load_tokenizer(args.tokenizer)
     overrides = {"use_moe": True} if args.use_moe else {}
     cfg = common.build_config(args.preset, tok, aux_loss_alpha=args.aux_loss_alpha, **overrides)
+    if args.max_seq_len > cfg.max_position_embeddings:
+        raise SystemExit(
+            f"error: --max_seq_len {args.max_seq_len} exceeds the rotary table ({cfg.max_position_embeddings} "
+            "positions); YaRN scaling is an inference-time switch, not for training"
+        )
     ops = common.resolve_kernels(args.kernels, rt)
+    trackers = (
+        common.open_trackers(args.wandb, args.swanlab, "minimind", args.save_weight, vars(args)) if rt.is_main else []
+    )
     model = MiniMind(cfg, ops=ops)
     common.load_init_weights(model, args.from_weight)
     model.to(rt.device)
 
     try:
-        data = PretrainDataset(args.data_path, tok, args.max_seq_len)
+        data = PretrainDataset(args.data_path, tok, args.max_seq_len, skip_bad_lines=args.skip_bad_lines)
     except (DataError, FileNotFoundError) as exc:
         raise SystemExit(f"error: {exc}") from exc
     # One optimizer step = accumulation_steps micro-batches of batch_size rows on each of world_size ranks.
@@ -111,6 +123,10 @@ def main(argv: list[str] | None = None) -> dict:
             f"error: {args.data_path} packs into {len(data)} rows of {args.max_seq_len} tokens, fewer than one "
             f"optimizer step needs ({args.batch_size} x {args.accumulation_steps} x {rt.world_size} ranks); "
             "lower --batch_size"
+        )
+    if data.bad_lines and rt.is_main:
+        print(
+            f"warning: skipped {data.bad_lines} malformed lines in {args.data_path}; first: {data.bad_line_reasons[0]}"
         )
     total_steps = steps_per_epoch * args.epochs
     if args.max_steps:
@@ -149,12 +165,15 @@ def main(argv: list[str] | None = None) -> dict:
         )
 
     metrics = common.MetricsLog(
-        Path(args.out_dir) / f"{args.save_weight}_metrics.jsonl", enabled=rt.is_main, append=start_step > 0
+        Path(args.out_dir) / f"{args.save_weight}_metrics.jsonl",
+        enabled=rt.is_main,
+        append=start_step > 0,
+        trackers=trackers,
     )
     model.train()
     order, order_epoch = None, -1
     loss_sum = torch.zeros((), device=rt.device)
-    loss_count, tokens_since, skipped, last_loss = 0, 0, 0, float("nan")
+    loss_count, tokens_since, skipped, bad_streak, last_loss = 0, 0, 0, 0, float("nan")
     timer = common.Timer(rt.device)
     bar = tqdm(
         range(start_step, total_steps),
@@ -187,8 +206,19 @@ def main(argv: list[str] | None = None) -> dict:
             grad_norm = common.clip_grad_norm(model, args.grad_clip)
             if torch.isfinite(grad_norm):
                 optimizer.step()
+                bad_streak = 0
             else:
-                skipped += 1
+                # A NaN/inf loss or gradient: the weights and optimizer state stay as they were.
+                skipped, bad_streak = skipped + 1, bad_streak + 1
+                if rt.is_main:
+                    tqdm.write(f"step {step + 1}: non-finite loss or gradient, step skipped ({skipped} so far)")
+                if bad_streak >= args.max_bad_steps:
+                    metrics.write({"step": step + 1, "skipped_steps": skipped, "stopped": "non-finite"})
+                    last = common.latest_resume(args.out_dir, args.save_weight)
+                    raise SystemExit(
+                        f"error: {bad_streak} non-finite steps in a row; stopping. Last good checkpoint: "
+                        f"{last if last is not None else 'none written yet'}"
+                    )
             optimizer.zero_grad(set_to_none=True)
 
             done = step + 1
@@ -229,6 +259,7 @@ def main(argv: list[str] | None = None) -> dict:
             if stopping:
                 break
     bar.close()
+    metrics.close()
     common.shutdown(rt)
     if not rt.is_main:
         return {"loss": last_loss, "steps": total_steps}
