@@ -11,7 +11,7 @@ Algorithm, as implemented (Hinton et al. 2015, "Distilling the Knowledge in a Ne
 over the assistant tokens only (the positions whose next token is labelled), both terms averaged over those tokens;
 alpha 0.5 and T 1.5 by default (MiniMind2's values), plus the MoE balance loss for an MoE student. The teacher may
 have any size (hidden width and depth come from each checkpoint's config) but must share the tokenizer and vocab.
-It runs in eval mode without gradients, its parameters in the compute dtype (bf16 on CUDA).
+It runs in eval mode without gradients, its matmul weights stored in the compute dtype (bf16 on CUDA).
 
 Memory: no [B, T, V] logits are materialised. The CE goes through the model's fused linear cross-entropy; for the KL
 both models return their final-norm hidden states, and train/losses.py:chunked_distill_kl makes the two models'
@@ -52,6 +52,11 @@ _AUTO = {
     "learning_rate": (1e-4, 5e-6),
     "max_seq_len": (256, 340),
 }
+
+# The weights that only ever enter autocast matmuls: stored in bf16 they give bit-identical results at a third of the
+# memory. Embedding (the residual stream's dtype and the tied head), norms and the MoE router stay fp32, as in the
+# trained model, so the frozen copy computes exactly what the same weights compute under autocast.
+_MATMUL_WEIGHTS = ("_proj.weight", "w_gate", "w_up", "w_down")
 
 
 @dataclass
@@ -100,12 +105,13 @@ def resolve_auto(args: Args, on_cuda: bool) -> Args:
 
 
 def load_teacher(folder: str, ops, rt: common.Runtime) -> MiniMind:
-    """The teacher: eval mode, no gradients, parameters in the compute dtype (rotary tables stay fp32)."""
+    """The teacher: eval mode, no gradients, matmul weights stored in the compute dtype (see _MATMUL_WEIGHTS)."""
     teacher = common.load_base_model(folder, ops, rt.device)
     teacher.eval().requires_grad_(False)
     if rt.amp_dtype is not None:
-        for p in teacher.parameters():
-            p.data = p.data.to(rt.amp_dtype)
+        for pname, p in teacher.named_parameters():
+            if pname.endswith(_MATMUL_WEIGHTS):
+                p.data = p.data.to(rt.amp_dtype)
     return teacher
 
 

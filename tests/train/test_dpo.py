@@ -110,3 +110,13 @@ def test_dpo_bad_flags_fail_before_compute(start):
         dpo.main(_args(start, start / "bad") + ["--eval_fraction", "1.0"])
     with pytest.raises(SystemExit, match="needs --from_weight|does not exist"):
         dpo.main(RUN + ["--from_weight", str(start / "nope"), "--out_dir", str(start / "bad")])
+
+
+def test_dpo_bf16_reference_agrees_exactly_with_the_policy_before_training(start):
+    """Under bf16 autocast the reference stores its matmul weights in bf16 and keeps embedding and norms fp32: before
+    the first update it must compute exactly the policy's log-probs (any drift would show up as fake rewards)."""
+    out = start / "bf16"
+    res = dpo.main(_args(start, out) + ["--dtype", "bfloat16", "--max_steps", "1", "--eval_fraction", "0.25"])
+    first = [r for r in _records(out) if "loss" in r][0]
+    assert res["eval_before"]["eval_margin"] == 0.0 and res["eval_before"]["eval_reward_acc"] == 0.0
+    assert first["chosen_reward"] == 0.0 and first["rejected_reward"] == 0.0 and first["accuracy"] == 0.0
