@@ -176,3 +176,18 @@ def test_hf_llama_folder_import(tmp_path, tokenizer):
     untied.save_pretrained(tmp_path / "untied")
     with pytest.raises(export.ExportError, match="ties"):
         export.import_hf(tmp_path / "untied", tmp_path / "bad")
+
+
+def test_export_merges_a_lora_adapter(tmp_path, tokenizer):
+    from minimind import lora
+
+    model = tiny(seed=7)
+    ckpt = save_checkpoint(tmp_path / "ckpt", model, model.config, tokenizer=tokenizer)
+    lora.apply_lora(model, rank=4)
+    with torch.no_grad():
+        for layer in lora.lora_layers(model).values():
+            layer.lora_B.normal_(0.0, 0.05, generator=torch.Generator().manual_seed(0))
+    lora.save_adapter(tmp_path / "adapter", model)
+    export.main(["hf", "--load", str(ckpt), "--lora", str(tmp_path / "adapter"), "--out", str(tmp_path / "hf")])
+    got = logits(hf_load(tmp_path / "hf"), IDS)
+    assert torch.allclose(got, logits(model.eval(), IDS), atol=ATOL, rtol=0)

@@ -488,3 +488,30 @@ def test_stop_matcher_holds_back_partial_stops():
     assert m.push("aEN") == ("a", False)
     assert m.push("x") == ("ENx", False)
     assert m.flush() == ""
+
+
+def test_lora_adapter_is_merged_at_load(checkpoint, reference, tmp_path):
+    from minimind import lora
+
+    model, _, _ = load_model(checkpoint)
+    lora.apply_lora(model, rank=4)
+    with torch.no_grad():  # B starts at zero; a non-zero B makes the adapter change the model
+        for layer in lora.lora_layers(model).values():
+            layer.lora_B.normal_(0.0, 0.05, generator=torch.Generator().manual_seed(0))
+    lora.save_adapter(tmp_path / "adapter", model)
+    args = serve.parse_args(
+        ["--load", str(checkpoint), "--lora", str(tmp_path / "adapter"), "--device", "cpu", "--kernels", "torch"]
+    )
+    served, _ = serve.load_for_serving(args)
+    assert not lora.lora_layers(served) and not served.training
+    ids = torch.randint(0, 6400, (1, 17), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got, want, base = served(ids).logits, model.eval()(ids).logits, reference(ids).logits
+    assert torch.allclose(got, want, atol=1e-4, rtol=0), (got - want).abs().max()
+    assert (got - base).abs().max() > 1e-2
+    with pytest.raises(serve.ServeError):
+        serve.load_for_serving(
+            serve.parse_args(
+                ["--load", str(checkpoint), "--lora", str(tmp_path / "none"), "--device", "cpu", "--kernels", "torch"]
+            )
+        )
