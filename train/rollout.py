@@ -1,0 +1,385 @@
+"""Rollouts for the RL stages (PPO, GRPO, SPO) and the plumbing those three scripts share.
+
+A rollout, in the order it happens (rewards come before any policy/reference forward, so the reward model and the
+text work never sit in memory next to the activations of a forward pass):
+  1. sample: every prompt of the batch, each repeated num_samples times (row i*G + j is sample j of prompt i), goes
+     through minimind.generate.generate in ONE batch, left-padded, with the policy in eval mode;
+  2. pack: rows become [left pad | prompt | completion | right pad] of width T = P + R, where P is the longest
+     prompt and R the longest completion. The completion mask covers each completion up to and including its first
+     eos (all of it when no eos came within max_new_tokens); attention_mask is 1 on prompt and masked completion
+     tokens, and position_ids count real tokens only, so a left-padded row is computed exactly as the row alone;
+  3. rewards on the decoded text (train/rewards.py);
+  4. per-token log-probs of the completions under the policy (optional: `old_logp`, no grad) and the frozen
+     reference, through the model's fused per-token NLL path (`model(ids, labels=..., loss_reduction="none",
+     attention_mask=..., position_ids=...)`), never a full-vocab log_softmax over the whole rollout. Forwards run in
+     chunks of `forward_batch` rows, under the training autocast, with the policy in the mode it trains in, so that
+     the training forward over the same chunk reproduces `old_logp` bit for bit (the first ratio is exactly 1).
+
+Shape legend: N rows (prompts x samples), P padded prompt width, R completion width, T = P + R.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from minimind.generate import generate
+from train.common import arg
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class Rollout:
+    input_ids: torch.Tensor  # [N, T]
+    attention_mask: torch.Tensor  # [N, T] 1 on prompt tokens and on completion tokens through the first eos
+    position_ids: torch.Tensor  # [N, T]
+    labels: torch.Tensor  # [N, T] the masked completion tokens, -100 elsewhere
+    prompt_width: int  # P
+    completion_mask: torch.Tensor  # [N, R] float
+    rewards: torch.Tensor  # [N] float
+    reward_parts: dict[str, torch.Tensor] = field(default_factory=dict)
+    completions: list[str] = field(default_factory=list)
+    group: torch.Tensor | None = None  # [N] index of the row's prompt in the batch
+    old_logp: torch.Tensor | None = None  # [N, R] policy log-probs at sampling time (0 outside the mask)
+    ref_logp: torch.Tensor | None = None  # [N, R] reference log-probs (0 outside the mask)
+
+    @property
+    def completion_ids(self) -> torch.Tensor:
+        return self.input_ids[:, self.prompt_width :]
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return self.completion_mask.sum(dim=1)
+
+    def rows(self, idx: slice | torch.Tensor) -> dict[str, torch.Tensor]:
+        """The model inputs of some rows (what forward_logp takes)."""
+        return {
+            "input_ids": self.input_ids[idx],
+            "attention_mask": self.attention_mask[idx],
+            "position_ids": self.position_ids[idx],
+            "labels": self.labels[idx],
+        }
+
+
+# ---------------------------------------------------------------------------------------------------------- sampling
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module):
+    was = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was)
+
+
+def sample_completions(
+    model: torch.nn.Module,
+    prompts: Sequence[Sequence[int]],
+    num_samples: int,
+    max_new_tokens: int,
+    *,
+    temperature: float = 0.8,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    eos_id: int = 2,
+    pad_id: int = 0,
+    generator: torch.Generator | None = None,
+) -> list[list[int]]:
+    """num_samples completions per prompt, all in one batch: row i*num_samples + j is sample j of prompt i."""
+    rows = [list(p) for p in prompts for _ in range(num_samples)]
+    with eval_mode(model):
+        return generate(
+            model,
+            rows,
+            max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            eos_id=eos_id,
+            pad_id=pad_id,
+            generator=generator,
+        )
+
+
+def mask_through_first_eos(completion_ids_NR: torch.Tensor, valid_NR: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """1 on each row's tokens up to and including its first eos, within the valid (generated) tokens; float [N, R]."""
+    is_eos = (completion_ids_NR == eos_id) & valid_NR.bool()
+    r = completion_ids_NR.shape[1]
+    # Index of the first eos, or R when there is none (then every valid token counts).
+    first = torch.where(
+        is_eos.any(dim=1), is_eos.int().argmax(dim=1), torch.full_like(is_eos[:, 0], r, dtype=torch.long)
+    )
+    cols = torch.arange(r, device=completion_ids_NR.device)[None, :]
+    return ((cols <= first[:, None]) & valid_NR.bool()).float()
+
+
+def pack(
+    prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], eos_id: int = 2, pad_id: int = 0
+) -> dict[str, Any]:
+    """Rows [left pad | prompt | completion | right pad] -> input_ids, attention_mask, position_ids, labels [N, T],
+    completion_mask [N, R], prompt_width P."""
+    n = len(prompts)
+    p_w = max(len(p) for p in prompts)
+    r_w = max(1, max(len(c) for c in completions))
+    ids = torch.full((n, p_w + r_w), pad_id, dtype=torch.long)
+    prompt_mask = torch.zeros((n, p_w), dtype=torch.long)
+    valid = torch.zeros((n, r_w), dtype=torch.long)
+    for i, (p, c) in enumerate(zip(prompts, completions)):
+        ids[i, p_w - len(p) : p_w] = torch.tensor(list(p), dtype=torch.long)
+        prompt_mask[i, p_w - len(p) :] = 1
+        if len(c):
+            ids[i, p_w : p_w + len(c)] = torch.tensor(list(c), dtype=torch.long)
+            valid[i, : len(c)] = 1
+    cmask = mask_through_first_eos(ids[:, p_w:], valid, eos_id)
+    attn = torch.cat([prompt_mask, cmask.long()], dim=1)
+    pos = (attn.cumsum(dim=1) - 1).clamp(min=0)
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    labels[:, p_w:] = torch.where(cmask.bool(), ids[:, p_w:], torch.full_like(ids[:, p_w:], IGNORE_INDEX))
+    return {
+        "input_ids": ids,
+        "attention_mask": attn,
+        "position_ids": pos,
+        "labels": labels,
+        "completion_mask": cmask,
+        "prompt_width": p_w,
+    }
+
+
+# --------------------------------------------------------------------------------------------------------- log-probs
+def forward_logp(
+    model: Callable, rows: dict[str, torch.Tensor], prompt_width: int
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-token log-probs of the completion columns [n, R] (0 where labels are -100) and the MoE aux loss, through
+    the model's fused per-token NLL. Runs under whatever grad/autocast mode the caller set."""
+    out = model(
+        rows["input_ids"],
+        labels=rows["labels"],
+        loss_reduction="none",
+        attention_mask=rows["attention_mask"],
+        position_ids=rows["position_ids"],
+    )
+    return -out.loss[:, prompt_width:], out.aux_loss
+
+
+def chunks(n: int, size: int) -> list[slice]:
+    """Row slices of at most size rows (size <= 0: one slice)."""
+    size = n if size <= 0 else size
+    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+@torch.no_grad()
+def token_logprobs(
+    model: Callable, ro: Rollout, forward_batch: int, autocast: contextlib.AbstractContextManager | None = None
+) -> torch.Tensor:
+    """forward_logp over the whole rollout in chunks of forward_batch rows, without grad -> [N, R] fp32."""
+    outs = []
+    for sl in chunks(ro.input_ids.shape[0], forward_batch):
+        with autocast if autocast is not None else contextlib.nullcontext():
+            logp, _ = forward_logp(model, ro.rows(sl), ro.prompt_width)
+        outs.append(logp.float())
+    return torch.cat(outs)
+
+
+def collect(
+    policy: torch.nn.Module,
+    ref: torch.nn.Module | None,
+    prompts: Sequence[Sequence[int]],
+    prompt_texts: Sequence[str],
+    records: Sequence[dict],
+    reward_fn: Callable,
+    tokenizer: Any,
+    *,
+    num_samples: int,
+    max_new_tokens: int,
+    device: torch.device,
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    forward_batch: int = 0,
+    with_old_logp: bool = True,
+    train_forward: Callable | None = None,
+    temperature: float = 0.8,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    generator: torch.Generator | None = None,
+) -> Rollout:
+    """One rollout: sample, pack, rewards, then the policy's (optional) and reference's log-probs.
+
+    train_forward is what the training step calls (e.g. the compiled policy; default the policy itself), so old_logp
+    comes from the same function; it runs in the policy's current train/eval mode."""
+    g = num_samples
+    comps = sample_completions(
+        policy,
+        prompts,
+        g,
+        max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        eos_id=tokenizer.eos_id,
+        pad_id=tokenizer.pad_id,
+        generator=generator,
+    )
+    rows = [p for p in prompts for _ in range(g)]
+    packed = pack(rows, comps, tokenizer.eos_id, tokenizer.pad_id)
+    texts = [tokenizer.decode(c, skip_special_tokens=True) for c in comps]
+    rewards, parts = reward_fn(
+        [t for t in prompt_texts for _ in range(g)], texts, [rec for rec in records for _ in range(g)]
+    )
+    ro = Rollout(
+        input_ids=packed["input_ids"].to(device),
+        attention_mask=packed["attention_mask"].to(device),
+        position_ids=packed["position_ids"].to(device),
+        labels=packed["labels"].to(device),
+        prompt_width=packed["prompt_width"],
+        completion_mask=packed["completion_mask"].to(device),
+        rewards=rewards.float().to(device),
+        reward_parts=parts,
+        completions=texts,
+        group=torch.arange(len(prompts), device=device).repeat_interleave(g),
+    )
+    if with_old_logp:
+        ro.old_logp = token_logprobs(train_forward or policy, ro, forward_batch, autocast())
+    if ref is not None:
+        ro.ref_logp = token_logprobs(ref, ro, forward_batch, autocast())
+    return ro
+
+
+def rollout_generator(device: torch.device, seed: int, index: int) -> torch.Generator:
+    """The sampling RNG of rollout number `index`: a function of (seed, index) only, so --from_resume samples exactly
+    what the uninterrupted run would have."""
+    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + index)
+
+
+# ---------------------------------------------------------------------------------------------- shared stage plumbing
+# Defaults that depend on the machine: (CPU, CUDA). SPEC/MiniMind: batch 2, prompt 66, generation up to 1536 tokens,
+# lr ~1e-7 for the 26M-104M models; the CPU recipe uses the tiny preset, short answers and a larger lr.
+RL_AUTO = {
+    "max_gen_len": (48, 1536),
+    "forward_batch": (16, 16),
+}
+
+
+@dataclass
+class RLArgs:
+    """Flags shared by ppo.py, grpo.py and spo.py (each adds its own and sets its defaults)."""
+
+    data_path: str = arg(
+        "data/sample/rlaif.jsonl", "RL prompts: SFT-format JSONL (an 'answer' field for --reward rule)"
+    )
+    out_dir: str = arg("out", "where checkpoints, metrics and the reward curve go")
+    save_weight: str = arg("rl", "name of the checkpoint folder under --out_dir")
+    from_weight: str = arg("out/full_sft", "checkpoint folder of the policy to start from (also the frozen reference)")
+    from_resume: int = arg(0, "1: continue from the newest checkpoint in {out_dir}/{save_weight}_resume")
+    tokenizer: str | None = arg(None, "tokenizer folder (default: the one saved with --from_weight)")
+    reward: str = arg("rule", "reward kinds joined by '+': rule, shaping, model (see train/rewards.py)")
+    reward_model_path: str = arg("none", "local HF sequence-classification reward model folder (for --reward model)")
+    reward_batch_size: int = arg(16, "texts per reward-model forward")
+    reasoning: int = arg(0, "1: ask every reply for <think>/<answer> format (rule reward reads the <answer> block)")
+    epochs: int = arg(1, "passes over the prompts")
+    batch_size: int = arg(2, "prompts per rollout")
+    accumulation_steps: int = arg(1, "rollouts per optimizer step")
+    learning_rate: float | None = arg(None, "peak learning rate")
+    weight_decay: float = arg(0.01, "AdamW weight decay (matrices only)")
+    grad_clip: float = arg(1.0, "clip the global gradient norm to this (0 = off)")
+    max_seq_len: int = arg(66, "prompt tokens kept (the last ones)")
+    max_gen_len: int | None = arg(None, "most new tokens per completion (default: 48 on CPU, 1536 on CUDA)")
+    temperature: float = arg(0.8, "sampling temperature of the rollouts")
+    top_p: float = arg(1.0, "nucleus sampling of the rollouts (1 = off)")
+    beta: float = arg(0.02, "KL coefficient against the frozen reference")
+    forward_batch: int | None = arg(None, "rows per log-prob forward (0 = the whole rollout at once)")
+    max_steps: int = arg(0, "stop after this many optimizer steps (0 = run all epochs)")
+    device: str = arg("auto", "cuda, cpu, or auto")
+    dtype: str = arg("auto", "bfloat16 or float32 (auto: bf16 autocast on CUDA, fp32 on CPU)")
+    kernels: str = arg("auto", "ops spec: torch | triton | liger | auto, with overrides like 'triton,rope=torch'")
+    compile: bool = arg(False, "torch.compile the policy's training forward")
+    log_interval: int = arg(1, "optimizer steps between log lines")
+    save_interval: int = arg(50, "optimizer steps between checkpoints")
+    keep_last: int = arg(2, "resume checkpoints to keep")
+    seed: int = arg(42, "seed for data order and sampling")
+
+
+def resolve_auto(args: Any, on_cuda: bool, auto: dict[str, tuple[Any, Any]]) -> Any:
+    """Fill the machine-dependent defaults (None) with their CPU or CUDA value."""
+    for name, (cpu, cuda) in {**RL_AUTO, **auto}.items():
+        if getattr(args, name) is None:
+            setattr(args, name, cuda if on_cuda else cpu)
+    return args
+
+
+def tokenizer_path(args: Any) -> str | None:
+    """--tokenizer, else the tokenizer saved with --from_weight, else the shipped one (None)."""
+    if args.tokenizer is None and (Path(args.from_weight) / "tokenizer.json").is_file():
+        return args.from_weight
+    return args.tokenizer
+
+
+def load_prompts(args: Any, tokenizer: Any, kinds: Sequence[str]) -> Any:
+    """The prompt data set, checked up front: a DataError or a missing "answer" for --reward rule stops the run."""
+    from minimind.data import DataError, RLPromptDataset
+
+    try:
+        data = RLPromptDataset(args.data_path, tokenizer, args.max_seq_len)
+    except (DataError, FileNotFoundError) as exc:
+        raise SystemExit(f"error: {exc}") from exc
+    if "rule" in kinds:
+        missing = [i for i in range(min(len(data), 256)) if "answer" not in data.index.record(i)]
+        if missing:
+            raise SystemExit(
+                f'error: --reward rule needs an "answer" field in every record of {args.data_path}; '
+                f"{data.index.where(missing[0])} has none"
+            )
+    return data
+
+
+def prompt_batch(data: Any, order: torch.Tensor, batch_index: int, batch_size: int) -> dict[str, list]:
+    """Prompts number batch_index of an epoch order -> prompt ids, texts and records."""
+    items = [data[int(i)] for i in order[batch_index * batch_size : (batch_index + 1) * batch_size]]
+    return {
+        "ids": [it["prompt_ids"].tolist() for it in items],
+        "texts": [it["prompt_text"] for it in items],
+        "records": [it["record"] for it in items],
+    }
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
+    return float((x * mask).sum() / mask.sum().clamp(min=1))
+
+
+def plot_rl_curves(
+    metrics_path: Path, png_path: Path, title: str, keys: Sequence[str] = ("reward", "kl")
+) -> Path | None:
+    """Reward (with a moving average) and other metrics against step from a metrics JSONL file into a PNG."""
+    records = [json.loads(line) for line in open(metrics_path)] if metrics_path.exists() else []
+    records = [r for r in records if "step" in r and "reward" in r]
+    if not records:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [k for k in keys if all(k in r for r in records)]
+    fig, axes = plt.subplots(len(keys), 1, figsize=(7, 2.6 * len(keys)), sharex=True, squeeze=False)
+    steps = [r["step"] for r in records]
+    for ax, k in zip(axes[:, 0], keys):
+        ys = [r[k] for r in records]
+        ax.plot(steps, ys, lw=0.8, alpha=0.5, label=k)
+        w = max(1, len(ys) // 20)
+        if w > 1:
+            avg = [sum(ys[max(0, i - w + 1) : i + 1]) / (i + 1 - max(0, i - w + 1)) for i in range(len(ys))]
+            ax.plot(steps, avg, lw=1.6, label=f"{k} (moving mean of {w})")
+        ax.set_ylabel(k)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[-1, 0].set_xlabel("optimizer step")
+    axes[0, 0].set_title(title)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=110)
+    plt.close(fig)
+    return png_path
