@@ -13,6 +13,15 @@ from minimind.model import MiniMind
 from train import rollout
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matmuls: one thread avoids oversubscription on a shared 2-core machine (several times faster there)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def policy():
     torch.manual_seed(0)

@@ -1,0 +1,87 @@
+"""train/grpo.py end to end on CPU: a tiny policy on the sample RL prompts, checkpoints, exact resume, bad flags."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+import kernels
+from minimind import checkpoint as ckpt
+from minimind.config import from_preset
+from minimind.model import MiniMind
+from train import grpo
+
+FAST = [
+    "--kernels", "torch", "--batch_size", "2", "--num_generations", "4", "--max_gen_len", "8",
+    "--max_seq_len", "40", "--reward", "rule+shaping", "--learning_rate", "1e-4",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matmuls: one thread avoids oversubscription on a shared 2-core machine (several times faster there)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def start(tmp_path_factory, tokenizer):
+    """A tiny randomly initialised policy saved as a checkpoint folder (stands in for out/full_sft)."""
+    torch.manual_seed(0)
+    model = MiniMind(from_preset("tiny"), ops=kernels.resolve("torch"))
+    return ckpt.save_checkpoint(tmp_path_factory.mktemp("grpo") / "sft", model, model.config, tokenizer)
+
+
+def _metrics(out_dir):
+    lines = (out_dir / "grpo_metrics.jsonl").read_text().splitlines()
+    return {r["step"]: r for r in map(json.loads, lines)}
+
+
+def test_grpo_runs_saves_and_resumes_exactly(tmp_path, start):
+    args = FAST + ["--from_weight", str(start), "--max_steps", "4", "--save_interval", "2", "--keep_last", "3"]
+    full = tmp_path / "full"
+    res = grpo.main(args + ["--out_dir", str(full)])
+    m = _metrics(full)
+    assert sorted(m) == [1, 2, 3, 4] and res["steps"] == 4
+    for r in m.values():
+        for key in ("reward", "reward_std", "reward_rule", "reward_shaping", "kl", "completion_len", "loss", "lr"):
+            assert key in r and r[key] == r[key], key  # present and not NaN
+        assert r["clip_frac"] == 0.0  # one update per rollout: ratio 1, nothing clipped
+        assert 1 <= r["completion_len"] <= 8
+    assert m[1]["kl"] == 0.0 and m[4]["kl"] > 0.0  # the policy starts as the reference and moves away
+    assert (full / "grpo_reward.png").stat().st_size > 1000
+    model, cfg, payload = ckpt.load_model(full / "grpo")
+    assert payload["args"]["num_generations"] == 4
+    first = ckpt.load_model_state(start)
+    assert any(not torch.equal(first[k], v) for k, v in model.state_dict().items() if k in first)
+
+    # A run that "died" right after its step-2 checkpoint continues bit for bit (same prompts, same samples).
+    cut = tmp_path / "cut"
+    shutil.copytree(full / "grpo_resume" / "step_00000002", cut / "grpo_resume" / "step_00000002")
+    grpo.main(args + ["--out_dir", str(cut), "--from_resume", "1"])
+    got = _metrics(cut)
+    assert sorted(got) == [3, 4]
+    for s in (3, 4):
+        assert {k: v for k, v in got[s].items() if k != "seconds"} == {k: v for k, v in m[s].items() if k != "seconds"}
+    a, b = ckpt.load_model_state(full / "grpo"), ckpt.load_model_state(cut / "grpo")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_grpo_several_updates_per_rollout_clip(tmp_path, start):
+    out = tmp_path / "mu"
+    args = FAST + ["--from_weight", str(start), "--max_steps", "1", "--num_iterations", "3", "--learning_rate", "3e-3"]
+    grpo.main(args + ["--out_dir", str(out), "--epsilon", "0.05"])
+    r = _metrics(out)[1]
+    assert r["clip_frac"] > 0.0  # the later updates move the ratio out of [0.95, 1.05]
+
+
+def test_grpo_bad_flags(tmp_path, start):
+    with pytest.raises(SystemExit, match="num_generations"):
+        grpo.main(FAST + ["--from_weight", str(start), "--num_generations", "1", "--out_dir", str(tmp_path / "o")])
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"conversations": [{"role": "user", "content": "hi"}]}\n')
+    with pytest.raises(SystemExit, match='"answer"'):
+        grpo.main(FAST + ["--from_weight", str(start), "--data_path", str(bad), "--out_dir", str(tmp_path / "o")])

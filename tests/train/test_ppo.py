@@ -1,0 +1,92 @@
+"""train/ppo.py end to end on CPU: actor + frozen reference + critic, checkpoints (critic in the train state),
+exact resume; the critic's value alignment."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+import kernels
+from minimind import checkpoint as ckpt
+from minimind.config import from_preset
+from minimind.model import MiniMind
+from train import ppo, rollout
+
+FAST = [
+    "--kernels", "torch", "--batch_size", "4", "--mini_batch_size", "2", "--max_gen_len", "8",
+    "--max_seq_len", "40", "--reward", "rule+shaping", "--learning_rate", "1e-4", "--critic_learning_rate", "1e-3",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matmuls: one thread avoids oversubscription on a shared 2-core machine (several times faster there)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def start(tmp_path_factory, tokenizer):
+    torch.manual_seed(0)
+    model = MiniMind(from_preset("tiny"), ops=kernels.resolve("torch"))
+    return ckpt.save_checkpoint(tmp_path_factory.mktemp("ppo") / "sft", model, model.config, tokenizer)
+
+
+def test_critic_values_sit_at_the_position_before_each_token():
+    torch.manual_seed(0)
+    critic = ppo.ValueModel(MiniMind(from_preset("tiny"), ops=kernels.resolve("torch")))
+    torch.nn.init.normal_(critic.value_head.weight)
+    p = rollout.pack([[1, 10, 11], [1, 12]], [[20, 2], [21, 22, 23]])
+    rows = {k: p[k] for k in ("input_ids", "attention_mask", "position_ids", "labels")}
+    with torch.no_grad():
+        v = ppo.completion_values(critic, rows, p["prompt_width"])
+        # Row 1 alone, without padding: [1, 12, 21, 22, 23]; completion token t is predicted at position 1 + t.
+        alone = critic(torch.tensor([[1, 12, 21, 22, 23]]))[0]
+    assert v.shape == (2, 3)
+    torch.testing.assert_close(v[1], alone[1:4], atol=1e-5, rtol=1e-5)
+
+
+def _metrics(out_dir):
+    lines = (out_dir / "ppo_actor_metrics.jsonl").read_text().splitlines()
+    return {r["step"]: r for r in map(json.loads, lines)}
+
+
+def test_ppo_runs_saves_and_resumes_exactly(tmp_path, start):
+    args = FAST + ["--from_weight", str(start), "--max_steps", "4", "--save_interval", "2", "--keep_last", "3"]
+    args += ["--early_stop_kl", "100"]  # every update runs here (the early stop has its own test)
+    full = tmp_path / "full"
+    ppo.main(args + ["--out_dir", str(full)])
+    m = _metrics(full)
+    assert sorted(m) == [1, 2, 3, 4]
+    for r in m.values():
+        for key in ("reward", "kl", "value_loss", "policy_loss", "clip_frac", "approx_kl", "completion_len"):
+            assert key in r and r[key] == r[key], key
+        assert r["updates"] == 4 and not r["early_stop"]  # 2 epochs x 2 minibatches of 2 rows
+    assert m[1]["value_mean"] == 0.0 and m[4]["value_mean"] != 0.0  # zero-initialised value head, then learned
+    assert m[1]["kl"] == 0.0
+    assert (full / "ppo_actor_reward.png").stat().st_size > 1000
+    state = ckpt.load_train_state(full / "ppo_actor_resume" / "step_00000004")
+    assert "value_head.weight" in state["critic"] and state["critic_optimizer"]["state"]
+    ckpt.load_model(full / "ppo_actor")
+
+    cut = tmp_path / "cut"
+    shutil.copytree(full / "ppo_actor_resume" / "step_00000002", cut / "ppo_actor_resume" / "step_00000002")
+    ppo.main(args + ["--out_dir", str(cut), "--from_resume", "1"])
+    got = _metrics(cut)
+    assert sorted(got) == [3, 4]
+    for s in (3, 4):
+        assert {k: v for k, v in got[s].items() if k != "seconds"} == {k: v for k, v in m[s].items() if k != "seconds"}
+    b = ckpt.load_train_state(cut / "ppo_actor_resume" / "step_00000004")
+    assert all(torch.equal(state["critic"][k], b["critic"][k]) for k in state["critic"])
+
+
+def test_ppo_early_stop_on_approximate_kl(tmp_path, start):
+    out = tmp_path / "es"
+    args = FAST + ["--from_weight", str(start), "--max_steps", "1", "--learning_rate", "5e-2", "--out_dir", str(out)]
+    ppo.main(args + ["--early_stop_kl", "1e-4", "--grad_clip", "0"])
+    r = _metrics(out)[1]
+    # The first minibatch has ratio 1 (KL 0) and always updates; the huge lr then pushes the KL past the threshold.
+    assert r["early_stop"] and 1 <= r["updates"] < 4

@@ -1,0 +1,104 @@
+"""train/spo.py: the Beta value tracker by hand over two steps, and the stage end to end on CPU with its tracker
+saved in the checkpoint and restored on resume."""
+
+import json
+import math
+import shutil
+
+import pytest
+import torch
+
+import kernels
+from minimind import checkpoint as ckpt
+from minimind.config import from_preset
+from minimind.model import MiniMind
+from train import spo
+from train.spo import BetaValueTracker
+
+FAST = [
+    "--kernels", "torch", "--batch_size", "2", "--accumulation_steps", "2", "--max_gen_len", "8",
+    "--max_seq_len", "40", "--reward", "rule+shaping", "--learning_rate", "1e-4",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matmuls: one thread avoids oversubscription on a shared 2-core machine (several times faster there)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def start(tmp_path_factory, tokenizer):
+    torch.manual_seed(0)
+    model = MiniMind(from_preset("tiny"), ops=kernels.resolve("torch"))
+    return ckpt.save_checkpoint(tmp_path_factory.mktemp("spo") / "sft", model, model.config, tokenizer)
+
+
+def test_tracker_over_two_steps_by_hand():
+    t = BetaValueTracker(reward_min=0.0, reward_max=1.0)
+    # Prior: N0 = 1 / (1 - 0.5) = 2 pseudo-counts split evenly -> alpha = beta = 1, baseline 0.5.
+    assert (t.alpha, t.beta) == (1.0, 1.0) and t.baseline() == 0.5
+    # Step 1: rewards 1, 0, 1, 1 -> pbar 0.75; no previous mean log-prob -> rho 0.9.
+    rho1 = t.update(torch.tensor([1.0, 0.0, 1.0, 1.0]), mean_logp=-1.0)
+    assert rho1 == 0.9
+    alpha1, beta1 = 0.9 * 1.0 + 0.75, 0.9 * 1.0 + 0.25  # 1.65, 1.15
+    assert t.alpha == pytest.approx(alpha1) and t.beta == pytest.approx(beta1)
+    assert t.baseline() == pytest.approx(1.65 / 2.8)
+    # Step 2: the mean log-prob moved by 0.03 -> rho = 2^(-0.03 / 0.06) = 2^-0.5 (inside [0.5, 0.96]); rewards 0, 0.
+    rho2 = t.update(torch.tensor([0.0, 0.0]), mean_logp=-1.03)
+    assert rho2 == pytest.approx(1 / math.sqrt(2))
+    assert t.alpha == pytest.approx(alpha1 / math.sqrt(2))  # + pbar 0
+    assert t.beta == pytest.approx(beta1 / math.sqrt(2) + 1.0)
+    assert t.baseline() == pytest.approx((alpha1 / math.sqrt(2)) / (alpha1 / math.sqrt(2) + beta1 / math.sqrt(2) + 1))
+    # rho is clipped: a big move forgets at most half, no move keeps at most 0.96.
+    assert t.rho(-1.03 + 0.3) == 0.5 and t.rho(-1.03) == 0.96
+
+
+def test_tracker_maps_rewards_into_its_range_and_back():
+    t = BetaValueTracker(reward_min=-3.0, reward_max=3.0)
+    assert t.baseline() == 0.0  # the middle of [-3, 3]
+    t.update(torch.tensor([3.0, 9.0]), mean_logp=0.0)  # p = 1 (9 is clamped to 1): alpha 0.9 + 1, beta 0.9
+    assert t.baseline() == pytest.approx(-3.0 + 6.0 * 1.9 / 2.8)
+    state = t.state_dict()
+    u = BetaValueTracker(reward_min=-3.0, reward_max=3.0)
+    u.load_state_dict(state)
+    assert u.state_dict() == state and u.baseline() == t.baseline()
+
+
+def _metrics(out_dir):
+    return {r["step"]: r for r in map(json.loads, (out_dir / "spo_metrics.jsonl").read_text().splitlines())}
+
+
+def test_spo_runs_and_resume_restores_the_tracker(tmp_path, start):
+    args = FAST + ["--from_weight", str(start), "--max_steps", "4", "--save_interval", "2", "--keep_last", "3"]
+    args += ["--reward_min", "-1", "--reward_max", "1"]
+    full = tmp_path / "full"
+    res = spo.main(args + ["--out_dir", str(full)])
+    m = _metrics(full)
+    assert sorted(m) == [1, 2, 3, 4]
+    # Step 1 logs the mean baseline of its 2 rollouts: the prior's (0, the middle of [-1, 1]), then the one after
+    # folding in rollout 1 (rho 0.9). This random policy's replies all earn the same reward r (premise checked).
+    r = m[1]["reward"]
+    assert m[1]["reward_std"] == 0.0
+    p = (r + 1) / 2
+    assert m[1]["baseline"] == pytest.approx((0.0 + (-1 + 2 * (0.9 + p) / (1.8 + 1))) / 2, abs=1e-5)
+    assert all(r["baseline"] != m[1]["baseline"] for s, r in m.items() if s > 1)  # the tracker moves
+    assert all(0.5 <= r["rho"] <= 0.96 for r in m.values())
+    assert (full / "spo_reward.png").stat().st_size > 1000
+    state = ckpt.load_train_state(full / "spo_resume" / "step_00000002")
+    assert set(state["tracker"]) == {"alpha", "beta", "last_mean_logp"}
+    ckpt.load_model(full / "spo")
+
+    cut = tmp_path / "cut"
+    shutil.copytree(full / "spo_resume" / "step_00000002", cut / "spo_resume" / "step_00000002")
+    res_cut = spo.main(args + ["--out_dir", str(cut), "--from_resume", "1"])
+    got = _metrics(cut)
+    assert sorted(got) == [3, 4]
+    for s in (3, 4):  # same baselines, rewards, losses: the tracker was restored, not restarted
+        assert {k: v for k, v in got[s].items() if k != "seconds"} == {k: v for k, v in m[s].items() if k != "seconds"}
+    assert res_cut["tracker"] == res["tracker"]
+    a, b = ckpt.load_model_state(full / "spo"), ckpt.load_model_state(cut / "spo")
+    assert all(torch.equal(a[k], b[k]) for k in a)
