@@ -7,6 +7,7 @@
              --history N (earlier turns kept in the prompt) --device auto|cpu|cuda[:i] --kernels auto|torch|triton
              --yarn (YaRN rope scaling for long contexts) --seed S --compile (torch.compile the decode step)
              --show_prompt (print the exact prompt text before each answer)
+             --lora PATH (a LoRA adapter folder from train/lora.py, merged into the loaded model)
 
 Interactive mode reads one user turn per line from stdin; `exit` or end of input quits, `/clear` forgets the
 conversation. Chat mode renders the last --history turns (user + assistant pairs) plus the new line through the
@@ -32,6 +33,7 @@ import kernels  # noqa: E402
 from minimind.checkpoint import CheckpointError, load_model  # noqa: E402
 from minimind.config import ConfigError  # noqa: E402
 from minimind.generate import GenerationError, IncrementalDecoder, generate_iter  # noqa: E402
+from minimind.lora import AdapterError, load_adapter, remove_lora  # noqa: E402
 from minimind.tokenizer import Tokenizer, TokenizerError  # noqa: E402
 
 
@@ -56,6 +58,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=None, help="seed for sampling (default: not reproducible)")
     p.add_argument("--compile", action="store_true", help="torch.compile the one-token decode step")
     p.add_argument("--show_prompt", action="store_true", help="print the prompt text the model sees")
+    p.add_argument("--lora", default=None, help="LoRA adapter folder (train/lora.py output) to apply to --load")
     args = p.parse_args(argv)
     if args.history < 0:
         p.error("--history must be >= 0")
@@ -94,7 +97,10 @@ def load_chat_model(args: argparse.Namespace) -> tuple[torch.nn.Module, Tokenize
     try:
         model, config, _ = load_model(folder, ops=ops, device=device)
         tokenizer = Tokenizer.load(folder if (folder / "tokenizer.json").is_file() else None)
-    except (CheckpointError, ConfigError, TokenizerError) as exc:
+        if args.lora:
+            load_adapter(model, args.lora)
+            remove_lora(model, merge=True)  # folded into plain Linears: decoding costs what the base model costs
+    except (CheckpointError, ConfigError, TokenizerError, AdapterError) as exc:
         raise ChatError(_one_line(exc)) from exc
     except (OSError, ValueError, RuntimeError, KeyError) as exc:
         raise ChatError(f"checkpoint {folder} cannot be loaded: {_one_line(exc)}") from exc
@@ -102,7 +108,8 @@ def load_chat_model(args: argparse.Namespace) -> tuple[torch.nn.Module, Tokenize
     if args.yarn:
         model.set_yarn(True)
     print(
-        f"loaded {folder}: {model.num_params() / 1e6:.1f}M parameters, {device}, yarn {'on' if args.yarn else 'off'}",
+        f"loaded {folder}{' + adapter ' + args.lora if args.lora else ''}: {model.num_params() / 1e6:.1f}M parameters, "
+        f"{device}, yarn {'on' if args.yarn else 'off'}",
         file=sys.stderr,
     )
     print(kernels.describe(ops), file=sys.stderr)

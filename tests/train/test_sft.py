@@ -1,0 +1,138 @@
+"""train/sft.py end to end on CPU: the assistant-span loss by hand, learning, exact resume, errors."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from minimind import checkpoint as ckpt
+from minimind.config import from_preset
+from minimind.data import SFTDataset, collate_sft
+from minimind.model import MiniMind
+from minimind.tokenizer import Tokenizer
+from train import common, sft
+
+SFT_DATA = "data/sample/sft.jsonl"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    # The CI machine is shared: several torch threads per process only contend with each other here.
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """A freshly initialised tiny model saved as the checkpoint SFT starts from."""
+    torch.manual_seed(0)
+    model = MiniMind(from_preset("tiny"))
+    return ckpt.save_checkpoint(tmp_path_factory.mktemp("base") / "pretrain", model, model.config, Tokenizer.load())
+
+
+def _args(base, out, *extra):
+    return [
+        "--from_weight",
+        str(base),
+        "--out_dir",
+        str(out),
+        "--max_seq_len",
+        "64",
+        "--batch_size",
+        "4",
+        "--kernels",
+        "torch",
+        "--log_interval",
+        "1",
+        *extra,
+    ]
+
+
+def _losses(out_dir, name="full_sft"):
+    lines = (out_dir / f"{name}_metrics.jsonl").read_text().splitlines()
+    return {r["step"]: r["loss"] for r in map(json.loads, lines)}
+
+
+def _hand_ce(model, batch):
+    """Mean over labelled tokens of -log softmax(logits[t-1])[labels[t]], from full logits in float64."""
+    logits = model(batch["input_ids"]).logits.double()
+    logp = logits.log_softmax(dim=-1)
+    total, count = 0.0, 0
+    ids, labels = batch["input_ids"], batch["labels"]
+    for b in range(ids.shape[0]):
+        for t in range(1, ids.shape[1]):
+            if labels[b, t] != -100:
+                total -= logp[b, t - 1, labels[b, t]].item()
+                count += 1
+    return total / count
+
+
+def test_loss_is_cross_entropy_on_assistant_tokens_only(tokenizer):
+    torch.manual_seed(1)
+    model = MiniMind(from_preset("tiny")).eval()
+    data = SFTDataset(SFT_DATA, tokenizer, 64)
+    rows = [data[i] for i in (0, 1, 2)]
+    batch = collate_sft(rows)
+    assert len({len(r["input_ids"]) for r in rows}) > 1  # the batch really is padded
+    loss, aux = sft.sft_loss(model, batch)
+    assert aux is None
+    assert abs(loss.item() - _hand_ce(model, batch)) < 1e-5
+    # The labelled tokens are exactly each assistant reply plus its turn end.
+    record = json.loads(open(SFT_DATA).readline())
+    reply = next(m["content"] for m in record["conversations"] if m["role"] == "assistant")
+    labelled = [int(t) for t in rows[0]["labels"] if t != -100]
+    assert tokenizer.decode(labelled) == reply + "<|im_end|>\n"
+    # Right padding does not change any row's per-token loss (no attention mask needed under the causal mask).
+    alone = model(rows[0]["input_ids"][None], labels=rows[0]["labels"][None], loss_reduction="none").loss[0]
+    padded = model(batch["input_ids"], labels=batch["labels"], loss_reduction="none").loss[0, : len(alone)]
+    assert torch.allclose(alone, padded, atol=1e-5)
+
+
+def test_first_logged_loss_is_the_hand_computed_loss_and_training_learns(base, tmp_path, tokenizer):
+    out = tmp_path / "out"
+    res = sft.main(_args(base, out, "--max_steps", "25", "--learning_rate", "3e-3"))
+    losses = _losses(out)
+    assert len(losses) == 25 and res["steps"] == 25
+    model, _, _ = ckpt.load_model(base)
+    data = SFTDataset(SFT_DATA, tokenizer, 64)
+    _, first = next(common.iterate_batches(data, collate_sft, 4, 42, 0))
+    assert abs(losses[1] - _hand_ce(model, first)) < 1e-4
+    early, late = sum(losses[s] for s in (1, 2, 3)) / 3, sum(losses[s] for s in (23, 24, 25)) / 3
+    assert late < early - 1.5, (early, late)
+    trained, cfg, payload = ckpt.load_model(out / "full_sft")
+    assert cfg.hidden_size == 256 and payload["args"]["from_weight"] == str(base)
+    assert not torch.equal(trained.model.embed_tokens.weight, model.model.embed_tokens.weight)
+    assert (out / "full_sft_loss.png").stat().st_size > 1000
+
+
+def test_resume_reproduces_the_uninterrupted_run_exactly(base, tmp_path):
+    args = _args(base, tmp_path / "x", "--max_steps", "6", "--save_interval", "3", "--accumulation_steps", "2")
+    full = tmp_path / "full"
+    sft.main(args + ["--out_dir", str(full)])
+    cut = tmp_path / "cut"
+    shutil.copytree(full / "full_sft_resume" / "step_00000003", cut / "full_sft_resume" / "step_00000003")
+    sft.main(args + ["--out_dir", str(cut), "--from_resume", "1"])
+    want, got = _losses(full), _losses(cut)
+    assert sorted(got) == [4, 5, 6]
+    assert [got[s] for s in got] == [want[s] for s in got]  # bit-identical on CPU
+    a, _, _ = ckpt.load_model(full / "full_sft")
+    b, _, _ = ckpt.load_model(cut / "full_sft")
+    for (k, v), w in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(v, w), k
+
+
+def test_bad_inputs_fail_with_a_clear_message(base, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    ok = '{"conversations": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}\n'
+    bad.write_text(ok * 3 + '{"conversations": [{"role": "user", "content": "no reply"}]}\n')
+    with pytest.raises(SystemExit, match=r"bad\.jsonl:4: .*no assistant message"):
+        sft.main(_args(base, tmp_path / "o", "--data_path", str(bad)))
+    few = tmp_path / "few.jsonl"
+    few.write_text(ok * 3)
+    with pytest.raises(SystemExit, match="fewer than one optimizer step"):
+        sft.main(_args(base, tmp_path / "o", "--data_path", str(few)))
+    with pytest.raises(SystemExit, match="--from_weight"):
+        sft.main(_args(tmp_path / "missing", tmp_path / "o"))

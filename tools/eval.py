@@ -1,0 +1,261 @@
+"""Evaluate MiniMind checkpoints: held-out question accuracy, perplexity, C-Eval/CMMLU-style multiple choice and a
+generation sample sheet. Prints tables and writes everything (item by item) to JSON.
+
+    python tools/eval.py --load out/full_sft --heldout data/sample/eval.jsonl
+    python tools/eval.py --load out/pretrain out/full_sft                     # side by side
+    python tools/eval.py --load out/full_sft out/full_sft --lora none out/lora_identity --prompts "Who are you?"
+    python tools/eval.py --load out/full_sft --ppl data/sample/pretrain.jsonl data/sample/sft.jsonl --max_records 500
+    python tools/eval.py --load out/full_sft --mc /path/to/ceval/val --mc_score letter --heldout none
+
+Held-out accuracy (minimind/evaluate.py has the exact rules) is reported per kind in two ways, next to the chance
+level 1/len(choices): "gen", the greedy reply through the chat template contains the answer as a whole word or
+number; "choice", the answer is the choice with the highest log-likelihood as the assistant's completion.
+--lora takes one adapter folder for every --load, or one per --load ('none' for the plain model).
+The sample sheet (--samples N prompts: --prompts texts or file lines, else the first held-out questions plus
+"Who are you?") is written as markdown next to the JSON. A missing or broken file stops with one `error: ...` line
+and exit status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as `python tools/eval.py`: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+import kernels  # noqa: E402
+from minimind import evaluate as ev  # noqa: E402
+from minimind import lora  # noqa: E402
+from minimind.checkpoint import CheckpointError, load_model  # noqa: E402
+from minimind.config import ConfigError  # noqa: E402
+from minimind.data import DataError  # noqa: E402
+from minimind.tokenizer import Tokenizer, TokenizerError  # noqa: E402
+
+IDENTITY_PROMPT = "Who are you?"
+
+
+class EvalError(RuntimeError):
+    """Something the user can fix (bad path, flag combination): reported as one line."""
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--load", nargs="+", default=["out/full_sft"], help="checkpoint folder(s) to evaluate")
+    p.add_argument("--lora", nargs="+", default=None, help="adapter folder for every --load, or one per --load / none")
+    p.add_argument("--heldout", default="data/sample/eval.jsonl", help="held-out questions JSONL ('none': skip)")
+    p.add_argument("--heldout_mode", choices=("both", "generation", "choice"), default="both")
+    p.add_argument("--max_items", type=int, default=0, help="evaluate only the first N held-out questions (0 = all)")
+    p.add_argument("--ppl", nargs="*", default=[], help="JSONL files (pretrain or SFT format) to measure perplexity on")
+    p.add_argument("--max_records", type=int, default=0, help="records per perplexity file (0 = all)")
+    p.add_argument("--mc", nargs="*", default=[], help="C-Eval/CMMLU-style CSV/JSONL files or folders")
+    p.add_argument("--mc_score", choices=("letter", "text", "both"), default="both", help="what each option scores")
+    p.add_argument("--mc_template", choices=("chat", "raw"), default="chat", help="chat template or plain text")
+    p.add_argument("--samples", type=int, default=8, help="prompts in the generation sample sheet (0 = none)")
+    p.add_argument("--prompts", nargs="*", default=None, help="sample-sheet prompts, or one file with one per line")
+    p.add_argument("--temperature", type=float, default=0.0, help="sample-sheet sampling temperature (0 = greedy)")
+    p.add_argument("--max_new_tokens", type=int, default=48, help="tokens generated per answer")
+    p.add_argument("--max_seq_len", type=int, default=512, help="tokens kept per perplexity record")
+    p.add_argument("--batch_size", type=int, default=64)
+    p.add_argument("--out", default=None, help="JSON output (default: eval_<names>.json next to the first --load)")
+    p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
+    p.add_argument("--kernels", default="auto", help="ops spec: auto, torch, triton, ...")
+    p.add_argument("--seed", type=int, default=0, help="seed for sampled sample-sheet answers")
+    args = p.parse_args(argv)
+    if args.lora is not None and len(args.lora) not in (1, len(args.load)):
+        p.error(f"--lora takes 1 adapter or one per --load ({len(args.load)}), got {len(args.lora)}")
+    if args.batch_size < 1 or args.max_new_tokens < 1:
+        p.error("--batch_size and --max_new_tokens must be >= 1")
+    return args
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:400]
+
+
+def pick_device(spec: str) -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(spec)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise EvalError(f"--device {spec} asked for but CUDA is not available")
+    return dev
+
+
+def load(folder: str, adapter: str | None, ops: kernels.Ops, device: torch.device) -> tuple[torch.nn.Module, Tokenizer]:
+    """Model (eval mode; adapter loaded and merged) and the tokenizer saved with it (or the shipped one)."""
+    path = Path(folder)
+    try:
+        model, _, _ = load_model(path, ops=ops, device=device)
+        tokenizer = Tokenizer.load(path if (path / "tokenizer.json").is_file() else None)
+        if adapter:
+            lora.load_adapter(model, adapter)
+            lora.merge_lora(model)
+    except (CheckpointError, ConfigError, TokenizerError, lora.AdapterError) as exc:
+        raise EvalError(_one_line(exc)) from exc
+    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+        raise EvalError(f"checkpoint {path} cannot be loaded: {_one_line(exc)}") from exc
+    return model.eval(), tokenizer
+
+
+def sample_prompts(args: argparse.Namespace, items: list[ev.HeldoutItem] | None) -> list[tuple[str, str]]:
+    """(prompt, expected answer or '') for the sample sheet."""
+    if args.prompts:
+        if len(args.prompts) == 1 and Path(args.prompts[0]).is_file():
+            lines = Path(args.prompts[0]).read_text().splitlines()
+            return [(ln.strip(), "") for ln in lines if ln.strip()][: args.samples or None]
+        return [(p, "") for p in args.prompts]
+    if args.samples <= 0:
+        return []
+    chosen = [(it.question, it.answer) for it in (items or [])[: max(args.samples - 1, 0)]]
+    return chosen + [(IDENTITY_PROMPT, "")]
+
+
+def evaluate_one(
+    args: argparse.Namespace, folder: str, adapter: str | None, items, ops, device, sheet_path: Path | None
+) -> dict:
+    model, tok = load(folder, adapter, ops, device)
+    res: dict = {"load": folder, "lora": adapter, "params": model.num_params()}
+    name = Path(folder).name + (f"+{Path(adapter).name}" if adapter else "")
+    t0 = time.perf_counter()
+    if items is not None:
+        gen = choice = None
+        if args.heldout_mode in ("both", "generation"):
+            gen = ev.heldout_generation(model, tok, items, args.max_new_tokens, args.batch_size)
+        if args.heldout_mode in ("both", "choice"):
+            choice = ev.heldout_choice(model, tok, items, args.batch_size)
+        rows = []
+        for k, it in enumerate(items):
+            row = {"question": it.question, "answer": it.answer, "kind": it.kind}
+            if gen is not None:
+                row.update(reply=gen[k]["reply"], gen_correct=gen[k]["correct"])
+            if choice is not None and choice[k] is not None:
+                row.update(choice_pred=choice[k]["pred"], choice_correct=choice[k]["correct"])
+            rows.append(row)
+        res["heldout"] = {"path": args.heldout, "summary": ev.summarize_heldout(items, gen, choice), "items": rows}
+    res["perplexity"] = []
+    for path in args.ppl:
+        res["perplexity"].append(
+            ev.perplexity(model, tok, path, args.max_seq_len, args.batch_size, args.max_records or None)
+        )
+    res["mc"] = []
+    for path in args.mc:
+        mc_items = ev.read_mc(path)
+        for score in ("letter", "text") if args.mc_score == "both" else (args.mc_score,):
+            r = ev.mc_accuracy(model, tok, mc_items, score, args.mc_template, args.batch_size)
+            res["mc"].append({"path": path, **r})
+    prompts = sample_prompts(args, items)
+    if prompts and sheet_path is not None:
+        sampling = (
+            {} if args.temperature == 0 else {"greedy": False, "temperature": args.temperature, "seed": args.seed}
+        )
+        rows = ev.sample_sheet(model, tok, [p for p, _ in prompts], args.max_new_tokens, args.batch_size, **sampling)
+        for r, (_, expected) in zip(rows, prompts):
+            r["expected"] = expected
+        ev.write_sample_sheet(sheet_path, f"Samples: {name}", rows)
+        res["samples"] = {"path": str(sheet_path), "rows": rows}
+    res["seconds"] = round(time.perf_counter() - t0, 2)
+    return res
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:5.1f}"
+
+
+def format_heldout(results: list[dict], labels: list[str]) -> str:
+    """Kinds down, models across: n, chance, then gen / choice accuracy (%) per model."""
+    have = [r for r in results if "heldout" in r]
+    if not have:
+        return ""
+    summary0 = have[0]["heldout"]["summary"]
+    head = f"{'kind':<12}{'n':>5}{'chance':>8}" + "".join(f" | {lab[:22]:^22}" for lab in labels)
+    sub = " " * 25 + "".join(f" | {'gen':>10} {'choice':>11}" for _ in labels)
+    lines = ["held-out accuracy (%)", head, sub, "-" * len(head)]
+    for kind, row in summary0.items():
+        cells = ""
+        for r in results:
+            s = r["heldout"]["summary"][kind]
+            cells += f" | {_pct(s.get('generation_acc')):>10} {_pct(s.get('choice_acc')):>11}"
+        lines.append(f"{kind:<12}{row['n']:>5}{_pct(row['chance']):>8}{cells}")
+    return "\n".join(lines)
+
+
+def format_other(results: list[dict], labels: list[str]) -> str:
+    lines = []
+    for r, lab in zip(results, labels):
+        for p in r["perplexity"]:
+            lines.append(
+                f"{lab}: perplexity {p['ppl']:.3f} (nll {p['nll']:.4f} nats/token, {p['tokens']:,} {p['format']} "
+                f"tokens) on {p['path']}"
+            )
+        for m in r["mc"]:
+            subj = ", ".join(f"{s} {_pct(v['acc']).strip()}" for s, v in m["subjects"].items())
+            lines.append(
+                f"{lab}: {m['path']} ({m['score']}, {m['template']}): {_pct(m['all']['acc']).strip()}% of "
+                f"{m['all']['n']} (chance {_pct(m['all']['chance']).strip()}%)" + (f"; {subj}" if subj else "")
+            )
+        if "samples" in r:
+            lines.append(f"{lab}: sample sheet {r['samples']['path']}")
+            for row in r["samples"]["rows"]:
+                if row["prompt"] == IDENTITY_PROMPT:
+                    lines.append(f"{lab}: {IDENTITY_PROMPT!r} -> {row['reply']!r}")
+    return "\n".join(lines)
+
+
+def model_labels(folders: Sequence[str], adapters: Sequence[str | None]) -> list[str]:
+    """Short names for the table: the folder name (+ adapter name), with the parent folder when names repeat."""
+
+    def name(path: str, depth: int) -> str:
+        return "/".join(Path(path).parts[-depth:])
+
+    for depth in (1, 2, 3):
+        labels = [name(f, depth) + (f"+{name(a, depth)}" if a else "") for f, a in zip(folders, adapters)]
+        if len(set(labels)) == len(labels):
+            return labels
+    return [f"{i}:{lab}" for i, lab in enumerate(labels)]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    adapters = [None] * len(args.load)
+    if args.lora is not None:
+        given = args.lora * len(args.load) if len(args.lora) == 1 else args.lora
+        adapters = [None if a.lower() == "none" else a for a in given]
+    labels = model_labels(args.load, adapters)
+    stem = "_vs_".join(lab.replace("/", "-") for lab in labels)
+    out = Path(args.out) if args.out else Path(args.load[0]).parent / f"eval_{stem}.json"
+    try:
+        device = pick_device(args.device)
+        try:
+            ops = kernels.resolve(args.kernels)
+        except kernels.KernelSpecError as exc:
+            raise EvalError(str(exc)) from exc
+        items = None
+        if args.heldout and args.heldout.lower() != "none":
+            items = ev.read_heldout(args.heldout)
+            if args.max_items:
+                items = items[: args.max_items]
+        results = []
+        for i, (folder, adapter) in enumerate(zip(args.load, adapters)):
+            sheet = out.with_name(f"{out.stem}_samples_{labels[i].replace('/', '-')}.md")
+            results.append(evaluate_one(args, folder, adapter, items, ops, device, sheet))
+    except (EvalError, DataError, FileNotFoundError) as exc:
+        print(f"error: {_one_line(exc)}", file=sys.stderr)
+        return 1
+    for text in (format_heldout(results, labels), format_other(results, labels)):
+        if text:
+            print(text)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"args": vars(args), "models": results}, indent=2, ensure_ascii=False) + "\n")
+    print(f"results: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
