@@ -105,7 +105,9 @@ def test_skip_bad_lines_counts_and_goes_on(tmp_path, capsys):
     lines = ['{"text": "The town of Orrin lies by a river and has many bridges."}'] * 40 + ["{not json", '{"x": 1}']
     data = tmp_path / "mixed.jsonl"
     data.write_text("\n".join(lines) + "\n")
-    pretrain.main(SMALL + ["--data_path", str(data), "--skip_bad_lines", "--max_steps", "1", "--out_dir", str(tmp_path)])
+    pretrain.main(
+        SMALL + ["--data_path", str(data), "--skip_bad_lines", "--max_steps", "1", "--out_dir", str(tmp_path)]
+    )
     assert "skipped 2 malformed lines" in capsys.readouterr().out
 
 
