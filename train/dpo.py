@@ -16,7 +16,7 @@ loss for MoE models, as MiniMind does. AdamW, gradient clipping 1.0, MiniMind's 
 Deviations from MiniMind: log-probs without materialising logits; --length_norm 1 restores the older per-token mean
 (it biased answers short, see sequence_logp); the last --eval_fraction of the file (at most --eval_max_pairs pairs)
 is held out and evaluated before and after training:
-  eval_logp_acc   fraction of pairs where the policy gives the chosen answer a higher summed log-prob
+  eval_logp_acc   fraction of pairs where the policy gives the chosen answer the higher log-prob (as trained)
   eval_reward_acc fraction where the implicit reward beta * (logp - ref_logp) of the chosen answer is higher
   eval_margin     mean chosen-minus-rejected implicit reward; eval_loss the DPO loss on the held-out pairs
 Training logs loss, chosen/rejected rewards, their margin and the reward accuracy every --log_interval steps.
