@@ -10,7 +10,8 @@ wrapped so that y = W x + (alpha / r) B A x, A ~ N(0, 0.02), B = 0; W stays froz
 MiniMind's defaults: rank 16, adapters on the square Linear layers (q_proj and o_proj here), alpha = rank (scale 1,
 "no alpha scaling"). The data, loss and loop are SFT's (train/sft.py): assistant-span cross-entropy, batches padded
 to their own longest row, AdamW on the adapter parameters only (weight decay 0.01 on A and B, as MiniMind applies it),
-gradient clipping 1.0, cosine schedule lr -> 0.1 * lr, exact resume from the step.
+gradient clipping 1.0, cosine schedule lr -> 0.1 * lr, exact resume from the step; a non-finite gradient norm skips
+the step (--max_bad_steps in a row stop the run). Single process: the adapters are small and train fast.
 
 Outputs under --out_dir: {save_weight}/ is an adapter folder (adapter.safetensors + adapter_config.json with rank,
 alpha, layer names and the base architecture's fingerprint; a few hundred KB instead of the whole model);
@@ -73,6 +74,10 @@ class Args:
     dtype: str = arg("auto", "bfloat16 or float32 (auto: bf16 autocast on CUDA, fp32 on CPU)")
     kernels: str = arg("auto", "ops spec: torch | triton | liger | auto, with overrides like 'triton,rope=torch'")
     compile: bool = arg(False, "torch.compile the model (dynamic shapes)")
+    max_bad_steps: int = arg(10, "stop after this many non-finite steps in a row (each one is skipped and counted)")
+    skip_bad_lines: bool = arg(False, "count and skip malformed data lines instead of stopping at the first")
+    wandb: bool = arg(False, "also log to Weights & Biases (needs `pip install wandb`)")
+    swanlab: bool = arg(False, "also log to SwanLab (needs `pip install swanlab`)")
     log_interval: int = arg(10, "optimizer steps between log lines")
     save_interval: int = arg(200, "optimizer steps between checkpoints")
     keep_last: int = arg(2, "resume checkpoints to keep")
@@ -104,6 +109,10 @@ def save_resume(args: Args, step: int, model: torch.nn.Module, state: dict) -> P
 def main(argv: list[str] | None = None) -> dict:
     args = common.parse_args(Args, argv, __doc__.split("\n\n")[0])
     rt = common.setup_runtime(args.device, args.dtype, args.seed)
+    if rt.world_size > 1:
+        raise SystemExit(
+            "error: train/lora.py runs in a single process (adapters train fast); launch it without torchrun"
+        )
     args = resolve_auto(args, rt.is_cuda)
     tok_path = args.tokenizer
     if tok_path is None and (Path(args.from_weight) / "tokenizer.json").is_file():
@@ -111,6 +120,9 @@ def main(argv: list[str] | None = None) -> dict:
     tok = common.load_tokenizer(tok_path)
     ops = common.resolve_kernels(args.kernels, rt)
     model = common.load_base_model(args.from_weight, ops, rt.device)
+    if tok.vocab_size > model.config.vocab_size:
+        raise SystemExit(f"error: tokenizer has {tok.vocab_size} tokens, the model's vocab {model.config.vocab_size}")
+    trackers = common.open_trackers(args.wandb, args.swanlab, "minimind", args.save_weight, vars(args))
     try:
         # A generator of its own: the adapter init does not depend on how much global RNG the setup consumed.
         names = lora.apply_lora(
@@ -124,9 +136,13 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"error: {exc}") from exc
 
     try:
-        data = SFTDataset(args.data_path, tok, args.max_seq_len)
+        data = SFTDataset(args.data_path, tok, args.max_seq_len, skip_bad_lines=args.skip_bad_lines)
     except (DataError, FileNotFoundError) as exc:
         raise SystemExit(f"error: {exc}") from exc
+    if data.bad_lines:
+        print(
+            f"warning: skipped {data.bad_lines} malformed lines in {args.data_path}; first: {data.bad_line_reasons[0]}"
+        )
     rows_per_step = args.batch_size * args.accumulation_steps
     steps_per_epoch = len(data) // rows_per_step
     if steps_per_epoch == 0:
@@ -165,12 +181,14 @@ def main(argv: list[str] | None = None) -> dict:
         f"accum {args.accumulation_steps}; {total_steps} steps ({steps_per_epoch} per epoch), lr {args.learning_rate:g}"
     )
 
-    metrics = common.MetricsLog(Path(args.out_dir) / f"{args.save_weight}_metrics.jsonl", append=start_step > 0)
+    metrics = common.MetricsLog(
+        Path(args.out_dir) / f"{args.save_weight}_metrics.jsonl", append=start_step > 0, trackers=trackers
+    )
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     batches, batches_epoch = None, -1
     loss_sum = torch.zeros((), device=rt.device)
-    loss_count, tokens_since, skipped, last_loss = 0, 0, 0, float("nan")
+    loss_count, tokens_since, skipped, bad_streak, last_loss = 0, 0, 0, 0, float("nan")
     timer = common.Timer(rt.device)
     bar = tqdm(
         range(start_step, total_steps),
@@ -202,8 +220,18 @@ def main(argv: list[str] | None = None) -> dict:
             grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip or float("inf"))
             if torch.isfinite(grad_norm):
                 optimizer.step()
+                bad_streak = 0
             else:
-                skipped += 1
+                # A NaN/inf loss or gradient: the adapter and optimizer state stay as they were.
+                skipped, bad_streak = skipped + 1, bad_streak + 1
+                tqdm.write(f"step {step + 1}: non-finite loss or gradient, step skipped ({skipped} so far)")
+                if bad_streak >= args.max_bad_steps:
+                    metrics.write({"step": step + 1, "skipped_steps": skipped, "stopped": "non-finite"})
+                    last = common.latest_resume(args.out_dir, args.save_weight)
+                    raise SystemExit(
+                        f"error: {bad_streak} non-finite steps in a row; stopping. Last good checkpoint: "
+                        f"{last if last is not None else 'none written yet'}"
+                    )
             optimizer.zero_grad(set_to_none=True)
 
             done = step + 1
@@ -229,6 +257,7 @@ def main(argv: list[str] | None = None) -> dict:
             if stop.requested:
                 break
     bar.close()
+    metrics.close()
     png = common.plot_loss_curve(metrics.path, Path(args.out_dir) / f"{args.save_weight}_loss.png", "LoRA")
     out_path = Path(args.out_dir) / args.save_weight
     print(f"done: loss {last_loss:.4f}; adapter in {out_path}" + (f"; loss curve {png}" if png else ""))

@@ -347,10 +347,6 @@ def prompt_batch(data: Any, order: torch.Tensor, batch_index: int, batch_size: i
     }
 
 
-def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
-    return float((x * mask).sum() / mask.sum().clamp(min=1))
-
-
 def plot_rl_curves(
     metrics_path: Path, png_path: Path, title: str, keys: Sequence[str] = ("reward", "kl")
 ) -> Path | None:

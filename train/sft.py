@@ -4,17 +4,22 @@
     python train/sft.py --compile                              # CUDA: bf16, Triton kernels, MiniMind's defaults
     python train/sft.py --data_path sft_mini_512.jsonl --from_weight out/pretrain --max_seq_len 512
     python train/sft.py --from_resume 1                        # continue from the newest checkpoint
+    torchrun --nproc_per_node 4 train/sft.py --data_path sft_mini_512.jsonl   # DDP (add --fsdp for FSDP2)
 
-Algorithm, as implemented: each conversation is rendered with the ChatML template and tokenized; labels are the
-token ids on assistant spans (everything after `<|im_start|>assistant\\n` up to and including `<|im_end|>\\n`) and
--100 elsewhere (minimind.data.SFTDataset), right-truncated to max_seq_len. A batch is padded only to its own longest
-row (collate_sft); MiniMind pads every sample to max_seq_len. Right padding needs no attention mask: under the causal
-mask a real token never sees the pads after it, and pads carry label -100. The loss is the mean cross-entropy over
-the batch's assistant tokens (+ MoE balance loss), AdamW (betas 0.9/0.999, weight decay 0.01 on matrices), gradient
-clipping 1.0, MiniMind's cosine schedule lr -> 0.1 * lr, bf16 autocast on CUDA and fp32 on CPU. The sample order of
-each epoch is a permutation seeded by (seed, epoch) and the data position is derived from the optimizer step, so
---from_resume replays exactly the batches an uninterrupted run would have seen; a non-finite gradient norm skips the
-step (counted in the metrics).
+Algorithm, as implemented: each conversation is rendered with the ChatML template and tokenized; labels are the token
+ids on assistant spans (everything after `<|im_start|>assistant\\n` up to and including `<|im_end|>\\n`) and -100
+elsewhere (minimind.data.SFTDataset), right-truncated to max_seq_len. A batch is padded only to its own longest row
+(collate_sft), and batches are drawn from groups of similar length (--group_by_length, on by default: random batches of
+the sample data are about 60% padding); MiniMind pads every sample to max_seq_len. Right padding needs no attention
+mask: under the causal mask a real token never sees the pads after it, and pads carry label -100. The loss is the mean
+cross-entropy over the batch's assistant tokens (+ MoE balance loss), AdamW (betas 0.9/0.999, weight decay 0.01 on
+matrices), gradient clipping 1.0, MiniMind's cosine schedule lr -> 0.1 * lr, bf16 autocast on CUDA and fp32 on CPU. The
+sample order of each epoch is a permutation seeded by (seed, epoch) and the data position is derived from the optimizer
+step, so --from_resume replays exactly the batches an uninterrupted run would have seen; a non-finite gradient norm
+skips the step (counted in the metrics; --max_bad_steps in a row stop the run). Under torchrun each rank takes its share
+of every micro-batch and the data position is counted in conversations, so a run resumes on another number of ranks;
+each rank's loss is the mean over its own assistant tokens and the ranks' gradients are averaged, so ranks weigh equally
+rather than by their token counts (as in MiniMind's DDP).
 
 Defaults: MiniMind's on CUDA (2 epochs, batch 16, lr 5e-6, accum 1, max_seq_len 512). On CPU the tiny model from
 the CPU pretrain recipe needs a far larger learning rate: MiniMind's 1e-6..5e-6 is sized for a 26M+ model that has
@@ -27,6 +32,7 @@ Outputs under --out_dir: {save_weight}/ (model folder), {save_weight}_resume/ste
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +40,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as `python train/sft.py`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -76,9 +83,15 @@ class Args:
     dtype: str = arg("auto", "bfloat16 or float32 (auto: bf16 autocast on CUDA, fp32 on CPU)")
     kernels: str = arg("auto", "ops spec: torch | triton | liger | auto, with overrides like 'triton,rope=torch'")
     compile: bool = arg(False, "torch.compile the model (dynamic shapes: batches are padded to their own length)")
+    fsdp: bool = arg(False, "shard parameters, gradients and optimizer state with FSDP2 (under torchrun)")
+    max_bad_steps: int = arg(10, "stop after this many non-finite steps in a row (each one is skipped and counted)")
+    skip_bad_lines: bool = arg(False, "count and skip malformed data lines instead of stopping at the first")
+    wandb: bool = arg(False, "also log to Weights & Biases (needs `pip install wandb`)")
+    swanlab: bool = arg(False, "also log to SwanLab (needs `pip install swanlab`)")
     log_interval: int = arg(10, "optimizer steps between log lines")
     save_interval: int = arg(200, "optimizer steps between checkpoints")
     keep_last: int = arg(2, "resume checkpoints to keep")
+    group_by_length: bool = arg(True, "batch conversations of similar length (less padding); 0 = plain shuffle")
     seed: int = arg(42, "seed for the data order")
 
 
@@ -88,6 +101,27 @@ def resolve_auto(args: Args, on_cuda: bool) -> Args:
         if getattr(args, name) is None:
             setattr(args, name, cuda if on_cuda else cpu)
     return args
+
+
+def length_grouped_order(lengths: np.ndarray, batch_size: int, seed: int, epoch: int, group: int = 64) -> torch.Tensor:
+    """The epoch's sample order with batches of similar length: the (seed, epoch) permutation is cut into groups of
+    group * batch_size samples, each group sorted by length and cut into batches, and the batches are shuffled (by a
+    second permutation of the same seed and epoch). Consecutive batch_size slices of the result are the batches.
+
+    Padding to each batch's longest row then wastes little compute (on the sample SFT data random batches are about
+    60% padding). lengths are line sizes in bytes, a free proxy for token counts (no tokenization pass)."""
+    perm = common.epoch_order(len(lengths), seed, epoch)
+    span = group * batch_size
+    chunks = []
+    for start in range(0, len(perm), span):
+        part = perm[start : start + span]
+        # Stable sort, longest first, so equal lengths keep their random order.
+        chunks.append(part[torch.from_numpy(np.argsort(-lengths[part.numpy()], kind="stable"))])
+    grouped = torch.cat(chunks)
+    n_batches = len(grouped) // batch_size
+    batch_perm = common.epoch_order(n_batches, seed + 1, epoch)
+    body = grouped[: n_batches * batch_size].view(n_batches, batch_size)[batch_perm].reshape(-1)
+    return torch.cat([body, grouped[n_batches * batch_size :]])
 
 
 def sft_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -110,22 +144,42 @@ def main(argv: list[str] | None = None) -> dict:
     ops = common.resolve_kernels(args.kernels, rt)
     model = common.load_base_model(args.from_weight, ops, rt.device, aux_loss_alpha=args.aux_loss_alpha)
     cfg = model.config
+    if tok.vocab_size > cfg.vocab_size:
+        raise SystemExit(f"error: tokenizer has {tok.vocab_size} tokens, the model's vocab {cfg.vocab_size}")
+    if args.max_seq_len > cfg.max_position_embeddings:
+        raise SystemExit(
+            f"error: --max_seq_len {args.max_seq_len} exceeds the rotary table "
+            f"({cfg.max_position_embeddings} positions)"
+        )
+    trackers = (
+        common.open_trackers(args.wandb, args.swanlab, "minimind", args.save_weight, vars(args)) if rt.is_main else []
+    )
 
     try:
-        data = SFTDataset(args.data_path, tok, args.max_seq_len)
+        data = SFTDataset(args.data_path, tok, args.max_seq_len, skip_bad_lines=args.skip_bad_lines)
     except (DataError, FileNotFoundError) as exc:
         raise SystemExit(f"error: {exc}") from exc
-    rows_per_step = args.batch_size * args.accumulation_steps
+    # One optimizer step = accumulation_steps micro-batches of batch_size conversations on each of world_size ranks.
+    rows_per_step = args.batch_size * args.accumulation_steps * rt.world_size
     steps_per_epoch = len(data) // rows_per_step
     if steps_per_epoch == 0:
         raise SystemExit(
             f"error: {args.data_path} has {len(data)} conversations, fewer than one optimizer step needs "
-            f"({args.batch_size} x {args.accumulation_steps}); lower --batch_size"
+            f"({args.batch_size} x {args.accumulation_steps} x {rt.world_size} ranks); lower --batch_size"
+        )
+    if data.bad_lines and rt.is_main:
+        print(
+            f"warning: skipped {data.bad_lines} malformed lines in {args.data_path}; first: {data.bad_line_reasons[0]}"
         )
     total_steps = steps_per_epoch * args.epochs
     if args.max_steps:
         total_steps = min(total_steps, args.max_steps)
 
+    lengths = None
+    if args.group_by_length:
+        ends = np.append(data.index.offsets[1:], os.path.getsize(args.data_path))
+        lengths = ends - data.index.offsets  # bytes per record (blank or skipped lines add a little: harmless)
+    wrapped = common.wrap_model(model, rt, fsdp=args.fsdp)
     optimizer = common.build_optimizer(model, args.learning_rate, args.weight_decay)
     start_step = 0
     if args.from_resume:
@@ -133,30 +187,39 @@ def main(argv: list[str] | None = None) -> dict:
         if folder is None:
             print(f"no resume checkpoint under {common.resume_dir(args.out_dir, args.save_weight)}: starting fresh")
         else:
-            ckpt.load_model_weights(model, folder)
             state = ckpt.load_train_state(folder)
-            optimizer.load_state_dict(state["optimizer"])
+            common.load_full_state(model, optimizer, ckpt.load_model_state(folder), state["optimizer"])
             common.set_rng_state(state["rng"])
-            start_step = int(state["step"])
-            print(f"resumed from {folder} at step {start_step}")
+            # The data position is counted in conversations, so a run may resume on another number of ranks.
+            start_step = int(state["rows_seen"]) // rows_per_step
+            if rt.is_main:
+                print(f"resumed from {folder} at step {start_step}")
 
     n_active = model.num_active_params()
     peak = common.peak_flops(rt.device)
     # dynamic=True: every batch has its own padded length; one graph with a symbolic T instead of one per length.
-    train_model = torch.compile(model, dynamic=True) if args.compile else model
-    print(
-        f"sft: {args.from_weight} ({model.num_params():,} params) on {rt.device} "
-        f"({'bf16 autocast' if rt.amp_dtype else 'fp32'}{', compiled' if args.compile else ''}); "
-        f"{len(data):,} conversations (<= {args.max_seq_len} tokens); batch {args.batch_size} x accum "
-        f"{args.accumulation_steps}; {total_steps} steps ({steps_per_epoch} per epoch), lr {args.learning_rate:g}"
-    )
+    train_model = torch.compile(wrapped, dynamic=True) if args.compile else wrapped
+    if rt.is_main:
+        print(
+            f"sft: {args.from_weight} ({model.num_params():,} params) on {rt.device}"
+            f"{f' x {rt.world_size} ranks' if rt.world_size > 1 else ''} "
+            f"({'bf16 autocast' if rt.amp_dtype else 'fp32'}{', compiled' if args.compile else ''}"
+            f"{', FSDP2' if args.fsdp else ''}); {len(data):,} conversations (<= {args.max_seq_len} tokens); "
+            f"batch {args.batch_size} x accum {args.accumulation_steps}; {total_steps} steps ({steps_per_epoch} per "
+            f"epoch), lr {args.learning_rate:g}"
+        )
 
-    metrics = common.MetricsLog(Path(args.out_dir) / f"{args.save_weight}_metrics.jsonl", append=start_step > 0)
+    metrics = common.MetricsLog(
+        Path(args.out_dir) / f"{args.save_weight}_metrics.jsonl",
+        enabled=rt.is_main,
+        append=start_step > 0,
+        trackers=trackers,
+    )
     model.train()
-    batches, batches_epoch = None, -1
+    order, order_epoch = None, -1
     loss_sum = torch.zeros((), device=rt.device)
-    loss_count, tokens_since, padded_since, label_since, skipped = 0, 0, 0, 0, 0
-    last_loss = float("nan")
+    loss_count, skipped, bad_streak, last_loss = 0, 0, 0, float("nan")
+    tokens_since, padded_since, label_since = 0, 0, 0
     timer = common.Timer(rt.device)
     bar = tqdm(
         range(start_step, total_steps),
@@ -169,37 +232,52 @@ def main(argv: list[str] | None = None) -> dict:
     with common.StopFlag() as stop:
         for step in bar:
             epoch, within = divmod(step, steps_per_epoch)
-            if epoch != batches_epoch:
-                start_batch = within * args.accumulation_steps
-                batches = common.iterate_batches(data, collate_sft, args.batch_size, args.seed, epoch, start_batch)
-                batches_epoch = epoch
+            if epoch != order_epoch:
+                if lengths is not None:
+                    order = length_grouped_order(lengths, args.batch_size * rt.world_size, args.seed, epoch)
+                else:
+                    order = common.epoch_order(len(data), args.seed, epoch)
+                order_epoch = epoch
             lr = common.lr_at(step, total_steps, args.learning_rate, args.warmup_steps)
             common.set_lr(optimizer, lr)
-            for _ in range(args.accumulation_steps):
-                _, batch = next(batches)
-                n_real = int(batch["attention_mask"].sum())
-                batch = {k: v.to(rt.device, non_blocking=True) for k, v in batch.items()}
-                with rt.autocast():
-                    loss, aux = sft_loss(train_model, batch)
-                    total = loss if aux is None else loss + aux
-                (total / args.accumulation_steps).backward()
-                loss_sum += total.detach()
-                loss_count += 1
-                tokens_since += n_real
+            for micro in range(args.accumulation_steps):
+                # This rank's share of the micro-batch (with one rank and --group_by_length 0, exactly the batches of
+                # common.iterate_batches).
+                first = ((within * args.accumulation_steps + micro) * rt.world_size + rt.rank) * args.batch_size
+                batch = collate_sft([data[int(i)] for i in order[first : first + args.batch_size]], tok.pad_id)
+                tokens_since += int(batch["attention_mask"].sum())
                 padded_since += batch["input_ids"].numel()
                 label_since += int((batch["labels"] != -100).sum())
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf"))
+                batch = {k: v.to(rt.device, non_blocking=True) for k, v in batch.items()}
+                with common.no_sync(wrapped, sync=micro == args.accumulation_steps - 1), rt.autocast():
+                    loss, aux = sft_loss(train_model, batch)
+                    total = loss if aux is None else loss + aux
+                    (total / args.accumulation_steps).backward()
+                loss_sum += total.detach()
+                loss_count += 1
+            grad_norm = common.clip_grad_norm(model, args.grad_clip)
             if torch.isfinite(grad_norm):
                 optimizer.step()
+                bad_streak = 0
             else:
-                skipped += 1
+                # A NaN/inf loss or gradient: the weights and optimizer state stay as they were.
+                skipped, bad_streak = skipped + 1, bad_streak + 1
+                if rt.is_main:
+                    tqdm.write(f"step {step + 1}: non-finite loss or gradient, step skipped ({skipped} so far)")
+                if bad_streak >= args.max_bad_steps:
+                    metrics.write({"step": step + 1, "skipped_steps": skipped, "stopped": "non-finite"})
+                    last = common.latest_resume(args.out_dir, args.save_weight)
+                    raise SystemExit(
+                        f"error: {bad_streak} non-finite steps in a row; stopping. Last good checkpoint: "
+                        f"{last if last is not None else 'none written yet'}"
+                    )
             optimizer.zero_grad(set_to_none=True)
 
             done = step + 1
             if done % args.log_interval == 0 or done == total_steps:
                 dt = timer.lap()
-                last_loss = (loss_sum / max(loss_count, 1)).item()
-                tok_s = tokens_since / dt
+                last_loss = common.all_reduce_mean(loss_sum / max(loss_count, 1), rt).item()
+                tok_s = tokens_since * rt.world_size / dt
                 record = {
                     "step": done,
                     "epoch": epoch,
@@ -207,23 +285,40 @@ def main(argv: list[str] | None = None) -> dict:
                     "lr": lr,
                     "grad_norm": round(float(grad_norm), 4),
                     "tokens_per_s": round(tok_s, 1),
-                    "label_tokens": label_since,
+                    "label_tokens": label_since * rt.world_size,
                     "pad_fraction": round(1 - tokens_since / max(padded_since, 1), 4),
                     "skipped_steps": skipped,
                 }
                 if peak:
                     seq = padded_since / max(loss_count * args.batch_size, 1)
-                    record["mfu"] = round(tok_s * common.flops_per_token(cfg, n_active, int(seq)) / peak, 4)
+                    flops = common.flops_per_token(cfg, n_active, int(seq))
+                    record["mfu"] = round(tok_s * flops / (peak * rt.world_size), 4)
                 metrics.write(record)
                 bar.set_postfix(loss=f"{last_loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
                 loss_sum.zero_()
                 loss_count, tokens_since, padded_since, label_since = 0, 0, 0, 0
-            if done % args.save_interval == 0 or done == total_steps or stop.requested:
-                state = {"step": done, "optimizer": optimizer.state_dict(), "rng": common.rng_state()}
-                common.save_resume(args.out_dir, args.save_weight, done, model, tok, args, state, args.keep_last)
-            if stop.requested:
+            stopping = common.any_rank(stop.requested, rt)
+            if done % args.save_interval == 0 or done == total_steps or stopping:
+                model_sd, optim_sd = common.full_state(model, optimizer, rt)
+                state = {
+                    "step": done,
+                    "rows_seen": done * rows_per_step,
+                    "world_size": rt.world_size,
+                    "optimizer": optim_sd,
+                    "rng": common.rng_state(),
+                }
+                if rt.is_main:
+                    common.save_resume(
+                        args.out_dir, args.save_weight, done, model, tok, args, state, args.keep_last, model_sd
+                    )
+                common.barrier(rt)
+            if stopping:
                 break
     bar.close()
+    metrics.close()
+    common.shutdown(rt)
+    if not rt.is_main:
+        return {"loss": last_loss, "steps": total_steps}
     png = common.plot_loss_curve(metrics.path, Path(args.out_dir) / f"{args.save_weight}_loss.png", "full SFT")
     print(
         f"done: loss {last_loss:.4f}; model in {Path(args.out_dir) / args.save_weight}"

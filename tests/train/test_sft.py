@@ -1,8 +1,13 @@
 """train/sft.py end to end on CPU: the assistant-span loss by hand, learning, exact resume, errors."""
 
 import json
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -93,7 +98,7 @@ def test_loss_is_cross_entropy_on_assistant_tokens_only(tokenizer):
 
 def test_first_logged_loss_is_the_hand_computed_loss_and_training_learns(base, tmp_path, tokenizer):
     out = tmp_path / "out"
-    res = sft.main(_args(base, out, "--max_steps", "25", "--learning_rate", "3e-3"))
+    res = sft.main(_args(base, out, "--max_steps", "25", "--learning_rate", "3e-3", "--group_by_length", "0"))
     losses = _losses(out)
     assert len(losses) == 25 and res["steps"] == 25
     model, _, _ = ckpt.load_model(base)
@@ -106,6 +111,32 @@ def test_first_logged_loss_is_the_hand_computed_loss_and_training_learns(base, t
     assert cfg.hidden_size == 256 and payload["args"]["from_weight"] == str(base)
     assert not torch.equal(trained.model.embed_tokens.weight, model.model.embed_tokens.weight)
     assert (out / "full_sft_loss.png").stat().st_size > 1000
+
+
+def test_length_grouped_order_batches_similar_lengths(tokenizer):
+    lengths = np.array([len(line) for line in open(SFT_DATA, "rb")])
+    n, bs = len(lengths), 16
+    order = sft.length_grouped_order(lengths, bs, seed=42, epoch=0, group=8)
+    assert sorted(order.tolist()) == list(range(n))  # a permutation
+    assert not torch.equal(order, sft.length_grouped_order(lengths, bs, seed=42, epoch=1, group=8))
+    # Independent construction of the same batches (as sets): sorted groups of the epoch permutation, cut into batches.
+    perm = common.epoch_order(n, 42, 0).tolist()
+    want = []
+    for g in range(0, n, 8 * bs):
+        part = sorted(perm[g : g + 8 * bs], key=lambda i: -lengths[i])
+        want += [frozenset(part[b : b + bs]) for b in range(0, len(part), bs)]
+    got = [frozenset(order[b : b + bs].tolist()) for b in range(0, n - n % bs, bs)]
+    assert set(got) <= set(want)
+    data = SFTDataset(SFT_DATA, tokenizer, 256)
+
+    def pad_fraction(o):
+        real = padded = 0
+        for b in range(0, 40 * bs, bs):
+            rows = [len(data[int(i)]["input_ids"]) for i in o[b : b + bs]]
+            real, padded = real + sum(rows), padded + max(rows) * len(rows)
+        return 1 - real / padded
+
+    assert pad_fraction(order) < 0.25 < 0.45 < pad_fraction(common.epoch_order(n, 42, 0))
 
 
 def test_resume_reproduces_the_uninterrupted_run_exactly(base, tmp_path):
@@ -136,3 +167,21 @@ def test_bad_inputs_fail_with_a_clear_message(base, tmp_path):
         sft.main(_args(base, tmp_path / "o", "--data_path", str(few)))
     with pytest.raises(SystemExit, match="--from_weight"):
         sft.main(_args(tmp_path / "missing", tmp_path / "o"))
+
+
+def test_two_ranks_under_torchrun_average_their_own_token_means(base, tmp_path, tokenizer):
+    repo = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0"]
+    cmd += ["--rdzv_backend", "c10d", "--rdzv_endpoint", "127.0.0.1:0", str(repo / "train" / "sft.py")]
+    cmd += _args(base, tmp_path, "--batch_size", "2", "--max_steps", "2", "--group_by_length", "0")
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "x 2 ranks" in proc.stdout
+    # Step 1: rank r trains on conversations order[2r : 2r + 2]; the logged loss is the mean of the two ranks' losses.
+    model, _, _ = ckpt.load_model(base)
+    data = SFTDataset(SFT_DATA, tokenizer, 64)
+    order = common.epoch_order(len(data), 42, 0)
+    per_rank = [_hand_ce(model, collate_sft([data[int(i)] for i in order[2 * r : 2 * r + 2]])) for r in (0, 1)]
+    assert abs(_losses(tmp_path)[1] - sum(per_rank) / 2) < 1e-4
+    ckpt.load_model(tmp_path / "full_sft")
