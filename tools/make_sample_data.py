@@ -8,16 +8,17 @@ creatures) and two-digit addition / subtraction, all in English. Files:
 
   pretrain.jsonl        {"text"}: encyclopedia-like paragraphs stating every fact several times in varied phrasing,
                         and arithmetic lines
-  sft.jsonl             {"conversations"}: Q&A about the facts and arithmetic (some with a system message, some
-                        multi-turn)
+  sft.jsonl             {"conversations"}: Q&A about the facts and arithmetic, and reading comprehension (a short
+                        text about strangers, then a question on it); some with a system message, some multi-turn
   dpo.jsonl             {"chosen", "rejected"}: the rejected reply gives a wrong answer
   rlaif.jsonl           RL prompts in SFT format plus "answer", the verifiable answer string
   r1_mix.jsonl          reasoning conversations, assistant content
                         `<think>\\n...\\n</think>\\n<answer>\\n...\\n</answer>`
   lora_identity.jsonl   who-are-you conversations giving the assistant a name used nowhere else
   eval.jsonl            held-out {"question", "answer", "kind", "choices"?}: person facts stated in pretrain.jsonl
-                        whose question/answer form appears in no conversation file, and arithmetic pairs that appear
-                        in no other file; "choices" lists every valid answer of that kind (chance = 1/len(choices))
+                        whose question/answer form appears in no conversation file, reading-comprehension questions
+                        about strangers named nowhere else, and arithmetic pairs that appear in no other file;
+                        "choices" lists every valid answer of that kind (chance = 1/len(choices))
   README.md             what the files are, their counts, and the measured unigram entropy of pretrain.jsonl under
                         the shipped tokenizer (minimind/assets), when that tokenizer is present
 
@@ -42,6 +43,7 @@ ATTRIBUTES = ("town", "profession", "colour", "pet", "age")
 AGE_RANGE = (18, 90)
 N_PEOPLE, N_TOWNS, N_CREATURES = 300, 16, 12
 HELD_OUT_FRACTION = 0.2  # share of (person, attribute) pairs asked only in eval.jsonl
+N_READING_SFT, N_READING_RL, N_READING_EVAL = 1000, 300, 150  # reading comprehension: sft / rlaif / eval items
 N_EVAL_ARITHMETIC = 120
 
 PROFESSIONS = (
@@ -827,6 +829,33 @@ def with_system(rng: random.Random, messages: list[dict], p_system: float = 0.3)
     return [msg("system", rng.choice(SYS_PROMPTS)), *messages] if rng.random() < p_system else messages
 
 
+def reading_people(rng: random.Random, names: NameMaker, choices: dict[str, list[str]]) -> list[Person]:
+    """One or two strangers (names used nowhere else) with random facts, for a reading-comprehension question."""
+    return [
+        Person(
+            first=names.word(2, max_len=8),
+            last=names.word(rng.choice((2, 3))),
+            **{a: rng.choice(choices[a]) for a in ("town", "profession", "colour", "pet")},
+            age=int(rng.choice(choices["age"])),
+        )
+        for _ in range(rng.choice((1, 2)))
+    ]
+
+
+def reading_question(rng: random.Random, people: list[Person]) -> tuple[str, Person, str]:
+    """(user message, the person asked about, the attribute asked): a short passage stating every fact of each
+    person in shuffled order, then a question about one fact of one of them. The answer is in the passage, so a
+    model that has learned to read answers it without having seen the person before."""
+    sentences = []
+    for p in people:
+        attrs = list(ATTRIBUTES)
+        rng.shuffle(attrs)
+        sentences += [fact_sentence(rng, p, a) for a in attrs]
+    target, attr = rng.choice(people), rng.choice(ATTRIBUTES)
+    intro = rng.choice(("Read the text and answer the question.", "Here is a short text.", "Text:"))
+    return f"{intro}\n{' '.join(sentences)}\n{question(rng, target, attr)}", target, attr
+
+
 def wrong_value(rng: random.Random, attribute: str, right: str, choices: dict[str, list[str]]) -> str:
     return rng.choice([c for c in choices[attribute] if c != right])
 
@@ -967,6 +996,14 @@ def generate(out: Path, seed: int = 0, scale: float = 1.0, tokenizer_dir: Path |
         sft.append({"conversations": conversation(rng, [(arith_question(rng, pr), arith_answer(pr))])})
     for q, a in GENERIC_IDENTITY:
         sft += [{"conversations": conversation(rng, [(q, a)])} for _ in range(n(5, 1))]
+    # Reading comprehension about strangers, from a stream of its own: the held-out strangers of eval.jsonl are
+    # drawn from the same stream, so no name repeats across files (the NameMaker remembers every world name too).
+    reading_rng = random.Random(seed * 7919 + 1)
+    strangers = NameMaker(reading_rng)
+    strangers.used |= {w.lower() for p in people for w in (p.first, p.last)} | {t.name.lower() for t in towns}
+    for _ in range(n(N_READING_SFT)):
+        text, p, attr = reading_question(reading_rng, reading_people(reading_rng, strangers, choices))
+        sft.append({"conversations": conversation(rng, [(text, answer(rng, p, attr))])})
     rng.shuffle(sft)
 
     # dpo.jsonl: the same prompt and reply template; the rejected reply names a wrong value.
@@ -1000,6 +1037,13 @@ def generate(out: Path, seed: int = 0, scale: float = 1.0, tokenizer_dir: Path |
         rlaif.append({"conversations": conv, "answer": str(solve(pr))})
     for i, attr in rng.sample(known, n(300)):
         rlaif.append({"conversations": conversation(rng, [ask(i, attr)], 0.2), "answer": people[i].value(attr)})
+    # Reading prompts: a verifiable task the SFT model already solves part of the time, room for RL to improve.
+    rl_rng = random.Random(seed * 7919 + 2)
+    rl_names = NameMaker(rl_rng)
+    rl_names.used = strangers.used  # one set: no stranger's name is drawn twice in any file
+    for _ in range(n(N_READING_RL)):
+        text, p, attr = reading_question(rl_rng, reading_people(rl_rng, rl_names, choices))
+        rlaif.append({"conversations": conversation(rng, [(text, answer(rng, p, attr))], 0.2), "answer": p.value(attr)})
     rng.shuffle(rlaif)
 
     # r1_mix.jsonl: the reasoning is written out in <think>, the reply in <answer>.
@@ -1029,6 +1073,9 @@ def generate(out: Path, seed: int = 0, scale: float = 1.0, tokenizer_dir: Path |
          "choices": choices[attr]}
         for i, attr in sorted(held)
     ]  # fmt: skip
+    for _ in range(n(N_READING_EVAL, 10)):
+        text, p, attr = reading_question(reading_rng, reading_people(reading_rng, strangers, choices))
+        evals.append({"question": text, "answer": p.value(attr), "kind": "reading", "choices": choices[attr]})
     for pr in eval_problems:
         evals.append({"question": arith_question(rng, pr), "answer": str(solve(pr)), "kind": "arithmetic"})
 
@@ -1094,7 +1141,7 @@ def render_readme(
 
 FILE_NOTES = {
     "pretrain.jsonl": '`{"text"}` paragraphs about people, towns, professions, creatures; arithmetic lines',
-    "sft.jsonl": '`{"conversations"}` Q&A on facts and sums, some with a system message, some multi-turn',
+    "sft.jsonl": '`{"conversations"}` Q&A on facts, sums and short texts; some with a system message, some multi-turn',
     "dpo.jsonl": '`{"chosen", "rejected"}`, the rejected reply gives a wrong value',
     "rlaif.jsonl": 'RL prompts in SFT format plus `"answer"`, the verifiable answer string',
     "r1_mix.jsonl": "reasoning: assistant content `<think>\\n...\\n</think>\\n<answer>\\n...\\n</answer>`",
@@ -1131,6 +1178,12 @@ again in town and profession listings. The (person, attribute) pairs are split: 
 answered in the conversation files (sft, dpo, rlaif, r1_mix, lora_identity); the rest are asked only in eval.jsonl.
 So eval measures whether a model turns knowledge it read in pretraining into answers in a form it only learned for
 other facts. Eval arithmetic problems (and, for sums, their swapped twins) appear in no other file.
+
+Reading comprehension: sft.jsonl also holds conversations whose user message is a short text stating the five facts
+of one or two strangers (invented names that appear nowhere else), then a question about one of those facts; the
+reply states the value the text gives. eval.jsonl's reading items are built the same way about other strangers, so
+they measure a skill learned in SFT (finding the asked fact in the context) rather than memorised knowledge. A small
+model learns this one within minutes; recalling memorised facts about the world's people takes far more training.
 
 {eval_text}
 

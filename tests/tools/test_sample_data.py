@@ -81,7 +81,7 @@ def test_shipped_data_is_generator_output(tmp_path):
 
 def test_sizes():
     sizes = {p.name: p.stat().st_size for p in SAMPLE.iterdir()}
-    assert sum(sizes.values()) < 4_100_000
+    assert sum(sizes.values()) < 5_000_000
     assert max(sizes, key=sizes.get) == "pretrain.jsonl" and 1_500_000 < sizes["pretrain.jsonl"] < 3_000_000
 
 
@@ -150,7 +150,7 @@ def test_r1_think_answer_layout(data):
 def test_eval_format(data):
     evals = data["eval.jsonl"]
     kinds = Counter(e["kind"] for e in evals)
-    assert set(kinds) == {*msd.ATTRIBUTES, "arithmetic"} and min(kinds.values()) >= 20
+    assert set(kinds) == {*msd.ATTRIBUTES, "arithmetic", "reading"} and min(kinds.values()) >= 20
     for e in evals:
         assert set(e) == ({"question", "answer", "kind", "choices"} if e["kind"] != "arithmetic" else
                           {"question", "answer", "kind"})  # fmt: skip
@@ -175,7 +175,7 @@ def test_eval_questions_are_held_out(data, raw):
         for m in r.get(key, ())
         if m["role"] == "user"
     }
-    facts = [e for e in data["eval.jsonl"] if e["kind"] != "arithmetic"]
+    facts = [e for e in data["eval.jsonl"] if e["kind"] in msd.ATTRIBUTES]
     sentences = Counter(s for r in data["pretrain.jsonl"] for s in re.split(r"(?<=\.) ", r["text"]))
     for e in facts:
         name = next(n for n in re.findall(r"[A-Z][a-z]+ [A-Z][a-z]+", e["question"]) if n)
@@ -184,6 +184,66 @@ def test_eval_questions_are_held_out(data, raw):
         # ... while the fact itself is stated in pretraining text, several times.
         stated = {msd.fill(s, name, e["answer"]) for s in msd.FACT_SENTENCES[e["kind"]]}
         assert sum(sentences[s] for s in stated) >= 3, e
+
+
+def _reading_parts(text):
+    """(passage sentences, question) of a reading-comprehension user message: intro line, passage line, question."""
+    intro, passage, asked = text.split("\n")
+    assert intro in ("Read the text and answer the question.", "Here is a short text.", "Text:")
+    return re.split(r"(?<=\.) ", passage), asked
+
+
+NAME = r"[A-Z][a-z]+ [A-Z][a-z]+"
+
+
+def _template_regex(template, name=NAME):
+    """A fact or question template as a regex with the value captured ({v}: one word or number; {a}: 'a/an word')."""
+    pattern = re.escape(template).replace(re.escape("{name}"), name)
+    return pattern.replace(re.escape("{v}"), r"(?P<v>[^\s.?]+)").replace(re.escape("{a}"), r"an? (?P<v>[^\s.?]+)")
+
+
+def _asked(question):
+    """(name, kind) of a question about one person, from the question templates."""
+    hits = {(re.search(NAME, question).group(0), k) for k in msd.ATTRIBUTES for q in msd.QUESTIONS[k]
+            if re.fullmatch(_template_regex(q), question)}  # fmt: skip
+    assert len(hits) == 1, question
+    return hits.pop()
+
+
+def _stated_value(sentences, name, kind):
+    """The value a passage states for (name, kind), found by matching every fact template against every sentence."""
+    found = {m.group("v") for t in msd.FACT_SENTENCES[kind] for s in sentences
+             if (m := re.fullmatch(_template_regex(t, re.escape(name)), s))}  # fmt: skip
+    assert len(found) == 1, (name, kind, sentences)
+    return found.pop()
+
+
+def test_reading_items_are_answered_by_their_passage_about_strangers(data, raw):
+    reading = [e for e in data["eval.jsonl"] if e["kind"] == "reading"]
+    assert len(reading) >= 100
+    eval_names = set()
+    for e in reading:
+        sentences, asked = _reading_parts(e["question"])
+        name, kind = _asked(asked)
+        assert _stated_value(sentences, name, kind) == e["answer"] and e["answer"] in e["choices"]
+        names = set(re.findall(NAME, " ".join(sentences)))
+        assert name in names and 1 <= len(names) <= 2, names
+        eval_names |= names
+    # The strangers of eval.jsonl appear in no other file: the model cannot have memorised anything about them.
+    others = "\n".join(text for name, text in raw.items() if name != "eval.jsonl")
+    assert not [n for n in eval_names if n in others]
+    # The conversation files teach the skill: reading conversations whose replies state the passage's value.
+    taught = 0
+    for r in data["sft.jsonl"]:
+        user, reply = r["conversations"][-2]["content"], r["conversations"][-1]["content"]
+        if "\n" not in user:
+            continue
+        sentences, asked = _reading_parts(user)
+        name, kind = _asked(asked)
+        value = _stated_value(sentences, name, kind)
+        assert reply in {msd.fill(a, name, value) for a in msd.ANSWERS[kind]}, (user, reply)
+        taught += 1
+    assert taught >= 500
 
 
 def test_eval_problems_appear_nowhere_else(data, raw):

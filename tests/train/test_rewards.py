@@ -16,7 +16,7 @@ RLAIF = Path(__file__).resolve().parents[2] / "data" / "sample" / "rlaif.jsonl"
 
 def test_every_sample_reference_reply_earns_the_rule_reward():
     records = [json.loads(line) for line in RLAIF.read_text().splitlines()]
-    assert len(records) == 800
+    assert len(records) == 1100
     for rec in records:
         reply = rec["conversations"][-1]["content"]
         assert rewards.rule_reward("", reply, rec) == 1.0, (reply, rec["answer"])

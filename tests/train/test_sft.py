@@ -78,7 +78,7 @@ def _hand_ce(model, batch):
 def test_loss_is_cross_entropy_on_assistant_tokens_only(tokenizer):
     torch.manual_seed(1)
     model = MiniMind(from_preset("tiny")).eval()
-    data = SFTDataset(SFT_DATA, tokenizer, 64)
+    data = SFTDataset(SFT_DATA, tokenizer, 256)  # long enough for the first conversation's whole reply
     rows = [data[i] for i in (0, 1, 2)]
     batch = collate_sft(rows)
     assert len({len(r["input_ids"]) for r in rows}) > 1  # the batch really is padded
