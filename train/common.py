@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import inspect
 import json
 import math
 import os
@@ -23,6 +24,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:  # `python train/x.py` from a checkout without `pip install -e .`
@@ -56,7 +58,11 @@ def parse_args(cls: type, argv: list[str] | None, description: str) -> Any:
     """
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
+    # A stage's own flags first, then those of the classes it extends (StageArgs last); a flag re-declared to change
+    # its default stays with the class that introduced it.
+    mro = [k for k in cls.__mro__ if dataclasses.is_dataclass(k)]
+    depth = {name: i for i, k in enumerate(mro) for name in inspect.get_annotations(k)}
+    for f in sorted(dataclasses.fields(cls), key=lambda f: depth[f.name]):
         hint = hints[f.name]
         kind = next((t for t in typing.get_args(hint) if t is not type(None)), hint)
         help_text = f.metadata.get("help", "")
@@ -65,6 +71,42 @@ def parse_args(cls: type, argv: list[str] | None, description: str) -> Any:
         else:
             parser.add_argument(f"--{f.name}", type=kind, default=f.default, help=help_text)
     return cls(**vars(parser.parse_args(argv)))
+
+
+@dataclass
+class StageArgs:
+    """The flags every post-training stage shares. A stage's Args extends it with its own (data, model, batch and
+    learning-rate flags, and its algorithm's) and may re-declare one here to change its default."""
+
+    out_dir: str = arg("out", "where checkpoints, metrics and the loss curve go")
+    from_resume: int = arg(0, "1: continue from the newest checkpoint in {out_dir}/{save_weight}_resume")
+    tokenizer: str | None = arg(None, "tokenizer folder or tokenizer.json (default: the one saved with --from_weight)")
+    accumulation_steps: int = arg(1, "micro-batches per optimizer step")
+    warmup_steps: int = arg(0, "linear warmup steps before the cosine schedule")
+    weight_decay: float = arg(0.01, "AdamW weight decay (matrices only)")
+    grad_clip: float = arg(1.0, "clip the global gradient norm to this (0 = off)")
+    max_steps: int = arg(0, "stop after this many optimizer steps (0 = run all epochs)")
+    device: str = arg("auto", "cuda, cpu, or auto")
+    dtype: str = arg("auto", "bfloat16 or float32 (auto: bf16 autocast on CUDA, fp32 on CPU)")
+    kernels: str = arg("auto", "ops spec: torch | triton | liger | auto, with overrides like 'triton,rope=torch'")
+    compile: bool = arg(False, "torch.compile the trained model")
+    fsdp: bool = arg(False, "shard parameters, gradients and optimizer state with FSDP2 (under torchrun)")
+    max_bad_steps: int = arg(10, "stop after this many non-finite steps in a row (each one is skipped and counted)")
+    skip_bad_lines: bool = arg(False, "count and skip malformed data lines instead of stopping at the first")
+    wandb: bool = arg(False, "also log to Weights & Biases (needs `pip install wandb`)")
+    swanlab: bool = arg(False, "also log to SwanLab (needs `pip install swanlab`)")
+    log_interval: int = arg(10, "optimizer steps between log lines")
+    save_interval: int = arg(200, "optimizer steps between checkpoints")
+    keep_last: int = arg(2, "resume checkpoints to keep")
+    seed: int = arg(42, "seed for the data order")
+
+
+def resolve_auto(args: Any, on_cuda: bool, auto: dict[str, tuple[Any, Any]]) -> Any:
+    """Fill the machine-dependent defaults (flags left at None) from auto: {name: (CPU value, CUDA value)}."""
+    for name, (cpu, cuda) in auto.items():
+        if getattr(args, name) is None:
+            setattr(args, name, cuda if on_cuda else cpu)
+    return args
 
 
 # ------------------------------------------------------------------------------------------------------------ runtime
@@ -137,24 +179,45 @@ def barrier(rt: Runtime) -> None:
 def all_reduce_mean(value: torch.Tensor, rt: Runtime) -> torch.Tensor:
     """Mean of a tensor over ranks (for logging: each rank's loss covers an equal share of the global batch)."""
     if rt.world_size > 1:
-        value = value.clone()
+        value = value.to(rt.device, copy=True)
         dist.all_reduce(value, op=dist.ReduceOp.SUM)
         value /= rt.world_size
     return value
 
 
-def wrap_model(model: MiniMind, rt: Runtime, fsdp: bool = False) -> torch.nn.Module:
+def all_reduce_sum(value: torch.Tensor, rt: Runtime) -> torch.Tensor:
+    """Sum of a tensor over ranks (counts and sums whose ratio is a mean over the global batch)."""
+    if rt.world_size > 1:
+        value = value.to(rt.device, copy=True)
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+    return value
+
+
+def all_gather_cat(value: torch.Tensor, rt: Runtime) -> torch.Tensor:
+    """Every rank's tensor (the same shape on each) concatenated along dim 0 in rank order."""
+    if rt.world_size == 1:
+        return value
+    value = value.to(rt.device).contiguous()
+    parts = [torch.empty_like(value) for _ in range(rt.world_size)]
+    dist.all_gather(parts, value)
+    return torch.cat(parts)
+
+
+def wrap_model(model: torch.nn.Module, rt: Runtime, fsdp: bool = False) -> torch.nn.Module:
     """Data parallelism applied from outside the model: DDP, or FSDP2 (`fully_shard` per transformer block, then the
     root) with bf16 parameters in compute and fp32 gradient reduction when autocast is bf16. Returns the module to
-    call; the optimizer and checkpoints keep using `model` (FSDP2 shards it in place)."""
+    call; the optimizer and checkpoints keep using `model` (FSDP2 shards it in place). model is a MiniMind or any
+    module holding one (PPO's critic). Only trainable models are wrapped: frozen ones run as they are on each rank."""
     if rt.world_size == 1 and not fsdp:
         return model
     if fsdp:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+        from minimind.model import Block
+
         mp = MixedPrecisionPolicy(param_dtype=rt.amp_dtype, reduce_dtype=torch.float32) if rt.amp_dtype else None
         kw = {"mp_policy": mp} if mp is not None else {}
-        for block in model.model.layers:
+        for block in [m for m in model.modules() if isinstance(m, Block)]:
             fully_shard(block, **kw)
         fully_shard(model, **kw)
         return model
@@ -191,6 +254,25 @@ def no_sync(wrapped: torch.nn.Module, sync: bool) -> contextlib.AbstractContextM
     return contextlib.nullcontext()
 
 
+@contextlib.contextmanager
+def gathered(model: torch.nn.Module):
+    """Hold an FSDP2 model's full parameters on every rank for a stretch of forwards whose number may differ between
+    ranks: sampling stops when a rank's own rows are done, and a sharded forward is a collective that every rank
+    must join. Gathers once on entry (all ranks together), frees on exit. No-op for a model that is not sharded."""
+    from torch.distributed.fsdp import FSDPModule
+
+    sharded = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for m in sharded:
+        m.unshard()
+        m.set_reshard_after_forward(False, recurse=False)
+    try:
+        yield model
+    finally:
+        for m in sharded:
+            m.set_reshard_after_forward(m is not model, recurse=False)  # FSDP2's defaults: blocks yes, root no
+            m.reshard()
+
+
 class _FsdpNoSync:
     def __init__(self, module):
         self.module = module
@@ -202,30 +284,36 @@ class _FsdpNoSync:
         self.module.set_requires_gradient_sync(True)
 
 
-def full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, rt: Runtime):
+def full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, rt: Runtime, with_model: bool = True):
     """(model state dict, optimizer state dict) as full, unsharded CPU tensors on every rank, whether the model is
-    plain, DDP-wrapped or FSDP2-sharded: what checkpoints store, so a run can resume on another world size."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+    plain, DDP-wrapped or FSDP2-sharded: what checkpoints store, so a run can resume on another world size.
+    with_model=False gathers the optimizer state only (model state None): for LoRA, whose writer saves the adapters
+    itself. Optimizer state is keyed by parameter name."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        get_state_dict,
+    )
 
     opts = StateDictOptions(full_state_dict=True, cpu_offload=rt.world_size > 1)
     if optimizer is None:
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict
-
         return get_model_state_dict(model, options=opts), None
+    if not with_model:
+        return None, get_optimizer_state_dict(model, optimizer, options=opts)
     return get_state_dict(model, optimizer, options=opts)
 
 
 def load_full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, model_sd, optim_sd) -> None:
-    """Inverse of full_state: load full state dicts into a plain or sharded model and its optimizer."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+    """Inverse of full_state: load full state dicts into a plain or sharded model and its optimizer (model_sd None:
+    the optimizer only)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict, set_state_dict
 
-    set_state_dict(
-        model,
-        optimizer,
-        model_state_dict=model_sd,
-        optim_state_dict=optim_sd,
-        options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=False),
-    )
+    opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=False)
+    if model_sd is None:
+        set_optimizer_state_dict(model, optimizer, optim_state_dict=optim_sd, options=opts)
+        return
+    set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd, options=opts)
 
 
 def resolve_kernels(spec: str, rt: Runtime) -> kernels.Ops:
@@ -443,10 +531,15 @@ def save_resume(
         meta=meta,
         state_dict=model_sd,
     )
+    prune_resume(rdir, keep_last)
+    return folder
+
+
+def prune_resume(rdir: Path, keep_last: int) -> None:
+    """Delete all but the newest keep_last step_N folders of a resume folder (keep_last <= 0 keeps all)."""
     old = sorted(p for p in rdir.iterdir() if _STEP_DIR.match(p.name))[:-keep_last] if keep_last > 0 else []
     for p in old:
         shutil.rmtree(p, ignore_errors=True)
-    return folder
 
 
 def latest_resume(out_dir: str | Path, save_weight: str) -> Path | None:
@@ -461,6 +554,70 @@ def latest_resume(out_dir: str | Path, save_weight: str) -> Path | None:
         except ckpt.CheckpointError as exc:
             print(f"warning: skipping resume checkpoint: {exc}")
     return None
+
+
+def save_step(
+    args: Any,
+    rt: Runtime,
+    step: int,
+    rows_per_step: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    tokenizer: Tokenizer,
+    extra: dict[str, Any] | None = None,
+    write: Any = None,
+) -> None:
+    """The checkpoint after optimizer step `step`, called by every rank (gathering a sharded state is collective;
+    rank 0 writes, the others wait). The train state records the data position in rows (rows_seen) and the world
+    size, so a run may resume on another number of ranks. extra: more train-state entries (SPO's tracker, PPO's
+    critic). write(step, state): a stage's own writer instead of save_resume (LoRA's adapter folders; it gets no
+    gathered model state)."""
+    model_sd, optim_sd = full_state(model, optimizer, rt, with_model=write is None)
+    state = {
+        "step": step,
+        "rows_seen": step * rows_per_step,
+        "world_size": rt.world_size,
+        "optimizer": optim_sd,
+        "rng": rng_state(),
+        **(extra or {}),
+    }
+    if rt.is_main:
+        if write is None:
+            save_resume(args.out_dir, args.save_weight, step, model, tokenizer, args, state, args.keep_last, model_sd)
+        else:
+            write(step, state)
+    barrier(rt)
+
+
+def restore_resume(
+    args: Any,
+    rt: Runtime,
+    rows_per_step: int,
+    model: torch.nn.Module | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+) -> tuple[int, dict[str, Any]]:
+    """--from_resume 1: load the newest complete resume checkpoint -> (step to continue from, its train state with
+    "folder" added); (0, {}) when starting fresh. The model and optimizer are loaded from full state dicts (so into
+    a sharded model too; model None: the caller loads them from state["folder"]) and the RNG is restored. The step
+    is the rows seen divided by this run's rows per step: on another number of ranks the position is rounded down,
+    replaying at most one step's rows."""
+    if not args.from_resume:
+        return 0, {}
+    folder = latest_resume(args.out_dir, args.save_weight)
+    if folder is None:
+        if rt.is_main:
+            print(f"no resume checkpoint under {resume_dir(args.out_dir, args.save_weight)}: starting fresh")
+        return 0, {}
+    state = ckpt.load_train_state(folder)
+    if model is not None:
+        load_full_state(model, optimizer, ckpt.load_model_state(folder), state["optimizer"])
+    set_rng_state(state["rng"])
+    start = int(state["rows_seen"]) // rows_per_step if "rows_seen" in state else int(state["step"])
+    if rt.is_main:
+        was = state.get("world_size", 1)
+        moved = f" (saved by {was} ranks, now {rt.world_size})" if was != rt.world_size else ""
+        print(f"resumed from {folder} at step {start}{moved}")
+    return start, {**state, "folder": folder}
 
 
 def rng_state() -> dict[str, torch.Tensor]:
@@ -507,6 +664,70 @@ def _in_main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
+class NonFiniteGuard:
+    """Decides whether an optimizer step may be taken: a NaN/inf gradient norm skips it (weights and optimizer state
+    stay as they were) and is counted; max_bad_steps in a row stop the run, naming the last checkpoint written (it
+    holds the weights from before the streak). The norm is the all-reduced one, so every rank decides alike."""
+
+    def __init__(self, args: Any, rt: Runtime, metrics: MetricsLog):
+        self.args, self.rt, self.metrics = args, rt, metrics
+        self.skipped, self.streak = 0, 0
+
+    def ok(self, grad_norm: torch.Tensor, step: int) -> bool:
+        if bool(torch.isfinite(grad_norm).all()):
+            self.streak = 0
+            return True
+        self.skipped, self.streak = self.skipped + 1, self.streak + 1
+        if self.rt.is_main:
+            tqdm.write(f"step {step}: non-finite loss or gradient, step skipped ({self.skipped} so far)")
+        if self.streak >= self.args.max_bad_steps:
+            self.metrics.write({"step": step, "skipped_steps": self.skipped, "stopped": "non-finite"})
+            last = latest_resume(self.args.out_dir, self.args.save_weight)
+            raise SystemExit(
+                f"error: {self.streak} non-finite steps in a row; stopping. Last good checkpoint: "
+                f"{last if last is not None else 'none written yet'}"
+            )
+        return False
+
+
+def start_run(args: Any, rt: Runtime, start_step: int, summary: str) -> tuple[MetricsLog, NonFiniteGuard]:
+    """Print the run's start-up summary (rank 0) and open its metrics, {out_dir}/{save_weight}_metrics.jsonl (written
+    by rank 0 only, appended to when resuming) with the trackers asked for (--wandb / --swanlab), and its
+    NonFiniteGuard."""
+    if rt.is_main:
+        print(summary)
+    trackers = open_trackers(args.wandb, args.swanlab, "minimind", args.save_weight, vars(args)) if rt.is_main else []
+    path = Path(args.out_dir) / f"{args.save_weight}_metrics.jsonl"
+    metrics = MetricsLog(path, enabled=rt.is_main, append=start_step > 0, trackers=trackers)
+    return metrics, NonFiniteGuard(args, rt, metrics)
+
+
+def progress(start: int, total: int, desc: str, rt: Runtime) -> tqdm:
+    """The progress bar over optimizer steps (rank 0 only)."""
+    return tqdm(range(start, total), initial=start, total=total, desc=desc, dynamic_ncols=True, disable=not rt.is_main)
+
+
+def finish(args: Any, rt: Runtime, metrics: MetricsLog, title: str, last_loss: float | None = None) -> bool:
+    """End of a run: close the metrics and trackers and leave the process group; rank 0 draws the loss curve
+    ({save_weight}_loss.png) and says where the model went. -> whether this is rank 0."""
+    metrics.close()
+    shutdown(rt)
+    if not rt.is_main:
+        return False
+    png = plot_loss_curve(metrics.path, Path(args.out_dir) / f"{args.save_weight}_loss.png", title)
+    loss = f"loss {last_loss:.4f}; " if last_loss is not None else ""
+    print(f"done: {loss}model in {Path(args.out_dir) / args.save_weight}" + (f"; loss curve {png}" if png else ""))
+    return True
+
+
+def describe_runtime(rt: Runtime, args: Any) -> str:
+    """'cpu x 2 ranks (fp32, FSDP2)': where and how the run computes, for the start-up line."""
+    ranks = f" x {rt.world_size} ranks" if rt.world_size > 1 else ""
+    how = ["bf16 autocast" if rt.amp_dtype else "fp32"]
+    how += ["compiled"] * bool(args.compile) + ["FSDP2"] * bool(args.fsdp)
+    return f"{rt.device}{ranks} ({', '.join(how)})"
+
+
 class Timer:
     def __init__(self, device: torch.device):
         self.device = device
@@ -537,6 +758,75 @@ def load_base_model(from_weight: str, ops: kernels.Ops, device: torch.device, **
     model = MiniMind(cfg, ops=ops)
     ckpt.load_model_weights(model, from_weight)
     return model.to(device)
+
+
+# The weights that only ever enter autocast matmuls: stored in bf16 they give bit-identical results at a third of the
+# memory. Embedding (the residual stream's dtype and the tied head), norms and the MoE router stay fp32, as in the
+# trained model, so a frozen copy computes exactly what the same weights compute under autocast.
+_MATMUL_WEIGHTS = ("_proj.weight", "w_gate", "w_up", "w_down")
+
+
+def frozen_model(folder: str, ops: kernels.Ops, rt: Runtime) -> MiniMind:
+    """A model that is only read (DPO's and the RL stages' reference, distillation's teacher): eval mode, no
+    gradients, its matmul weights stored in the compute dtype (bf16 under autocast; see _MATMUL_WEIGHTS), so a copy
+    of the trained model's starting point computes exactly what that model computes. Every rank holds its own
+    copy, not wrapped for data parallelism: it has no gradients to average."""
+    model = load_base_model(folder, ops, rt.device)
+    model.eval().requires_grad_(False)
+    if rt.amp_dtype is not None:
+        for name, p in model.named_parameters():
+            if name.endswith(_MATMUL_WEIGHTS):
+                p.data = p.data.to(rt.amp_dtype)
+    return model
+
+
+def stage_tokenizer(path: str | None, from_weight: str) -> Tokenizer:
+    """--tokenizer, else the tokenizer saved with the starting checkpoint, else the shipped one."""
+    if path is None and (Path(from_weight) / "tokenizer.json").is_file():
+        path = from_weight
+    return load_tokenizer(path)
+
+
+def open_dataset(cls: type, args: Any, tokenizer: Tokenizer, rt: Runtime) -> Any:
+    """cls(--data_path, tokenizer, --max_seq_len) with --skip_bad_lines; a DataError or a missing file ends the run
+    with its message, and skipped lines are reported (rank 0)."""
+    from minimind.data import DataError
+
+    try:
+        data = cls(args.data_path, tokenizer, args.max_seq_len, skip_bad_lines=args.skip_bad_lines)
+    except (DataError, FileNotFoundError) as exc:
+        raise SystemExit(f"error: {exc}") from exc
+    if data.bad_lines and rt.is_main:
+        print(
+            f"warning: skipped {data.bad_lines} malformed lines in {args.data_path}; first: {data.bad_line_reasons[0]}"
+        )
+    return data
+
+
+def plan_steps(n_rows: int, rows_per_step: int, args: Any, rt: Runtime, what: str) -> tuple[int, int]:
+    """(optimizer steps per epoch, total steps) for n_rows rows of which one step reads rows_per_step (over all
+    ranks); --max_steps caps the total. Too few rows for one step is an error that says what to lower."""
+    steps_per_epoch = n_rows // rows_per_step
+    if steps_per_epoch == 0:
+        raise SystemExit(
+            f"error: {args.data_path} has {n_rows} {what}, fewer than one optimizer step needs ({rows_per_step} over "
+            f"{rt.world_size} rank{'s' * (rt.world_size > 1)}); lower --batch_size"
+        )
+    total = steps_per_epoch * args.epochs
+    return steps_per_epoch, min(total, args.max_steps) if args.max_steps else total
+
+
+def batch_index(within: int, micro: int, args: Any, rt: Runtime) -> int:
+    """Which batch_size-row slice of the epoch order this rank reads at micro-batch `micro` of step `within` (of the
+    epoch). Rank r takes the r-th slice of each micro-batch, so the ranks together read exactly the rows that one
+    process with a world_size times larger batch would."""
+    return (within * args.accumulation_steps + micro) * rt.world_size + rt.rank
+
+
+def rank_rows(order: torch.Tensor, within: int, micro: int, args: Any, rt: Runtime) -> list[int]:
+    """The data indices of this rank's micro-batch (see batch_index)."""
+    b = batch_index(within, micro, args, rt)
+    return order[b * args.batch_size : (b + 1) * args.batch_size].tolist()
 
 
 def iterate_batches(dataset: Any, collate: Any, batch_size: int, seed: int, epoch: int, start_batch: int = 0) -> Any:

@@ -4,6 +4,7 @@
     python train/distill.py --teacher out/full_sft --student_preset tiny --hidden_size 128 --num_hidden_layers 2
                                                     # CPU recipe: the tiny SFT model into a fresh, smaller student
     python train/distill.py --from_resume 1
+    torchrun --nproc_per_node 4 train/distill.py --teacher out/full_sft_base      # DDP (add --fsdp for FSDP2)
 
 Algorithm, as implemented (Hinton et al. 2015, "Distilling the Knowledge in a Neural Network", sec. 2):
 
@@ -18,6 +19,13 @@ Memory: no [B, T, V] logits are materialised. The CE goes through the model's fu
 both models return their final-norm hidden states, and train/losses.py:chunked_distill_kl makes the two models'
 logits --kl_chunk tokens at a time, computing the student's gradient chunk by chunk in the same pass (MiniMind
 holds both models' full fp32 logits for the whole batch).
+
+Under torchrun each rank takes batch_size conversations of every micro-batch (the data position is counted in
+conversations, so a run resumes on another number of ranks). Each rank's CE and KL are means over its own trained
+tokens and the student's gradients are averaged over ranks (all-reduced once per optimizer step), so ranks weigh
+equally rather than by their token counts; the logged losses are the means of the ranks' losses. The student is
+wrapped (DDP, or FSDP2 per block with --fsdp: the tied head is read after the forward, while the root's parameters
+are still gathered); the frozen teacher is not, every rank holds a copy.
 
 --student_preset builds a fresh student from a preset (optionally narrower or shallower with --hidden_size /
 --num_hidden_layers) instead of loading --from_weight. Outputs under --out_dir: {save_weight}/ (the student),
@@ -35,10 +43,8 @@ if __package__ in (None, ""):  # run as `python train/distill.py`
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
-from minimind import checkpoint as ckpt
-from minimind.data import IGNORE_INDEX, DataError, SFTDataset, collate_sft, tokenizer_fingerprint
+from minimind.data import IGNORE_INDEX, SFTDataset, collate_sft, tokenizer_fingerprint
 from minimind.model import MiniMind, compute_dtype
 from minimind.tokenizer import Tokenizer
 from train import common
@@ -55,66 +61,26 @@ _AUTO = {
     "max_seq_len": (256, 340),
 }
 
-# The weights that only ever enter autocast matmuls: stored in bf16 they give bit-identical results at a third of the
-# memory. Embedding (the residual stream's dtype and the tied head), norms and the MoE router stay fp32, as in the
-# trained model, so the frozen copy computes exactly what the same weights compute under autocast.
-_MATMUL_WEIGHTS = ("_proj.weight", "w_gate", "w_up", "w_down")
-
 
 @dataclass
-class Args:
+class Args(common.StageArgs):
     data_path: str = arg("data/sample/sft.jsonl", "SFT JSONL ({'conversations': [...]} per line)")
-    out_dir: str = arg("out", "where checkpoints, metrics and the loss curve go")
     save_weight: str = arg("full_dist", "name of the checkpoint folder under --out_dir")
     teacher: str = arg("out/full_sft_base", "checkpoint folder of the teacher (any size, same tokenizer)")
     from_weight: str = arg("out/full_sft", "checkpoint folder the student starts from (unless --student_preset)")
     student_preset: str | None = arg(None, "start a fresh student from this preset (tiny, small, base, moe)")
     hidden_size: int = arg(0, "with --student_preset: the student's hidden size (0 = the preset's)")
     num_hidden_layers: int = arg(0, "with --student_preset: the student's depth (0 = the preset's)")
-    from_resume: int = arg(0, "1: continue from the newest checkpoint in {out_dir}/{save_weight}_resume")
     tokenizer: str | None = arg(None, "tokenizer folder (default: the one saved with the student, else the teacher)")
     alpha: float = arg(0.5, "weight of the hard-label cross-entropy; 1 - alpha weighs the soft KL term")
     temperature: float = arg(1.5, "softmax temperature T of the KL term (scaled by T^2)")
     kl_chunk: int = arg(1024, "tokens per chunk of the KL (bounds its [chunk, vocab] fp32 buffers)")
     epochs: int | None = arg(None, "passes over the data (default: 1 on CPU, 6 on CUDA as MiniMind2)")
-    batch_size: int | None = arg(None, "conversations per micro-batch (default: 16 on CPU, 32 on CUDA)")
-    accumulation_steps: int = arg(1, "micro-batches per optimizer step")
+    batch_size: int | None = arg(None, "conversations per micro-batch and rank (default: 16 on CPU, 32 on CUDA)")
     learning_rate: float | None = arg(None, "peak learning rate (default: 1e-3 on CPU for tiny, 5e-6 on CUDA)")
-    warmup_steps: int = arg(0, "linear warmup steps before the cosine schedule")
-    weight_decay: float = arg(0.01, "AdamW weight decay (matrices only)")
-    grad_clip: float = arg(1.0, "clip the global gradient norm to this (0 = off)")
     max_seq_len: int | None = arg(None, "truncate conversations to this many tokens (default: 256 CPU, 340 CUDA)")
-    max_steps: int = arg(0, "stop after this many optimizer steps (0 = run all epochs)")
-    device: str = arg("auto", "cuda, cpu, or auto")
-    dtype: str = arg("auto", "bfloat16 or float32 (auto: bf16 autocast on CUDA, fp32 on CPU)")
-    kernels: str = arg("auto", "ops spec: torch | triton | liger | auto, with overrides like 'triton,rope=torch'")
     compile: bool = arg(False, "torch.compile the student and the teacher")
-    max_bad_steps: int = arg(10, "stop after this many non-finite steps in a row (each one is skipped and counted)")
-    skip_bad_lines: bool = arg(False, "count and skip malformed data lines instead of stopping at the first")
-    wandb: bool = arg(False, "also log to Weights & Biases (needs `pip install wandb`)")
-    swanlab: bool = arg(False, "also log to SwanLab (needs `pip install swanlab`)")
-    log_interval: int = arg(10, "optimizer steps between log lines")
-    save_interval: int = arg(200, "optimizer steps between checkpoints")
-    keep_last: int = arg(2, "resume checkpoints to keep")
     seed: int = arg(42, "seed for a fresh student's initialisation and the data order")
-
-
-def resolve_auto(args: Args, on_cuda: bool) -> Args:
-    for name, (cpu, cuda) in _AUTO.items():
-        if getattr(args, name) is None:
-            setattr(args, name, cuda if on_cuda else cpu)
-    return args
-
-
-def load_teacher(folder: str, ops, rt: common.Runtime) -> MiniMind:
-    """The teacher: eval mode, no gradients, matmul weights stored in the compute dtype (see _MATMUL_WEIGHTS)."""
-    teacher = common.load_base_model(folder, ops, rt.device)
-    teacher.eval().requires_grad_(False)
-    if rt.amp_dtype is not None:
-        for pname, p in teacher.named_parameters():
-            if pname.endswith(_MATMUL_WEIGHTS):
-                p.data = p.data.to(rt.amp_dtype)
-    return teacher
 
 
 def check_same_vocab(student: MiniMind, teacher: MiniMind, tok: Tokenizer, teacher_folder: str) -> None:
@@ -134,9 +100,7 @@ def check_same_vocab(student: MiniMind, teacher: MiniMind, tok: Tokenizer, teach
 def main(argv: list[str] | None = None) -> dict:
     args = common.parse_args(Args, argv, __doc__.split("\n\n")[0])
     rt = common.setup_runtime(args.device, args.dtype, args.seed)
-    if rt.world_size > 1:
-        raise SystemExit("error: train/distill.py runs in a single process; launch it without torchrun")
-    args = resolve_auto(args, rt.is_cuda)
+    args = common.resolve_auto(args, rt.is_cuda, _AUTO)
     if not 0.0 <= args.alpha <= 1.0 or args.temperature <= 0:
         raise SystemExit(f"error: need 0 <= --alpha <= 1 and --temperature > 0 (got {args.alpha}, {args.temperature})")
     ops = common.resolve_kernels(args.kernels, rt)
@@ -145,7 +109,6 @@ def main(argv: list[str] | None = None) -> dict:
         candidates = [args.teacher] if args.student_preset else [args.from_weight, args.teacher]
         tok_path = next((c for c in candidates if (Path(c) / "tokenizer.json").is_file()), None)
     tok = common.load_tokenizer(tok_path)
-    trackers = common.open_trackers(args.wandb, args.swanlab, "minimind", args.save_weight, vars(args))
     if args.student_preset:
         sizes = {"hidden_size": args.hidden_size, "num_hidden_layers": args.num_hidden_layers}
         cfg = common.build_config(args.student_preset, tok, **{k: v for k, v in sizes.items() if v > 0})
@@ -154,60 +117,34 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         student = common.load_base_model(args.from_weight, ops, rt.device)
         source = args.from_weight
-    teacher = load_teacher(args.teacher, ops, rt)
+    teacher = common.frozen_model(args.teacher, ops, rt)
     check_same_vocab(student, teacher, tok, args.teacher)
 
-    try:
-        data = SFTDataset(args.data_path, tok, args.max_seq_len, skip_bad_lines=args.skip_bad_lines)
-    except (DataError, FileNotFoundError) as exc:
-        raise SystemExit(f"error: {exc}") from exc
-    rows_per_step = args.batch_size * args.accumulation_steps
-    steps_per_epoch = len(data) // rows_per_step
-    if steps_per_epoch == 0:
-        raise SystemExit(
-            f"error: {args.data_path} has {len(data)} conversations, fewer than one optimizer step needs "
-            f"({args.batch_size} x {args.accumulation_steps}); lower --batch_size"
-        )
-    total_steps = steps_per_epoch * args.epochs
-    if args.max_steps:
-        total_steps = min(total_steps, args.max_steps)
+    data = common.open_dataset(SFTDataset, args, tok, rt)
+    # One optimizer step = accumulation_steps micro-batches of batch_size conversations on each of world_size ranks.
+    rows_per_step = args.batch_size * args.accumulation_steps * rt.world_size
+    steps_per_epoch, total_steps = common.plan_steps(len(data), rows_per_step, args, rt, "conversations")
 
+    wrapped = common.wrap_model(student, rt, fsdp=args.fsdp)
     optimizer = common.build_optimizer(student, args.learning_rate, args.weight_decay)
-    start_step = 0
-    if args.from_resume:
-        folder = common.latest_resume(args.out_dir, args.save_weight)
-        if folder is None:
-            print(f"no resume checkpoint under {common.resume_dir(args.out_dir, args.save_weight)}: starting fresh")
-        else:
-            ckpt.load_model_weights(student, folder)
-            state = ckpt.load_train_state(folder)
-            optimizer.load_state_dict(state["optimizer"])
-            common.set_rng_state(state["rng"])
-            start_step = int(state["step"])
-            print(f"resumed from {folder} at step {start_step}")
-
-    train_model = torch.compile(student) if args.compile else student
+    start_step, _ = common.restore_resume(args, rt, rows_per_step, student, optimizer)
+    train_model = torch.compile(wrapped) if args.compile else wrapped
     teacher_fwd = torch.compile(teacher) if args.compile else teacher
-    print(
+    summary = (
         f"distill: student {source}, {student.num_params():,} params; teacher {args.teacher}, "
         f"{teacher.num_params():,} params ({teacher.config.hidden_size} x {teacher.config.num_hidden_layers}); "
-        f"on {rt.device} ({'bf16 autocast' if rt.amp_dtype else 'fp32'}{', compiled' if args.compile else ''}); "
-        f"{len(data)} conversations; batch {args.batch_size} x accum {args.accumulation_steps}; {total_steps} steps, "
-        f"lr {args.learning_rate:g}, alpha {args.alpha:g}, T {args.temperature:g}"
+        f"on {common.describe_runtime(rt, args)}; {len(data)} conversations; batch {args.batch_size} x accum "
+        f"{args.accumulation_steps}; {total_steps} steps, lr {args.learning_rate:g}, alpha {args.alpha:g}, "
+        f"T {args.temperature:g}"
     )
-
-    metrics = common.MetricsLog(
-        Path(args.out_dir) / f"{args.save_weight}_metrics.jsonl", append=start_step > 0, trackers=trackers
-    )
+    metrics, guard = common.start_run(args, rt, start_step, summary)
     student.train()
     t2 = args.temperature**2
     order, order_epoch = None, -1
-    sums, count = torch.zeros(3, device=rt.device), 0  # loss, ce, kl summed over micro-batches
-    skipped, bad_streak, last_loss, done, tokens_since = 0, 0, float("nan"), start_step, 0
+    sums, count = torch.zeros(3, device=rt.device), 0  # loss, ce, kl summed over this rank's micro-batches
+    last_loss, tokens_since = float("nan"), 0
     timer = common.Timer(rt.device)
-    bar = tqdm(
-        range(start_step, total_steps), initial=start_step, total=total_steps, desc="distill", dynamic_ncols=True
-    )
+    bar = common.progress(start_step, total_steps, "distill", rt)
     with common.StopFlag() as stop:
         for step in bar:
             epoch, within = divmod(step, steps_per_epoch)
@@ -216,17 +153,18 @@ def main(argv: list[str] | None = None) -> dict:
             lr = common.lr_at(step, total_steps, args.learning_rate, args.warmup_steps)
             common.set_lr(optimizer, lr)
             for micro in range(args.accumulation_steps):
-                first = (within * args.accumulation_steps + micro) * args.batch_size
-                batch = collate_sft([data[int(i)] for i in order[first : first + args.batch_size]])
+                batch = collate_sft([data[i] for i in common.rank_rows(order, within, micro, args, rt)], tok.pad_id)
                 ids = batch["input_ids"].to(rt.device, non_blocking=True)
                 labels = batch["labels"].to(rt.device, non_blocking=True)
                 # Row t predicts labels[t + 1]: the KL counts on the rows whose next token is trained.
                 mask_N = F.pad(labels[:, 1:] != IGNORE_INDEX, (0, 1), value=False).reshape(-1)
-                with rt.autocast():
+                with common.no_sync(wrapped, sync=micro == args.accumulation_steps - 1), rt.autocast():
                     with torch.no_grad():
                         t_hidden = teacher_fwd(ids, return_logits=False, return_hidden=True).hidden
                     out = train_model(ids, labels=labels, return_hidden=True)
                     dt = compute_dtype(out.hidden)
+                    # The head's weight is read after the forward: under FSDP2 the root (embedding = tied head)
+                    # stays gathered until its backward, so this is the full matrix.
                     kl = chunked_distill_kl(
                         out.hidden.reshape(-1, out.hidden.shape[-1]).to(dt),
                         student.lm_head.weight.to(dt),
@@ -239,30 +177,20 @@ def main(argv: list[str] | None = None) -> dict:
                     loss = args.alpha * out.loss + (1 - args.alpha) * t2 * kl
                     if out.aux_loss is not None:
                         loss = loss + out.aux_loss
-                (loss / args.accumulation_steps).backward()
+                    (loss / args.accumulation_steps).backward()
                 sums += torch.stack([loss.detach(), out.loss.detach(), kl.detach()]).float()
                 count += 1
                 tokens_since += int(mask_N.sum())
             grad_norm = common.clip_grad_norm(student, args.grad_clip)
-            if torch.isfinite(grad_norm):
+            if guard.ok(grad_norm, step + 1):
                 optimizer.step()
-                bad_streak = 0
-            else:
-                skipped, bad_streak = skipped + 1, bad_streak + 1
-                tqdm.write(f"step {step + 1}: non-finite loss or gradient, step skipped ({skipped} so far)")
-                if bad_streak >= args.max_bad_steps:
-                    metrics.write({"step": step + 1, "skipped_steps": skipped, "stopped": "non-finite"})
-                    last = common.latest_resume(args.out_dir, args.save_weight)
-                    raise SystemExit(
-                        f"error: {bad_streak} non-finite steps in a row; stopping. Last good checkpoint: "
-                        f"{last if last is not None else 'none written yet'}"
-                    )
             optimizer.zero_grad(set_to_none=True)
 
             done = step + 1
             if done % args.log_interval == 0 or done == total_steps:
                 dt_s = timer.lap()
-                loss_m, ce_m, kl_m = (sums / max(count, 1)).tolist()
+                # The mean of the ranks' losses, each the token mean over its own conversations.
+                loss_m, ce_m, kl_m = common.all_reduce_mean(sums / max(count, 1), rt).tolist()
                 last_loss = loss_m
                 metrics.write(
                     {
@@ -273,25 +201,20 @@ def main(argv: list[str] | None = None) -> dict:
                         "kl": round(kl_m, 5),
                         "lr": lr,
                         "grad_norm": round(float(grad_norm), 4),
-                        "trained_tokens_per_s": round(tokens_since / dt_s, 1),
-                        "skipped_steps": skipped,
+                        "trained_tokens_per_s": round(tokens_since * rt.world_size / dt_s, 1),
+                        "skipped_steps": guard.skipped,
                     }
                 )
                 bar.set_postfix(loss=f"{loss_m:.3f}", ce=f"{ce_m:.3f}", kl=f"{kl_m:.3f}", lr=f"{lr:.1e}")
                 sums.zero_()
                 count, tokens_since = 0, 0
-            if done % args.save_interval == 0 or done == total_steps or stop.requested:
-                state = {"step": done, "optimizer": optimizer.state_dict(), "rng": common.rng_state()}
-                common.save_resume(args.out_dir, args.save_weight, done, student, tok, args, state, args.keep_last)
-            if stop.requested:
+            stopping = common.any_rank(stop.requested, rt)
+            if done % args.save_interval == 0 or done == total_steps or stopping:
+                common.save_step(args, rt, done, rows_per_step, student, optimizer, tok)
+            if stopping:
                 break
     bar.close()
-    metrics.close()
-    png = common.plot_loss_curve(metrics.path, Path(args.out_dir) / f"{args.save_weight}_loss.png", "distillation")
-    print(
-        f"done: loss {last_loss:.4f}; student in {Path(args.out_dir) / args.save_weight}"
-        + (f"; loss curve {png}" if png else "")
-    )
+    common.finish(args, rt, metrics, "distillation", last_loss)
     return {"loss": last_loss, "steps": total_steps, "out": str(Path(args.out_dir) / args.save_weight)}
 
 

@@ -17,13 +17,22 @@ is the current one, old log-probs are the detached training forward (ratio 1, th
 old-policy forward is run; with more, old log-probs are computed at rollout time in the same chunks and autocast as
 the training forward, so the first ratio is exactly 1. AdamW, grad clip 1.0, MiniMind's cosine schedule.
 
-Deviations from MiniMind: its default loss is now CISPO; this script is the GRPO objective above (MiniMind's
-`--loss_type grpo`). The rollout sampling RNG is a function of (seed, rollout index), so --from_resume reproduces
-the uninterrupted run exactly. Logged per step: reward mean/std (and each reward kind), KL to the reference,
-completion length, loss, clip fraction.
+Under torchrun (`torchrun --nproc_per_node N train/grpo.py`, --fsdp for FSDP2) each rank rolls out its own
+batch_size prompts per rollout, so the ranks together read what one process with an N times larger batch would, and
+normalises advantages within its own groups (a group never spans ranks). Each rank's loss is the mean over its own
+completions and the gradients are averaged over ranks: with the same number of completions on every rank, that is
+the mean over all completions, as in one process. Gradients are all-reduced once per optimizer update (no_sync on
+the earlier backward passes); an FSDP2 policy is gathered whole for sampling. The frozen reference is not wrapped:
+every rank holds a copy. The logged reward statistics, KL and clip fraction cover all ranks' completions; the
+logged loss is the mean of the ranks' losses.
 
-Outputs under --out_dir: {save_weight}/ (policy), {save_weight}_resume/step_N/, {save_weight}_metrics.jsonl and
-{save_weight}_reward.png.
+Deviations from MiniMind: its default loss is now CISPO; this script is the GRPO objective above (MiniMind's
+`--loss_type grpo`). The rollout sampling RNG is a function of (seed, rollout index, rank), so --from_resume on the
+same number of ranks reproduces the uninterrupted run exactly. Logged per step: reward mean/std (and each reward
+kind), KL to the reference, completion length, loss, clip fraction.
+
+Outputs under --out_dir: {save_weight}/ (policy), {save_weight}_resume/step_N/, {save_weight}_metrics.jsonl,
+{save_weight}_reward.png and {save_weight}_loss.png.
 """
 
 from __future__ import annotations
@@ -36,10 +45,8 @@ if __package__ in (None, ""):  # run as `python train/grpo.py`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
-from tqdm import tqdm
 
-from minimind import checkpoint as ckpt
-from train import common, rewards, rollout
+from train import common, rollout
 from train import losses as L
 from train.common import arg
 
@@ -58,155 +65,110 @@ class Args(rollout.RLArgs):
 
 
 def train_on_rollout(
-    train_fwd, ro: rollout.Rollout, adv_N: torch.Tensor, args: Args, rt: common.Runtime, scale: float
+    wrapped,
+    train_fwd,
+    ro: rollout.Rollout,
+    adv_N: torch.Tensor,
+    args: Args,
+    rt: common.Runtime,
+    scale: float,
+    sync: bool,
 ) -> dict[str, float]:
-    """Forward + backward of the GRPO loss over one rollout, chunk by chunk; gradients are scaled by `scale`."""
+    """Forward + backward of the GRPO loss over one rollout, chunk by chunk; gradients are scaled by `scale`. The
+    gradient all-reduce runs only on the last chunk, and only when sync (the last backward before a step).
+    -> this rank's loss and its summed KL, clipped tokens and token count (for global token means)."""
     n = ro.input_ids.shape[0]
-    loss_sum, kl_sum, clip_sum, tokens = 0.0, 0.0, 0.0, 0.0
-    for sl in rollout.chunks(n, args.forward_batch):
-        with rt.autocast():
-            logp, aux = rollout.forward_logp(train_fwd, ro.rows(sl), ro.prompt_width)
-        logp = logp.float()
-        mask = ro.completion_mask[sl]
-        old = ro.old_logp[sl] if ro.old_logp is not None else logp.detach()
-        loss = L.grpo_loss(logp, old, ro.ref_logp[sl], adv_N[sl], mask, args.epsilon, args.beta)
-        frac = (sl.stop - sl.start) / n  # per-completion means: chunk means weigh by their share of rows
-        total = loss * frac if aux is None else (loss + aux) * frac
-        (total * scale).backward()
-        loss_sum += float(loss.detach()) * frac
-        kl_sum += float((L.k3_kl(logp.detach(), ro.ref_logp[sl]) * mask).sum())
-        clip_sum += float(L.clip_fraction(logp.detach(), old, mask, args.epsilon)) * float(mask.sum())
-        tokens += float(mask.sum())
-    return {"loss": loss_sum, "kl": kl_sum / max(tokens, 1), "clip_frac": clip_sum / max(tokens, 1)}
+    slices = rollout.chunks(n, args.forward_batch)
+    out = {"loss": 0.0, "kl_sum": 0.0, "clip_sum": 0.0, "tokens": 0.0}
+    for i, sl in enumerate(slices):
+        with common.no_sync(wrapped, sync=sync and i == len(slices) - 1):
+            with rt.autocast():
+                logp, aux = rollout.forward_logp(train_fwd, ro.rows(sl), ro.prompt_width)
+            logp = logp.float()
+            mask = ro.completion_mask[sl]
+            old = ro.old_logp[sl] if ro.old_logp is not None else logp.detach()
+            loss = L.grpo_loss(logp, old, ro.ref_logp[sl], adv_N[sl], mask, args.epsilon, args.beta)
+            frac = (sl.stop - sl.start) / n  # per-completion means: chunk means weigh by their share of rows
+            total = loss * frac if aux is None else (loss + aux) * frac
+            (total * scale).backward()
+        out["loss"] += float(loss.detach()) * frac
+        out["kl_sum"] += float((L.k3_kl(logp.detach(), ro.ref_logp[sl]) * mask).sum())
+        out["clip_sum"] += float(L.clip_fraction(logp.detach(), old, mask, args.epsilon)) * float(mask.sum())
+        out["tokens"] += float(mask.sum())
+    return out
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = common.parse_args(Args, argv, __doc__.split("\n\n")[0])
     rt = common.setup_runtime(args.device, args.dtype, args.seed)
-    args = rollout.resolve_auto(args, rt.is_cuda, _AUTO)
     if args.num_generations < 2:
         raise SystemExit("error: --num_generations must be >= 2 (advantages are relative to the group)")
-    # The reward is built first: a bad --reward or --reward_model_path fails before any model is loaded.
-    reward_fn = rewards.build_rewards(
-        args.reward, args.reward_model_path, rt.device, bool(args.reasoning), args.reward_batch_size
-    )
-    tok = common.load_tokenizer(rollout.tokenizer_path(args))
-    ops = common.resolve_kernels(args.kernels, rt)
-    policy = common.load_base_model(args.from_weight, ops, rt.device)
-    ref = common.load_base_model(args.from_weight, ops, rt.device).eval().requires_grad_(False)
-    data = rollout.load_prompts(args, tok, reward_fn.kinds)
+    reward_fn, tok, _, policy, ref, data = rollout.start_stage(args, rt, _AUTO)
+    # One step = accumulation_steps rollouts of batch_size prompts on each of world_size ranks.
+    prompts_per_step = args.batch_size * args.accumulation_steps * rt.world_size
+    steps_per_epoch, total_steps = common.plan_steps(len(data), prompts_per_step, args, rt, "prompts")
 
-    prompts_per_step = args.batch_size * args.accumulation_steps
-    steps_per_epoch = len(data) // prompts_per_step
-    if steps_per_epoch == 0:
-        raise SystemExit(
-            f"error: {args.data_path} has {len(data)} prompts, fewer than one step needs "
-            f"({args.batch_size} x {args.accumulation_steps}); lower --batch_size"
-        )
-    total_steps = steps_per_epoch * args.epochs
-    if args.max_steps:
-        total_steps = min(total_steps, args.max_steps)
-
+    wrapped = common.wrap_model(policy, rt, fsdp=args.fsdp)
     optimizer = common.build_optimizer(policy, args.learning_rate, args.weight_decay)
-    start_step = 0
-    if args.from_resume:
-        folder = common.latest_resume(args.out_dir, args.save_weight)
-        if folder is None:
-            print(f"no resume checkpoint under {common.resume_dir(args.out_dir, args.save_weight)}: starting fresh")
-        else:
-            ckpt.load_model_weights(policy, folder)
-            state = ckpt.load_train_state(folder)
-            optimizer.load_state_dict(state["optimizer"])
-            common.set_rng_state(state["rng"])
-            start_step = int(state["step"])
-            print(f"resumed from {folder} at step {start_step}")
-
-    train_fwd = torch.compile(policy, dynamic=True) if args.compile else policy
+    start_step, _ = common.restore_resume(args, rt, prompts_per_step, policy, optimizer)
+    train_fwd = torch.compile(wrapped, dynamic=True) if args.compile else wrapped
     g = args.num_generations
-    print(
-        f"grpo: {args.from_weight} ({policy.num_params():,} params) on {rt.device} "
-        f"({'bf16 autocast' if rt.amp_dtype else 'fp32'}{', compiled' if args.compile else ''}); "
+    summary = (
+        f"grpo: {args.from_weight} ({policy.num_params():,} params) on {common.describe_runtime(rt, args)}; "
         f"{len(data):,} prompts; {args.batch_size} prompts x {g} samples x accum {args.accumulation_steps}; "
         f"reward {args.reward}; {total_steps} steps ({steps_per_epoch} per epoch), lr {args.learning_rate:g}"
     )
-
-    metrics = common.MetricsLog(Path(args.out_dir) / f"{args.save_weight}_metrics.jsonl", append=start_step > 0)
+    metrics, guard = common.start_run(args, rt, start_step, summary)
     policy.train()
-    order, order_epoch = None, -1
-    skipped, history = 0, []
+    order, order_epoch, history = None, -1, []
     timer = common.Timer(rt.device)
-    bar = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps, desc="grpo", dynamic_ncols=True)
+    bar = common.progress(start_step, total_steps, "grpo", rt)
     with common.StopFlag() as stop:
         for step in bar:
-            epoch, within = divmod(step, steps_per_epoch)
+            epoch = step // steps_per_epoch
             if epoch != order_epoch:
                 order, order_epoch = common.epoch_order(len(data), args.seed, epoch), epoch
-            lr = common.lr_at(step, total_steps, args.learning_rate)
+            lr = common.lr_at(step, total_steps, args.learning_rate, args.warmup_steps)
             common.set_lr(optimizer, lr)
 
-            # 1. Rollouts (sample, rewards, then reference log-probs; old log-probs only when mu > 1).
+            # 1. This rank's rollouts (sample, rewards, then reference log-probs; old log-probs only when mu > 1).
             rollouts, advs = [], []
             for micro in range(args.accumulation_steps):
-                batch = rollout.prompt_batch(data, order, within * args.accumulation_steps + micro, args.batch_size)
-                ro = rollout.collect(
-                    policy,
-                    ref,
-                    batch["ids"],
-                    batch["texts"],
-                    batch["records"],
-                    reward_fn,
-                    tok,
-                    num_samples=g,
-                    max_new_tokens=args.max_gen_len,
-                    device=rt.device,
-                    autocast=rt.autocast,
-                    forward_batch=args.forward_batch,
-                    with_old_logp=args.num_iterations > 1,
-                    train_forward=train_fwd,
-                    temperature=args.temperature,
-                    top_p=args.top_p,
-                    generator=rollout.rollout_generator(rt.device, args.seed, step * args.accumulation_steps + micro),
-                )
+                ro = rollout.rank_rollout(
+                    args, rt, data, order, step, micro, args.accumulation_steps, policy, ref, reward_fn, tok,
+                    num_samples=g, with_old_logp=args.num_iterations > 1, train_forward=train_fwd,
+                )  # fmt: skip
                 rollouts.append(ro)
                 advs.append(L.group_advantages(ro.rewards, g, args.adv_eps))
 
             # 2. num_iterations optimizer updates on them.
-            stats: dict[str, float] = {}
             for _ in range(args.num_iterations):
                 parts = [
-                    train_on_rollout(train_fwd, ro, adv, args, rt, 1.0 / args.accumulation_steps)
-                    for ro, adv in zip(rollouts, advs)
+                    train_on_rollout(wrapped, train_fwd, ro, adv, args, rt, 1.0 / len(rollouts), j == len(rollouts) - 1)
+                    for j, (ro, adv) in enumerate(zip(rollouts, advs))
                 ]
-                stats = {k: sum(p[k] for p in parts) / len(parts) for k in parts[0]}
-                grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.grad_clip or float("inf"))
-                if torch.isfinite(grad_norm):
+                grad_norm = common.clip_grad_norm(policy, args.grad_clip)
+                if guard.ok(grad_norm, step + 1):
                     optimizer.step()
-                else:
-                    skipped += 1
                 optimizer.zero_grad(set_to_none=True)
 
             done = step + 1
-            r_all = torch.cat([ro.rewards for ro in rollouts])
-            lengths = torch.cat([ro.lengths for ro in rollouts])
+            keys = ("loss", "kl_sum", "clip_sum", "tokens")
+            sums = common.all_reduce_sum(
+                torch.tensor([sum(p[k] for p in parts) for k in keys], dtype=torch.float64), rt
+            )
+            group_std = torch.cat([ro.rewards.view(-1, g).std(1, unbiased=False) for ro in rollouts]).mean()
             record = {
                 "step": done,
                 "epoch": epoch,
-                "reward": round(float(r_all.mean()), 5),
-                "reward_std": round(float(r_all.std(unbiased=False)), 5),
-                "group_std": round(
-                    float(torch.cat([ro.rewards.view(-1, g).std(1, unbiased=False) for ro in rollouts]).mean()), 5
-                ),
-                **{
-                    f"reward_{k}": round(float(torch.cat([ro.reward_parts[k] for ro in rollouts]).float().mean()), 5)
-                    for k in rollouts[0].reward_parts
-                },
-                "kl": round(stats["kl"], 6),
-                "completion_len": round(float(lengths.float().mean()), 2),
-                "loss": round(stats["loss"], 6),
-                "clip_frac": round(stats["clip_frac"], 5),
+                **rollout.reward_stats(rollouts, rt),
+                "group_std": round(float(common.all_reduce_mean(group_std, rt)), 5),
+                "kl": round(float(sums[1] / sums[3].clamp(min=1)), 6),
+                "loss": round(float(sums[0]) / (len(parts) * rt.world_size), 6),
+                "clip_frac": round(float(sums[2] / sums[3].clamp(min=1)), 5),
                 "lr": lr,
                 "grad_norm": round(float(grad_norm), 4),
-                "skipped_steps": skipped,
+                "skipped_steps": guard.skipped,
             }
             history.append(record["reward"])
             if done % args.log_interval == 0 or done == total_steps:
@@ -215,18 +177,14 @@ def main(argv: list[str] | None = None) -> dict:
                 bar.set_postfix(
                     reward=f"{record['reward']:.3f}", kl=f"{record['kl']:.4f}", len=record["completion_len"]
                 )
-            if done % args.save_interval == 0 or done == total_steps or stop.requested:
-                state = {"step": done, "optimizer": optimizer.state_dict(), "rng": common.rng_state()}
-                common.save_resume(args.out_dir, args.save_weight, done, policy, tok, args, state, args.keep_last)
-            if stop.requested:
+            stopping = common.any_rank(stop.requested, rt)
+            if done % args.save_interval == 0 or done == total_steps or stopping:
+                common.save_step(args, rt, done, prompts_per_step, policy, optimizer, tok)
+            if stopping:
                 break
     bar.close()
-    png = rollout.plot_rl_curves(
-        metrics.path, Path(args.out_dir) / f"{args.save_weight}_reward.png", f"GRPO, reward {args.reward}"
-    )
-    out = Path(args.out_dir) / args.save_weight
-    print(f"done: {len(history)} steps; model in {out}" + (f"; reward curve {png}" if png else ""))
-    return {"rewards": history, "steps": total_steps, "out": str(out)}
+    rollout.finish_stage(args, rt, metrics, "GRPO", ("reward", "kl"))
+    return {"rewards": history, "steps": total_steps, "out": str(Path(args.out_dir) / args.save_weight)}
 
 
 if __name__ == "__main__":

@@ -20,14 +20,24 @@ each minibatch's update, the approximate KL 0.5 * mean (log ratio)^2 to the roll
 early_stop_kl (0.25) the remaining updates on this rollout are skipped. accumulation_steps minibatches make one
 optimizer step of actor and critic (separate AdamW optimizers, grad clip 1.0 each, MiniMind's cosine schedule).
 
-Deviations from MiniMind: MiniMind's current script adds the k3 KL to the loss; here the KL penalty is in the reward
-(the classic RLHF formulation, as MiniMind's first PPO). Rollout sampling uses an RNG seeded by (seed, rollout index)
-so --from_resume continues exactly. The critic and its optimizer live in each resume checkpoint's train state (only
-the actor is written as the model folder). Logged per step: reward, KL to the reference, value loss, clip fraction,
-approximate KL, completion length, and the updates run before an early stop.
+Under torchrun (`torchrun --nproc_per_node N train/ppo.py`, --fsdp for FSDP2) each rank rolls out its own
+batch_size prompts. The actor and the critic both train, so both are wrapped (DDP, or FSDP2 per block); the frozen
+reference is not, every rank holds a copy. Advantages are whitened over the tokens of all ranks (all-reduced sums).
+Each rank's policy and value losses are token means over its own minibatch and the gradients are averaged over
+ranks, so ranks weigh equally rather than by their token counts. The approximate KL of the early stop is the mean
+over ranks, so all ranks stop at the same minibatch; every backward all-reduces (no no_sync), since an early stop may
+end an accumulation at any minibatch. Logged reward, KL and value statistics cover all ranks; the losses, clip
+fraction and approximate KL are means of the ranks' values.
 
-Outputs under --out_dir: {save_weight}/ (actor), {save_weight}_resume/step_N/, {save_weight}_metrics.jsonl and
-{save_weight}_reward.png.
+Deviations from MiniMind: MiniMind's current script adds the k3 KL to the loss; here the KL penalty is in the reward
+(the classic RLHF formulation, as MiniMind's first PPO). Rollout sampling uses an RNG seeded by (seed, rollout index,
+rank) so --from_resume on the same number of ranks continues exactly. The critic and its optimizer live in each
+resume checkpoint's train state (only the actor is written as the model folder). Logged per step: reward, KL to the
+reference, total loss (the loss curve), policy and value losses, clip fraction, approximate KL, completion length,
+and the updates run before an early stop.
+
+Outputs under --out_dir: {save_weight}/ (actor), {save_weight}_resume/step_N/, {save_weight}_metrics.jsonl,
+{save_weight}_reward.png and {save_weight}_loss.png.
 """
 
 from __future__ import annotations
@@ -41,11 +51,9 @@ if __package__ in (None, ""):  # run as `python train/ppo.py`
 
 import torch
 import torch.nn as nn
-from tqdm import tqdm
 
-from minimind import checkpoint as ckpt
 from minimind.model import MiniMind
-from train import common, rewards, rollout
+from train import common, rollout
 from train import losses as L
 from train.common import arg
 
@@ -98,102 +106,73 @@ def completion_values(critic: ValueModel, rows: dict[str, torch.Tensor], prompt_
     return v[:, prompt_width - 1 : prompt_width - 1 + r]
 
 
+def whiten_global(x_NR: torch.Tensor, mask_NR: torch.Tensor, rt: common.Runtime, eps: float = 1e-8) -> torch.Tensor:
+    """losses.whiten over the masked tokens of every rank's rollout (mean and variance from all-reduced sums), so
+    advantages are normalised over the global batch as in one process."""
+    mean = rollout.global_masked_mean(x_NR, mask_NR, rt)
+    var = rollout.global_masked_mean((x_NR - mean) ** 2, mask_NR, rt)
+    return (x_NR - mean) * torch.rsqrt(var + eps) * mask_NR
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = common.parse_args(Args, argv, __doc__.split("\n\n")[0])
     rt = common.setup_runtime(args.device, args.dtype, args.seed)
-    args = rollout.resolve_auto(args, rt.is_cuda, _AUTO)
-    reward_fn = rewards.build_rewards(
-        args.reward, args.reward_model_path, rt.device, bool(args.reasoning), args.reward_batch_size
-    )
-    tok = common.load_tokenizer(rollout.tokenizer_path(args))
-    ops = common.resolve_kernels(args.kernels, rt)
-    actor = common.load_base_model(args.from_weight, ops, rt.device)
-    ref = common.load_base_model(args.from_weight, ops, rt.device).eval().requires_grad_(False)
+    reward_fn, tok, ops, actor, ref, data = rollout.start_stage(args, rt, _AUTO)
     critic = ValueModel(common.load_base_model(args.from_weight, ops, rt.device)).to(rt.device)
-    data = rollout.load_prompts(args, tok, reward_fn.kinds)
+    # One step = one rollout of batch_size prompts on each of world_size ranks.
+    prompts_per_step = args.batch_size * rt.world_size
+    steps_per_epoch, total_steps = common.plan_steps(len(data), prompts_per_step, args, rt, "prompts")
 
-    steps_per_epoch = len(data) // args.batch_size
-    if steps_per_epoch == 0:
-        raise SystemExit(f"error: {args.data_path} has {len(data)} prompts, fewer than one batch of {args.batch_size}")
-    total_steps = steps_per_epoch * args.epochs
-    if args.max_steps:
-        total_steps = min(total_steps, args.max_steps)
-
+    actor_wrapped = common.wrap_model(actor, rt, fsdp=args.fsdp)
+    critic_wrapped = common.wrap_model(critic, rt, fsdp=args.fsdp)
     actor_opt = common.build_optimizer(actor, args.learning_rate, args.weight_decay)
     critic_opt = common.build_optimizer(critic, args.critic_learning_rate, args.weight_decay)
-    start_step = 0
-    if args.from_resume:
-        folder = common.latest_resume(args.out_dir, args.save_weight)
-        if folder is None:
-            print(f"no resume checkpoint under {common.resume_dir(args.out_dir, args.save_weight)}: starting fresh")
-        else:
-            ckpt.load_model_weights(actor, folder)
-            state = ckpt.load_train_state(folder)
-            actor_opt.load_state_dict(state["optimizer"])
-            critic.load_state_dict(state["critic"])
-            critic_opt.load_state_dict(state["critic_optimizer"])
-            common.set_rng_state(state["rng"])
-            start_step = int(state["step"])
-            print(f"resumed from {folder} at step {start_step}")
-
-    train_fwd = torch.compile(actor, dynamic=True) if args.compile else actor
-    print(
-        f"ppo: {args.from_weight} ({actor.num_params():,} params; actor, reference, critic) on {rt.device} "
-        f"({'bf16 autocast' if rt.amp_dtype else 'fp32'}{', compiled' if args.compile else ''}); "
-        f"{len(data):,} prompts; {args.batch_size} prompts per rollout, minibatch {args.mini_batch_size} x "
-        f"{args.ppo_epochs} epochs; reward {args.reward}; {total_steps} steps, lr {args.learning_rate:g} / critic "
-        f"{args.critic_learning_rate:g}"
+    start_step, state = common.restore_resume(args, rt, prompts_per_step, actor, actor_opt)
+    if state:
+        common.load_full_state(critic, critic_opt, state["critic"], state["critic_optimizer"])
+    train_fwd = torch.compile(actor_wrapped, dynamic=True) if args.compile else actor_wrapped
+    summary = (
+        f"ppo: {args.from_weight} ({actor.num_params():,} params; actor, reference, critic) on "
+        f"{common.describe_runtime(rt, args)}; {len(data):,} prompts; {args.batch_size} prompts per rollout, "
+        f"minibatch {args.mini_batch_size} x {args.ppo_epochs} epochs; reward {args.reward}; {total_steps} steps, "
+        f"lr {args.learning_rate:g} / critic {args.critic_learning_rate:g}"
     )
-
-    metrics = common.MetricsLog(Path(args.out_dir) / f"{args.save_weight}_metrics.jsonl", append=start_step > 0)
+    metrics, guard = common.start_run(args, rt, start_step, summary)
     actor.train()
     critic.train()
-    order, order_epoch = None, -1
-    skipped, history = 0, []
+    order, order_epoch, history = None, -1, []
     timer = common.Timer(rt.device)
-    bar = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps, desc="ppo", dynamic_ncols=True)
+    bar = common.progress(start_step, total_steps, "ppo", rt)
     with common.StopFlag() as stop:
         for step in bar:
-            epoch, within = divmod(step, steps_per_epoch)
+            epoch = step // steps_per_epoch
             if epoch != order_epoch:
                 order, order_epoch = common.epoch_order(len(data), args.seed, epoch), epoch
-            lr = common.lr_at(step, total_steps, args.learning_rate)
+            lr = common.lr_at(step, total_steps, args.learning_rate, args.warmup_steps)
             common.set_lr(actor_opt, lr)
-            common.set_lr(critic_opt, common.lr_at(step, total_steps, args.critic_learning_rate))
+            common.set_lr(critic_opt, common.lr_at(step, total_steps, args.critic_learning_rate, args.warmup_steps))
 
             # 1. Rollout: sample, rewards, then old/ref log-probs and values in mini_batch_size chunks.
-            batch = rollout.prompt_batch(data, order, within, args.batch_size)
-            ro = rollout.collect(
-                actor,
-                ref,
-                batch["ids"],
-                batch["texts"],
-                batch["records"],
-                reward_fn,
-                tok,
-                num_samples=1,
-                max_new_tokens=args.max_gen_len,
-                device=rt.device,
-                autocast=rt.autocast,
-                forward_batch=args.mini_batch_size,
-                with_old_logp=True,
-                train_forward=train_fwd,
-                temperature=args.temperature,
-                top_p=args.top_p,
-                generator=rollout.rollout_generator(rt.device, args.seed, step),
-            )
+            ro = rollout.rank_rollout(
+                args, rt, data, order, step, 0, 1, actor, ref, reward_fn, tok,
+                num_samples=1, with_old_logp=True, train_forward=train_fwd, forward_batch=args.mini_batch_size,
+            )  # fmt: skip
             n, mask = ro.input_ids.shape[0], ro.completion_mask
             slices = rollout.chunks(n, args.mini_batch_size)
             with torch.no_grad(), rt.autocast():
-                old_values = torch.cat([completion_values(critic, ro.rows(sl), ro.prompt_width) for sl in slices])
+                old_values = torch.cat(
+                    [completion_values(critic_wrapped, ro.rows(sl), ro.prompt_width) for sl in slices]
+                )
             token_rewards = L.kl_penalised_rewards(ro.rewards, ro.old_logp, ro.ref_logp, mask, args.kl_coef)
             adv, returns = L.gae(token_rewards, old_values, mask, args.gamma, args.lam)
             if args.whiten_advantages:
-                adv = L.whiten(adv, mask)
+                adv = whiten_global(adv, mask, rt)
 
-            # 2. PPO epochs over fixed minibatch chunks in a seeded order, stopping early on a large approximate KL.
+            # 2. PPO epochs over fixed minibatch chunks in a seeded order (the same on every rank), stopping early on
+            # a large approximate KL (averaged over ranks, so all ranks stop together). Every backward all-reduces:
+            # an early stop may end an accumulation at any minibatch.
             gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
-            sums = {"policy_loss": 0.0, "value_loss": 0.0, "clip_frac": 0.0, "approx_kl": 0.0}
+            sums = {"loss": 0.0, "policy_loss": 0.0, "value_loss": 0.0, "clip_frac": 0.0, "approx_kl": 0.0}
             updates, micro, stopped, grad_norm = 0, 0, False, torch.zeros(())
             for _ in range(args.ppo_epochs):
                 for j in torch.randperm(len(slices), generator=gen).tolist():
@@ -201,9 +180,9 @@ def main(argv: list[str] | None = None) -> dict:
                     m = mask[sl]
                     with rt.autocast():
                         logp, aux = rollout.forward_logp(train_fwd, ro.rows(sl), ro.prompt_width)
-                        values = completion_values(critic, ro.rows(sl), ro.prompt_width)
+                        values = completion_values(critic_wrapped, ro.rows(sl), ro.prompt_width)
                     logp = logp.float()
-                    kl_now = L.approx_kl(logp.detach(), ro.old_logp[sl], m)
+                    kl_now = common.all_reduce_mean(L.approx_kl(logp.detach(), ro.old_logp[sl], m), rt)
                     if float(kl_now) > args.early_stop_kl:
                         stopped = True
                         break
@@ -212,6 +191,7 @@ def main(argv: list[str] | None = None) -> dict:
                     value_loss = L.clipped_value_loss(values, old_values[sl], returns[sl], m, args.cliprange_value)
                     total = policy_loss + args.vf_coef * value_loss + (aux if aux is not None else 0.0)
                     (total / args.accumulation_steps).backward()
+                    sums["loss"] += float(total.detach())
                     sums["policy_loss"] += float(policy_loss.detach())
                     sums["value_loss"] += float(value_loss.detach())
                     sums["clip_frac"] += float(L.clip_fraction(logp.detach(), ro.old_logp[sl], m, args.clip_epsilon))
@@ -219,67 +199,52 @@ def main(argv: list[str] | None = None) -> dict:
                     updates += 1
                     micro += 1
                     if micro % args.accumulation_steps == 0:
-                        grad_norm = _step(actor, critic, actor_opt, critic_opt, args.grad_clip)
-                        skipped += int(not torch.isfinite(grad_norm))
+                        grad_norm = _step(actor, critic, actor_opt, critic_opt, args.grad_clip, guard, step + 1)
                 if stopped:
                     break
             if micro % args.accumulation_steps:
-                grad_norm = _step(actor, critic, actor_opt, critic_opt, args.grad_clip)
-                skipped += int(not torch.isfinite(grad_norm))
+                grad_norm = _step(actor, critic, actor_opt, critic_opt, args.grad_clip, guard, step + 1)
             actor_opt.zero_grad(set_to_none=True)
             critic_opt.zero_grad(set_to_none=True)
 
             done = step + 1
+            means = common.all_reduce_mean(torch.tensor(list(sums.values()), dtype=torch.float64), rt)
             record = {
                 "step": done,
                 "epoch": epoch,
-                "reward": round(float(ro.rewards.mean()), 5),
-                "reward_std": round(float(ro.rewards.std(unbiased=False)), 5),
-                **{f"reward_{k}": round(float(v.float().mean()), 5) for k, v in ro.reward_parts.items()},
-                "kl": round(float(L.masked_mean(ro.old_logp - ro.ref_logp, mask)), 6),
-                "completion_len": round(float(ro.lengths.mean()), 2),
-                **{k: round(v / max(updates, 1), 6) for k, v in sums.items()},
-                "value_mean": round(float(L.masked_mean(old_values, mask)), 5),
+                **rollout.reward_stats([ro], rt),
+                "kl": round(float(rollout.global_masked_mean(ro.old_logp - ro.ref_logp, mask, rt)), 6),
+                **{k: round(float(v) / max(updates, 1), 6) for k, v in zip(sums, means)},
+                "value_mean": round(float(rollout.global_masked_mean(old_values, mask, rt)), 5),
                 "updates": updates,
                 "early_stop": stopped,
                 "lr": lr,
                 "grad_norm": round(float(grad_norm), 4),
-                "skipped_steps": skipped,
+                "skipped_steps": guard.skipped,
             }
             history.append(record["reward"])
             if done % args.log_interval == 0 or done == total_steps:
                 record["seconds"] = round(timer.lap(), 3)
                 metrics.write(record)
                 bar.set_postfix(reward=f"{record['reward']:.3f}", vloss=f"{record['value_loss']:.3f}")
-            if done % args.save_interval == 0 or done == total_steps or stop.requested:
-                state = {
-                    "step": done,
-                    "optimizer": actor_opt.state_dict(),
-                    "critic": critic.state_dict(),
-                    "critic_optimizer": critic_opt.state_dict(),
-                    "rng": common.rng_state(),
-                }
-                common.save_resume(args.out_dir, args.save_weight, done, actor, tok, args, state, args.keep_last)
-            if stop.requested:
+            stopping = common.any_rank(stop.requested, rt)
+            if done % args.save_interval == 0 or done == total_steps or stopping:
+                critic_sd, critic_opt_sd = common.full_state(critic, critic_opt, rt)
+                extra = {"critic": critic_sd, "critic_optimizer": critic_opt_sd}
+                common.save_step(args, rt, done, prompts_per_step, actor, actor_opt, tok, extra)
+            if stopping:
                 break
     bar.close()
-    png = rollout.plot_rl_curves(
-        metrics.path,
-        Path(args.out_dir) / f"{args.save_weight}_reward.png",
-        f"PPO, reward {args.reward}",
-        keys=("reward", "kl", "value_loss"),
-    )
-    out = Path(args.out_dir) / args.save_weight
-    print(f"done: {len(history)} steps; actor in {out}" + (f"; reward curve {png}" if png else ""))
-    return {"rewards": history, "steps": total_steps, "out": str(out)}
+    rollout.finish_stage(args, rt, metrics, "PPO", ("reward", "kl", "value_loss"))
+    return {"rewards": history, "steps": total_steps, "out": str(Path(args.out_dir) / args.save_weight)}
 
 
-def _step(actor, critic, actor_opt, critic_opt, grad_clip: float) -> torch.Tensor:
-    """Clip both models' gradients and step both optimizers; a non-finite norm skips both. -> the actor's norm."""
-    limit = grad_clip or float("inf")
-    a = torch.nn.utils.clip_grad_norm_(actor.parameters(), limit)
-    c = torch.nn.utils.clip_grad_norm_(critic.parameters(), limit)
-    if torch.isfinite(a) and torch.isfinite(c):
+def _step(actor, critic, actor_opt, critic_opt, grad_clip: float, guard: common.NonFiniteGuard, step: int):
+    """Clip both models' gradients and step both optimizers; a non-finite norm skips both (counted by the guard).
+    -> the actor's norm (NaN when skipped)."""
+    a = common.clip_grad_norm(actor, grad_clip)
+    c = common.clip_grad_norm(critic, grad_clip)
+    if guard.ok(torch.stack([a, c]), step):
         actor_opt.step()
         critic_opt.step()
     else:

@@ -15,6 +15,10 @@ text work never sit in memory next to the activations of a forward pass):
      chunks of `forward_batch` rows, under the training autocast, with the policy in the mode it trains in, so that
      the training forward over the same chunk reproduces `old_logp` bit for bit (the first ratio is exactly 1).
 
+Under torchrun every rank rolls out its own prompts (rank_rollout) with its own sampling RNG, a function of
+(seed, rollout index, rank); an FSDP2-sharded policy is gathered whole for the sampling (common.gathered), since
+ranks stop decoding at different steps. Logged reward statistics are gathered over all ranks (reward_stats).
+
 Shape legend: N rows (prompts x samples), P padded prompt width, R completion width, T = P + R.
 """
 
@@ -30,6 +34,7 @@ from typing import Any
 import torch
 
 from minimind.generate import generate
+from train import common
 from train.common import arg
 
 IGNORE_INDEX = -100
@@ -213,18 +218,19 @@ def collect(
     train_forward is what the training step calls (e.g. the compiled policy; default the policy itself), so old_logp
     comes from the same function; it runs in the policy's current train/eval mode."""
     g = num_samples
-    comps = sample_completions(
-        policy,
-        prompts,
-        g,
-        max_new_tokens,
-        temperature=temperature,
-        top_p=top_p,
-        top_k=top_k,
-        eos_id=tokenizer.eos_id,
-        pad_id=tokenizer.pad_id,
-        generator=generator,
-    )
+    with common.gathered(policy):  # FSDP2: ranks stop sampling at different steps, so no collective per token
+        comps = sample_completions(
+            policy,
+            prompts,
+            g,
+            max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            eos_id=tokenizer.eos_id,
+            pad_id=tokenizer.pad_id,
+            generator=generator,
+        )
     rows = [p for p in prompts for _ in range(g)]
     packed = pack(rows, comps, tokenizer.eos_id, tokenizer.pad_id)
     texts = [tokenizer.decode(c, skip_special_tokens=True) for c in comps]
@@ -256,6 +262,52 @@ def rollout_generator(device: torch.device, seed: int, index: int) -> torch.Gene
     return torch.Generator(device=device).manual_seed(seed * 1_000_003 + index)
 
 
+def rank_rollout(
+    args: Any,
+    rt: common.Runtime,
+    data: Any,
+    order: torch.Tensor,
+    step: int,
+    micro: int,
+    per_step: int,
+    policy: torch.nn.Module,
+    ref: torch.nn.Module | None,
+    reward_fn: Callable,
+    tokenizer: Any,
+    *,
+    num_samples: int,
+    with_old_logp: bool,
+    train_forward: Callable | None = None,
+    forward_batch: int | None = None,
+) -> Rollout:
+    """Rollout `micro` (of per_step rollouts per optimizer step) of this rank at optimizer step `step`: its own
+    batch_size prompts of the epoch order (rank r takes the r-th slice, so the ranks together read what one process
+    with a world_size times larger batch would) and its own sampling RNG, rollout number
+    (step * per_step + micro) * world_size + rank. The rest is collect() with the stage's flags."""
+    steps_per_epoch = len(data) // (args.batch_size * per_step * rt.world_size)
+    within = step % steps_per_epoch
+    batch = prompt_batch(data, order, (within * per_step + micro) * rt.world_size + rt.rank, args.batch_size)
+    return collect(
+        policy,
+        ref,
+        batch["ids"],
+        batch["texts"],
+        batch["records"],
+        reward_fn,
+        tokenizer,
+        num_samples=num_samples,
+        max_new_tokens=args.max_gen_len,
+        device=rt.device,
+        autocast=rt.autocast,
+        forward_batch=args.forward_batch if forward_batch is None else forward_batch,
+        with_old_logp=with_old_logp,
+        train_forward=train_forward,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        generator=rollout_generator(rt.device, args.seed, (step * per_step + micro) * rt.world_size + rt.rank),
+    )
+
+
 # ---------------------------------------------------------------------------------------------- shared stage plumbing
 # Defaults that depend on the machine: (CPU, CUDA). SPEC/MiniMind: batch 2, prompt 66, generation up to 1536 tokens,
 # lr ~1e-7 for the 26M-104M models; the CPU recipe uses the tiny preset, short answers and a larger lr.
@@ -266,67 +318,58 @@ RL_AUTO = {
 
 
 @dataclass
-class RLArgs:
+class RLArgs(common.StageArgs):
     """Flags shared by ppo.py, grpo.py and spo.py (each adds its own and sets its defaults)."""
 
     data_path: str = arg(
         "data/sample/rlaif.jsonl", "RL prompts: SFT-format JSONL (an 'answer' field for --reward rule)"
     )
-    out_dir: str = arg("out", "where checkpoints, metrics and the reward curve go")
     save_weight: str = arg("rl", "name of the checkpoint folder under --out_dir")
     from_weight: str = arg("out/full_sft", "checkpoint folder of the policy to start from (also the frozen reference)")
-    from_resume: int = arg(0, "1: continue from the newest checkpoint in {out_dir}/{save_weight}_resume")
-    tokenizer: str | None = arg(None, "tokenizer folder (default: the one saved with --from_weight)")
     reward: str = arg("rule", "reward kinds joined by '+': rule, shaping, model (see train/rewards.py)")
     reward_model_path: str = arg("none", "local HF sequence-classification reward model folder (for --reward model)")
     reward_batch_size: int = arg(16, "texts per reward-model forward")
     reasoning: int = arg(0, "1: ask every reply for <think>/<answer> format (rule reward reads the <answer> block)")
     epochs: int = arg(1, "passes over the prompts")
-    batch_size: int = arg(2, "prompts per rollout")
+    batch_size: int = arg(2, "prompts per rollout (per rank)")
     accumulation_steps: int = arg(1, "rollouts per optimizer step")
     learning_rate: float | None = arg(None, "peak learning rate")
-    weight_decay: float = arg(0.01, "AdamW weight decay (matrices only)")
-    grad_clip: float = arg(1.0, "clip the global gradient norm to this (0 = off)")
     max_seq_len: int = arg(66, "prompt tokens kept (the last ones)")
     max_gen_len: int | None = arg(None, "most new tokens per completion (default: 48 on CPU, 1536 on CUDA)")
     temperature: float = arg(0.8, "sampling temperature of the rollouts")
     top_p: float = arg(1.0, "nucleus sampling of the rollouts (1 = off)")
     beta: float = arg(0.02, "KL coefficient against the frozen reference")
     forward_batch: int | None = arg(None, "rows per log-prob forward (0 = the whole rollout at once)")
-    max_steps: int = arg(0, "stop after this many optimizer steps (0 = run all epochs)")
-    device: str = arg("auto", "cuda, cpu, or auto")
-    dtype: str = arg("auto", "bfloat16 or float32 (auto: bf16 autocast on CUDA, fp32 on CPU)")
-    kernels: str = arg("auto", "ops spec: torch | triton | liger | auto, with overrides like 'triton,rope=torch'")
-    compile: bool = arg(False, "torch.compile the policy's training forward")
     log_interval: int = arg(1, "optimizer steps between log lines")
     save_interval: int = arg(50, "optimizer steps between checkpoints")
-    keep_last: int = arg(2, "resume checkpoints to keep")
     seed: int = arg(42, "seed for data order and sampling")
 
 
-def resolve_auto(args: Any, on_cuda: bool, auto: dict[str, tuple[Any, Any]]) -> Any:
-    """Fill the machine-dependent defaults (None) with their CPU or CUDA value."""
-    for name, (cpu, cuda) in {**RL_AUTO, **auto}.items():
-        if getattr(args, name) is None:
-            setattr(args, name, cuda if on_cuda else cpu)
-    return args
+def start_stage(
+    args: Any, rt: common.Runtime, auto: dict[str, tuple[Any, Any]]
+) -> tuple[Callable, Any, Any, torch.nn.Module, torch.nn.Module, Any]:
+    """What every RL stage loads first -> (reward function, tokenizer, kernel ops, policy, frozen reference, prompts),
+    after filling the machine-dependent defaults (RL_AUTO and the stage's auto). The reward is built first: a bad
+    --reward or --reward_model_path fails before any model is loaded. The reference is the same checkpoint, frozen
+    (common.frozen_model): every rank holds its own copy."""
+    from train import rewards
+
+    common.resolve_auto(args, rt.is_cuda, {**RL_AUTO, **auto})
+    reward_fn = rewards.build_rewards(
+        args.reward, args.reward_model_path, rt.device, bool(args.reasoning), args.reward_batch_size
+    )
+    tok = common.stage_tokenizer(args.tokenizer, args.from_weight)
+    ops = common.resolve_kernels(args.kernels, rt)
+    policy = common.load_base_model(args.from_weight, ops, rt.device)
+    ref = common.frozen_model(args.from_weight, ops, rt)
+    return reward_fn, tok, ops, policy, ref, load_prompts(args, tok, reward_fn.kinds, rt)
 
 
-def tokenizer_path(args: Any) -> str | None:
-    """--tokenizer, else the tokenizer saved with --from_weight, else the shipped one (None)."""
-    if args.tokenizer is None and (Path(args.from_weight) / "tokenizer.json").is_file():
-        return args.from_weight
-    return args.tokenizer
-
-
-def load_prompts(args: Any, tokenizer: Any, kinds: Sequence[str]) -> Any:
+def load_prompts(args: Any, tokenizer: Any, kinds: Sequence[str], rt: common.Runtime) -> Any:
     """The prompt data set, checked up front: a DataError or a missing "answer" for --reward rule stops the run."""
-    from minimind.data import DataError, RLPromptDataset
+    from minimind.data import RLPromptDataset
 
-    try:
-        data = RLPromptDataset(args.data_path, tokenizer, args.max_seq_len)
-    except (DataError, FileNotFoundError) as exc:
-        raise SystemExit(f"error: {exc}") from exc
+    data = common.open_dataset(RLPromptDataset, args, tokenizer, rt)
     if "rule" in kinds:
         missing = [i for i in range(min(len(data), 256)) if "answer" not in data.index.record(i)]
         if missing:
@@ -345,6 +388,38 @@ def prompt_batch(data: Any, order: torch.Tensor, batch_index: int, batch_size: i
         "texts": [it["prompt_text"] for it in items],
         "records": [it["record"] for it in items],
     }
+
+
+def reward_stats(rollouts: Sequence[Rollout], rt: common.Runtime) -> dict[str, float]:
+    """Reward mean and std, each reward kind's mean and the mean completion length over the rollouts of every rank
+    (gathered, so they describe the global batch)."""
+    r = common.all_gather_cat(torch.cat([ro.rewards for ro in rollouts]), rt)
+    lengths = common.all_gather_cat(torch.cat([ro.lengths for ro in rollouts]), rt)
+    parts = {
+        k: common.all_gather_cat(torch.cat([ro.reward_parts[k].float() for ro in rollouts]), rt)
+        for k in rollouts[0].reward_parts
+    }
+    return {
+        "reward": round(float(r.mean()), 5),
+        "reward_std": round(float(r.std(unbiased=False)), 5),
+        **{f"reward_{k}": round(float(v.mean()), 5) for k, v in parts.items()},
+        "completion_len": round(float(lengths.float().mean()), 2),
+    }
+
+
+def global_masked_mean(x_NR: torch.Tensor, mask_NR: torch.Tensor, rt: common.Runtime) -> torch.Tensor:
+    """losses.masked_mean over the masked tokens of every rank's rows: sum and count are all-reduced."""
+    sums = common.all_reduce_sum(torch.stack([(x_NR * mask_NR).sum(), mask_NR.sum()]).float(), rt)
+    return sums[0] / sums[1].clamp(min=1)
+
+
+def finish_stage(args: Any, rt: common.Runtime, metrics: Any, title: str, keys: Sequence[str]) -> None:
+    """common.finish, then rank 0 also draws the reward curves ({save_weight}_reward.png): reward and the keys."""
+    if common.finish(args, rt, metrics, title):
+        out = Path(args.out_dir) / f"{args.save_weight}_reward.png"
+        png = plot_rl_curves(metrics.path, out, f"{title}, reward {args.reward}", keys)
+        if png:
+            print(f"reward curve {png}")
 
 
 def plot_rl_curves(

@@ -19,20 +19,26 @@ The tracker forgets fast when the policy's log-probs move (a changed policy make
 when they do not. accumulation_steps rollouts (4) make one optimizer step. The tracker state is saved in every
 resume checkpoint's train state and restored with --from_resume.
 
+Under torchrun (`torchrun --nproc_per_node N train/spo.py`, --fsdp for FSDP2) each rank rolls out its own
+batch_size prompts per rollout, and there is still one tracker: after each rollout every rank folds in the rewards
+of all ranks (gathered) and the mean log-prob over all ranks' completion tokens (all-reduced), so the tracker is
+identical on every rank and evolves as in one process whose rollouts hold all N ranks' prompts. Each rank's loss is
+the mean over its own completions and the gradients are averaged over ranks (the same count on every rank: the mean
+over all completions); they are all-reduced once per optimizer step. The frozen reference is not wrapped.
+
 Deviations from MiniMind: MiniMind subtracts the baseline alpha / (alpha + beta), a number in [0, 1], from the raw
 reward in [-3, 3]; here it is mapped back to reward units (r_min + (r_max - r_min) * ...), so A is a difference of
 like quantities. r_min/r_max default to the range of the chosen reward kinds (train/rewards.py reward_range: [0, 1]
 for the rule reward, [-3, 3] for the reward model as MiniMind's scale 3). MiniMind also re-weights prompt sampling by
 a per-prompt reward EMA; prompts here follow the plain seeded epoch order (exact resume). Rollout sampling uses an
-RNG seeded by (seed, rollout index).
+RNG seeded by (seed, rollout index, rank).
 
 Outputs under --out_dir: {save_weight}/ (policy), {save_weight}_resume/step_N/ (+ optimizer, tracker, RNG),
-{save_weight}_metrics.jsonl and {save_weight}_reward.png.
+{save_weight}_metrics.jsonl, {save_weight}_reward.png and {save_weight}_loss.png.
 """
 
 from __future__ import annotations
 
-import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,9 +47,7 @@ if __package__ in (None, ""):  # run as `python train/spo.py`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
-from tqdm import tqdm
 
-from minimind import checkpoint as ckpt
 from train import common, rewards, rollout
 from train import losses as L
 from train.common import arg
@@ -117,10 +121,7 @@ class BetaValueTracker:
 def main(argv: list[str] | None = None) -> dict:
     args = common.parse_args(Args, argv, __doc__.split("\n\n")[0])
     rt = common.setup_runtime(args.device, args.dtype, args.seed)
-    args = rollout.resolve_auto(args, rt.is_cuda, _AUTO)
-    reward_fn = rewards.build_rewards(
-        args.reward, args.reward_model_path, rt.device, bool(args.reasoning), args.reward_batch_size
-    )
+    reward_fn, tok, _, policy, ref, data = rollout.start_stage(args, rt, _AUTO)
     lo, hi = rewards.reward_range(reward_fn.kinds, bool(args.reasoning))
     args.reward_min = lo if args.reward_min is None else args.reward_min
     args.reward_max = hi if args.reward_max is None else args.reward_max
@@ -130,134 +131,90 @@ def main(argv: list[str] | None = None) -> dict:
         )
     except ValueError as exc:
         raise SystemExit(f"error: {exc}") from exc
-    tok = common.load_tokenizer(rollout.tokenizer_path(args))
-    ops = common.resolve_kernels(args.kernels, rt)
-    policy = common.load_base_model(args.from_weight, ops, rt.device)
-    ref = common.load_base_model(args.from_weight, ops, rt.device).eval().requires_grad_(False)
-    data = rollout.load_prompts(args, tok, reward_fn.kinds)
+    # One step = accumulation_steps rollouts of batch_size prompts on each of world_size ranks.
+    prompts_per_step = args.batch_size * args.accumulation_steps * rt.world_size
+    steps_per_epoch, total_steps = common.plan_steps(len(data), prompts_per_step, args, rt, "prompts")
 
-    steps_per_epoch = len(data) // (args.batch_size * args.accumulation_steps)
-    if steps_per_epoch == 0:
-        raise SystemExit(
-            f"error: {args.data_path} has {len(data)} prompts, fewer than one step needs "
-            f"({args.batch_size} x {args.accumulation_steps}); lower --batch_size"
-        )
-    total_steps = steps_per_epoch * args.epochs
-    if args.max_steps:
-        total_steps = min(total_steps, args.max_steps)
-
+    wrapped = common.wrap_model(policy, rt, fsdp=args.fsdp)
     optimizer = common.build_optimizer(policy, args.learning_rate, args.weight_decay)
-    start_step = 0
-    if args.from_resume:
-        folder = common.latest_resume(args.out_dir, args.save_weight)
-        if folder is None:
-            print(f"no resume checkpoint under {common.resume_dir(args.out_dir, args.save_weight)}: starting fresh")
-        else:
-            ckpt.load_model_weights(policy, folder)
-            state = ckpt.load_train_state(folder)
-            optimizer.load_state_dict(state["optimizer"])
-            tracker.load_state_dict(state["tracker"])
-            common.set_rng_state(state["rng"])
-            start_step = int(state["step"])
-            print(
-                f"resumed from {folder} at step {start_step} "
-                f"(tracker alpha {tracker.alpha:.4f}, beta {tracker.beta:.4f})"
-            )
-
-    train_fwd = torch.compile(policy, dynamic=True) if args.compile else policy
-    print(
-        f"spo: {args.from_weight} ({policy.num_params():,} params) on {rt.device} "
-        f"({'bf16 autocast' if rt.amp_dtype else 'fp32'}{', compiled' if args.compile else ''}); "
+    start_step, state = common.restore_resume(args, rt, prompts_per_step, policy, optimizer)
+    if state:
+        tracker.load_state_dict(state["tracker"])
+        if rt.is_main:
+            print(f"tracker restored: alpha {tracker.alpha:.4f}, beta {tracker.beta:.4f}")
+    train_fwd = torch.compile(wrapped, dynamic=True) if args.compile else wrapped
+    summary = (
+        f"spo: {args.from_weight} ({policy.num_params():,} params) on {common.describe_runtime(rt, args)}; "
         f"{len(data):,} prompts; {args.batch_size} prompts x accum {args.accumulation_steps}; reward {args.reward} "
         f"in [{args.reward_min:g}, {args.reward_max:g}]; {total_steps} steps, lr {args.learning_rate:g}"
     )
-
-    metrics = common.MetricsLog(Path(args.out_dir) / f"{args.save_weight}_metrics.jsonl", append=start_step > 0)
+    metrics, guard = common.start_run(args, rt, start_step, summary)
     policy.train()
-    order, order_epoch = None, -1
-    skipped, history = 0, []
+    order, order_epoch, history = None, -1, []
     timer = common.Timer(rt.device)
-    bar = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps, desc="spo", dynamic_ncols=True)
+    bar = common.progress(start_step, total_steps, "spo", rt)
     with common.StopFlag() as stop:
         for step in bar:
-            epoch, within = divmod(step, steps_per_epoch)
+            epoch = step // steps_per_epoch
             if epoch != order_epoch:
                 order, order_epoch = common.epoch_order(len(data), args.seed, epoch), epoch
-            lr = common.lr_at(step, total_steps, args.learning_rate)
+            lr = common.lr_at(step, total_steps, args.learning_rate, args.warmup_steps)
             common.set_lr(optimizer, lr)
-            acc = {"reward": [], "baseline": [], "adv": [], "len": [], "loss": 0.0, "kl": 0.0, "tokens": 0.0, "rho": []}
-            parts_acc: dict[str, list[torch.Tensor]] = {}
+            rollouts, baselines, advs, rhos = [], [], [], []
+            sums = torch.zeros(3, dtype=torch.float64)  # this rank's loss (over its rollouts), KL sum, token count
             for micro in range(args.accumulation_steps):
-                batch = rollout.prompt_batch(data, order, within * args.accumulation_steps + micro, args.batch_size)
-                ro = rollout.collect(
-                    policy,
-                    ref,
-                    batch["ids"],
-                    batch["texts"],
-                    batch["records"],
-                    reward_fn,
-                    tok,
-                    num_samples=1,
-                    max_new_tokens=args.max_gen_len,
-                    device=rt.device,
-                    autocast=rt.autocast,
-                    forward_batch=args.forward_batch,
-                    with_old_logp=False,
-                    temperature=args.temperature,
-                    top_p=args.top_p,
-                    generator=rollout.rollout_generator(rt.device, args.seed, step * args.accumulation_steps + micro),
-                )
+                ro = rollout.rank_rollout(
+                    args, rt, data, order, step, micro, args.accumulation_steps, policy, ref, reward_fn, tok,
+                    num_samples=1, with_old_logp=False,
+                )  # fmt: skip
                 b = tracker.baseline()
                 adv = (ro.rewards - b).clamp(-args.adv_clip, args.adv_clip)
                 n = ro.input_ids.shape[0]
-                logp_sum, tok_count = 0.0, 0.0
-                for sl in rollout.chunks(n, args.forward_batch):
-                    with rt.autocast():
-                        logp, aux = rollout.forward_logp(train_fwd, ro.rows(sl), ro.prompt_width)
-                    logp = logp.float()
-                    mask = ro.completion_mask[sl]
-                    loss = L.spo_loss(logp, ro.ref_logp[sl], adv[sl], mask, args.beta)
-                    frac = (sl.stop - sl.start) / n
-                    total = loss * frac if aux is None else (loss + aux) * frac
-                    (total / args.accumulation_steps).backward()
-                    acc["loss"] += float(loss.detach()) * frac / args.accumulation_steps
-                    acc["kl"] += float((L.k3_kl(logp.detach(), ro.ref_logp[sl]) * mask).sum())
-                    logp_sum += float((logp.detach() * mask).sum())
-                    tok_count += float(mask.sum())
-                acc["tokens"] += tok_count
-                acc["rho"].append(tracker.update(ro.rewards, logp_sum / max(tok_count, 1)))
-                acc["reward"].append(ro.rewards)
-                acc["baseline"].append(b)
-                acc["adv"].append(adv)
-                acc["len"].append(ro.lengths)
-                for k, v in ro.reward_parts.items():
-                    parts_acc.setdefault(k, []).append(v.float())
-            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.grad_clip or float("inf"))
-            if torch.isfinite(grad_norm):
+                slices = rollout.chunks(n, args.forward_batch)
+                logp_sum = torch.zeros(2, dtype=torch.float64)  # summed completion log-probs, token count
+                for i, sl in enumerate(slices):
+                    last = micro == args.accumulation_steps - 1 and i == len(slices) - 1
+                    with common.no_sync(wrapped, sync=last):
+                        with rt.autocast():
+                            logp, aux = rollout.forward_logp(train_fwd, ro.rows(sl), ro.prompt_width)
+                        logp = logp.float()
+                        mask = ro.completion_mask[sl]
+                        loss = L.spo_loss(logp, ro.ref_logp[sl], adv[sl], mask, args.beta)
+                        frac = (sl.stop - sl.start) / n
+                        total = loss * frac if aux is None else (loss + aux) * frac
+                        (total / args.accumulation_steps).backward()
+                    sums[0] += float(loss.detach()) * frac / args.accumulation_steps
+                    sums[1] += float((L.k3_kl(logp.detach(), ro.ref_logp[sl]) * mask).sum())
+                    sums[2] += float(mask.sum())
+                    logp_sum += torch.tensor([float((logp.detach() * mask).sum()), float(mask.sum())])
+                # Every rank folds in the whole global rollout, so the trackers stay identical across ranks.
+                logp_sum = common.all_reduce_sum(logp_sum, rt)
+                all_rewards = common.all_gather_cat(ro.rewards, rt)
+                rhos.append(tracker.update(all_rewards, float(logp_sum[0] / logp_sum[1].clamp(min=1))))
+                rollouts.append(ro)
+                baselines.append(b)
+                advs.append(common.all_gather_cat(adv, rt))
+            grad_norm = common.clip_grad_norm(policy, args.grad_clip)
+            if guard.ok(grad_norm, step + 1):
                 optimizer.step()
-            else:
-                skipped += 1
             optimizer.zero_grad(set_to_none=True)
 
             done = step + 1
-            r_all = torch.cat(acc["reward"])
+            sums = common.all_reduce_sum(sums, rt)
             record = {
                 "step": done,
                 "epoch": epoch,
-                "reward": round(float(r_all.mean()), 5),
-                "reward_std": round(float(r_all.std(unbiased=False)), 5),
-                **{f"reward_{k}": round(float(torch.cat(v).mean()), 5) for k, v in parts_acc.items()},
-                "baseline": round(sum(acc["baseline"]) / len(acc["baseline"]), 5),
-                "advantage": round(float(torch.cat(acc["adv"]).mean()), 5),
-                "rho": round(sum(acc["rho"]) / len(acc["rho"]), 5),
+                **rollout.reward_stats(rollouts, rt),
+                "baseline": round(sum(baselines) / len(baselines), 5),
+                "advantage": round(float(torch.cat(advs).mean()), 5),
+                "rho": round(sum(rhos) / len(rhos), 5),
                 "tracker_alpha": round(tracker.alpha, 5),
                 "tracker_beta": round(tracker.beta, 5),
-                "kl": round(acc["kl"] / max(acc["tokens"], 1), 6),
-                "completion_len": round(float(torch.cat(acc["len"]).float().mean()), 2),
-                "loss": round(acc["loss"], 6),
+                "kl": round(float(sums[1] / sums[2].clamp(min=1)), 6),
+                "loss": round(float(sums[0]) / rt.world_size, 6),
                 "lr": lr,
-                "grad_norm": round(float(grad_norm), 4) if math.isfinite(float(grad_norm)) else float("nan"),
-                "skipped_steps": skipped,
+                "grad_norm": round(float(grad_norm), 4),
+                "skipped_steps": guard.skipped,
             }
             history.append(record["reward"])
             if done % args.log_interval == 0 or done == total_steps:
@@ -266,25 +223,15 @@ def main(argv: list[str] | None = None) -> dict:
                 bar.set_postfix(
                     reward=f"{record['reward']:.3f}", base=f"{record['baseline']:.3f}", kl=f"{record['kl']:.4f}"
                 )
-            if done % args.save_interval == 0 or done == total_steps or stop.requested:
-                state = {
-                    "step": done,
-                    "optimizer": optimizer.state_dict(),
-                    "tracker": tracker.state_dict(),
-                    "rng": common.rng_state(),
-                }
-                common.save_resume(args.out_dir, args.save_weight, done, policy, tok, args, state, args.keep_last)
-            if stop.requested:
+            stopping = common.any_rank(stop.requested, rt)
+            if done % args.save_interval == 0 or done == total_steps or stopping:
+                extra = {"tracker": tracker.state_dict()}
+                common.save_step(args, rt, done, prompts_per_step, policy, optimizer, tok, extra)
+            if stopping:
                 break
     bar.close()
-    png = rollout.plot_rl_curves(
-        metrics.path,
-        Path(args.out_dir) / f"{args.save_weight}_reward.png",
-        f"SPO, reward {args.reward}",
-        keys=("reward", "baseline", "kl"),
-    )
+    rollout.finish_stage(args, rt, metrics, "SPO", ("reward", "baseline", "kl"))
     out = Path(args.out_dir) / args.save_weight
-    print(f"done: {len(history)} steps; model in {out}" + (f"; reward curve {png}" if png else ""))
     return {"rewards": history, "steps": total_steps, "out": str(out), "tracker": tracker.state_dict()}
 
 

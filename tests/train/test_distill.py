@@ -58,13 +58,11 @@ def _records(out):
     return [json.loads(line) for line in (out / "full_dist_metrics.jsonl").read_text().splitlines()]
 
 
-def test_distill_first_step_loss_matches_full_logits(start, tokenizer):
-    out = start / "one"
-    distill.main(_args(start, out) + ["--max_steps", "1", "--alpha", "0.3", "--temperature", "2.0"])
-    rec = _records(out)[0]
-    # The first batch, rebuilt the way the stage draws it, and the loss from full fp64 logits of both models.
+def _hand_ce_kl(start, tokenizer, rows, temperature):
+    """(CE, KL at the temperature) over the trained tokens of the conversations `rows`, from full fp64 logits of both
+    models."""
     data = SFTDataset(start / "sft.jsonl", tokenizer, 96)
-    batch = collate_sft([data[int(i)] for i in common.epoch_order(len(data), 42, 0)[:8]])
+    batch = collate_sft([data[i] for i in rows])
     ids, labels = batch["input_ids"], batch["labels"]
     student, _, _ = ckpt.load_model(start / "student")
     teacher, _, _ = ckpt.load_model(start / "teacher")
@@ -74,11 +72,59 @@ def test_distill_first_step_loss_matches_full_logits(start, tokenizer):
     tgt = labels[:, 1:]
     keep = tgt != -100
     ce = -s.log_softmax(-1)[keep].gather(1, tgt[keep][:, None]).mean()
-    p_t = (t[keep] / 2.0).softmax(-1)
-    kl = (p_t * (p_t.log() - (s[keep] / 2.0).log_softmax(-1))).sum(-1).mean()
-    assert rec["ce"] == pytest.approx(ce.item(), abs=2e-5)
-    assert rec["kl"] == pytest.approx(kl.item(), abs=2e-5)
-    assert rec["loss"] == pytest.approx(0.3 * ce.item() + 0.7 * 4.0 * kl.item(), abs=5e-5)
+    p_t = (t[keep] / temperature).softmax(-1)
+    kl = (p_t * (p_t.log() - (s[keep] / temperature).log_softmax(-1))).sum(-1).mean()
+    return ce.item(), kl.item()
+
+
+def test_distill_first_step_loss_matches_full_logits(start, tokenizer):
+    out = start / "one"
+    distill.main(_args(start, out) + ["--max_steps", "1", "--alpha", "0.3", "--temperature", "2.0"])
+    rec = _records(out)[0]
+    # The first batch, rebuilt the way the stage draws it.
+    ce, kl = _hand_ce_kl(start, tokenizer, common.epoch_order(160, 42, 0)[:8].tolist(), 2.0)
+    assert rec["ce"] == pytest.approx(ce, abs=2e-5)
+    assert rec["kl"] == pytest.approx(kl, abs=2e-5)
+    assert rec["loss"] == pytest.approx(0.3 * ce + 0.7 * 4.0 * kl, abs=5e-5)
+
+
+def test_distill_two_ranks_log_the_mean_of_their_own_losses(start, tokenizer, torchrun):
+    out = start / "ranks"
+    torchrun("distill.py", _args(start, out) + ["--batch_size", "3", "--max_steps", "2", "--alpha", "0.3"])
+    rec = _records(out)[0]
+    # Step 1: rank r distils conversations order[3r : 3r + 3]; each logged term is the mean of the ranks' own means.
+    order = common.epoch_order(160, 42, 0).tolist()
+    per_rank = [_hand_ce_kl(start, tokenizer, order[3 * r : 3 * r + 3], 1.5) for r in (0, 1)]
+    assert abs(per_rank[0][0] - per_rank[1][0]) > 1e-3 and abs(per_rank[0][1] - per_rank[1][1]) > 1e-3
+    ce, kl = (per_rank[0][0] + per_rank[1][0]) / 2, (per_rank[0][1] + per_rank[1][1]) / 2
+    # fp32 training forwards against fp64 logits; CE and KL are both about 8 here.
+    assert rec["ce"] == pytest.approx(ce, rel=1e-5)
+    assert rec["kl"] == pytest.approx(kl, rel=1e-5)
+    assert rec["loss"] == pytest.approx(0.3 * ce + 0.7 * 1.5**2 * kl, rel=1e-5)
+    assert [r["step"] for r in _records(out)] == [1, 2]
+    # The student's gradient, averaged over the ranks, includes the KL's path into the tied head (read outside the
+    # forward): the step-1 gradient norm from full fp32 logits.
+    data = SFTDataset(start / "sft.jsonl", tokenizer, 96)
+    student, _, _ = ckpt.load_model(start / "student")
+    teacher, _, _ = ckpt.load_model(start / "teacher")
+    rank_losses = []
+    for r in (0, 1):
+        batch = collate_sft([data[i] for i in order[3 * r : 3 * r + 3]])
+        keep = batch["labels"][:, 1:] != -100
+        s = student(batch["input_ids"], return_logits=True).logits[:, :-1][keep]
+        with torch.no_grad():
+            t = teacher(batch["input_ids"], return_logits=True).logits[:, :-1][keep]
+        ce = torch.nn.functional.cross_entropy(s, batch["labels"][:, 1:][keep])
+        kl = torch.nn.functional.kl_div(
+            (s / 1.5).log_softmax(-1), (t / 1.5).log_softmax(-1), reduction="batchmean", log_target=True
+        )
+        rank_losses.append(0.3 * ce + 0.7 * 1.5**2 * kl)
+    ((rank_losses[0] + rank_losses[1]) / 2).backward()
+    norm = torch.cat([p.grad.double().flatten() for p in student.parameters() if p.grad is not None]).norm().item()
+    assert rec["grad_norm"] == pytest.approx(norm, rel=1e-4)
+    model, cfg, _ = ckpt.load_model(out / "full_dist")
+    assert (cfg.hidden_size, cfg.num_hidden_layers) == (64, 2)
+    assert ckpt.load_train_state(out / "full_dist_resume" / "step_00000002")["rows_seen"] == 12
 
 
 def test_distill_student_learns_the_teacher_and_reloads(start):

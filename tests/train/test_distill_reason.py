@@ -45,15 +45,14 @@ def _records(out):
     return [json.loads(line) for line in (out / "reason_metrics.jsonl").read_text().splitlines()]
 
 
-def test_distill_reason_first_step_loss_matches_char_located_tags(start, tokenizer):
-    out = start / "one"
-    distill_reason.main(_args(start, out) + ["--max_steps", "1"])
-    rec = _records(out)[0]
+def _hand_loss(start, tokenizer, rows):
+    """(tag-weighted loss, tagged token count) of the conversations `rows`: sum of weight x NLL over the trained
+    tokens / their count, with the tag positions located by character offsets, from full fp64 logits."""
     model, _, _ = ckpt.load_model(start / "sft")
     model.double()
     convs = [json.loads(line)["conversations"] for line in (start / "r1.jsonl").read_text().splitlines()]
     total, count, tagged = 0.0, 0, 0
-    for i in common.epoch_order(len(convs), 42, 0)[:8].tolist():
+    for i in rows:
         text = tokenizer.apply_chat_template(convs[i])
         enc = tokenizer.hf.encode(text, add_special_tokens=False)
         ids, offsets = enc.ids[:128], enc.offsets[:128]
@@ -69,8 +68,31 @@ def test_distill_reason_first_step_loss_matches_char_located_tags(start, tokeniz
             total += -w * logp[t - 1, ids[t]].item()
             count += 1
             tagged += w > 1
+    return total / count, tagged
+
+
+def test_distill_reason_first_step_loss_matches_char_located_tags(start, tokenizer):
+    out = start / "one"
+    distill_reason.main(_args(start, out) + ["--max_steps", "1"])
+    rec = _records(out)[0]
+    loss, tagged = _hand_loss(start, tokenizer, common.epoch_order(96, 42, 0)[:8].tolist())
     assert tagged > 8 * 4 * 2  # at least four tags of two or more tokens per conversation
-    assert rec["loss"] == pytest.approx(total / count, abs=2e-4)
+    assert rec["loss"] == pytest.approx(loss, abs=2e-4)
+
+
+def test_distill_reason_two_ranks_log_the_mean_of_their_own_losses(start, tokenizer, torchrun):
+    out = start / "ranks"
+    torchrun("distill_reason.py", _args(start, out) + ["--batch_size", "3", "--max_steps", "2"])
+    records = _records(out)
+    assert [r["step"] for r in records] == [1, 2]
+    # Step 1: rank r trains on conversations order[3r : 3r + 3], each rank's loss normalised by its own label count.
+    order = common.epoch_order(96, 42, 0).tolist()
+    per_rank = [_hand_loss(start, tokenizer, order[3 * r : 3 * r + 3])[0] for r in (0, 1)]
+    assert abs(per_rank[0] - per_rank[1]) > 1e-2  # the two shards really differ
+    assert records[0]["loss"] == pytest.approx(sum(per_rank) / 2, abs=2e-4)
+    _, cfg, _ = ckpt.load_model(out / "reason")
+    assert cfg.hidden_size == 64
+    assert ckpt.load_train_state(out / "reason_resume" / "step_00000002")["world_size"] == 2
 
 
 def test_distill_reason_learns_and_reloads(start):

@@ -120,3 +120,79 @@ def test_dpo_bf16_reference_agrees_exactly_with_the_policy_before_training(start
     first = [r for r in _records(out) if "loss" in r][0]
     assert res["eval_before"]["eval_margin"] == 0.0 and res["eval_before"]["eval_reward_acc"] == 0.0
     assert first["chosen_reward"] == 0.0 and first["rejected_reward"] == 0.0 and first["accuracy"] == 0.0
+
+
+TORCHRUN = ["--batch_size", "2", "--max_steps", "2", "--eval_fraction", "0.25", "--learning_rate", "1e-3"]
+TORCHRUN += ["--save_interval", "1", "--keep_last", "3"]
+
+
+@pytest.fixture(scope="module")
+def ddp_out(start, torchrun):
+    """A 2-step DDP run on 2 ranks, 2 pairs per rank (36 training pairs, 12 held out)."""
+    out = start / "ddp"
+    torchrun("dpo.py", _args(start, out) + TORCHRUN)
+    return out
+
+
+def _pair_logp(model, pair, key):
+    """Summed log-prob of the assistant tokens of pair[key] from a full log-softmax (with grad if the model has it)."""
+    ids, labels = pair[f"{key}_input_ids"], pair[f"{key}_labels"]
+    logp = model(ids[None], return_logits=True).logits[0, :-1].log_softmax(-1)
+    tgt = labels[1:]
+    keep = tgt != -100
+    return logp[keep].gather(1, tgt[keep][:, None]).sum()
+
+
+def test_dpo_two_ranks_first_step_gradient_is_the_mean_of_the_ranks_losses(start, ddp_out, tokenizer):
+    records = _records(ddp_out)
+    train = [r for r in records if "loss" in r]
+    evals = [r for r in records if "eval_loss" in r]
+    assert [r["step"] for r in train] == [1, 2]
+    assert len(evals) == 2 and all(r["eval_pairs"] == 12 for r in evals)  # written once, by rank 0 only
+    # Step 1: policy == reference, so every pair's loss is ln 2; the gradient is what carries the information. Rank r
+    # trains on pairs order[2r : 2r + 2]; DDP averages the two ranks' gradients of their own pair-mean losses.
+    assert train[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
+    policy, _, _ = ckpt.load_model(start / "sft")
+    ref, _, _ = ckpt.load_model(start / "sft")
+    data = DPODataset(start / "dpo.jsonl", tokenizer, 96)
+    order = common.epoch_order(36, 42, 0).tolist()
+    rank_losses = []
+    for r in (0, 1):
+        pair_losses = []
+        for i in order[2 * r : 2 * r + 2]:
+            pc, pr = _pair_logp(policy, data[i], "chosen"), _pair_logp(policy, data[i], "rejected")
+            with torch.no_grad():
+                rc, rr = _pair_logp(ref, data[i], "chosen"), _pair_logp(ref, data[i], "rejected")
+            pair_losses.append(-torch.nn.functional.logsigmoid(0.1 * ((pc - pr) - (rc - rr))))
+        rank_losses.append(sum(pair_losses) / 2)
+    ((rank_losses[0] + rank_losses[1]) / 2).backward()
+    norm = torch.cat([p.grad.double().flatten() for p in policy.parameters() if p.grad is not None]).norm().item()
+    assert norm > 0.01
+    assert train[0]["grad_norm"] == pytest.approx(norm, rel=1e-4, abs=1e-4)
+    # The checkpoint loads and records the world size and the data position in pairs.
+    trained, cfg, _ = ckpt.load_model(ddp_out / "dpo")
+    assert cfg.hidden_size == 64
+    assert not torch.equal(trained.model.embed_tokens.weight, ref.model.embed_tokens.weight)
+    state = ckpt.load_train_state(ddp_out / "dpo_resume" / "step_00000002")
+    assert state["world_size"] == 2 and state["rows_seen"] == 8
+
+
+def test_dpo_fsdp_matches_ddp_and_resumes_on_one_process(start, ddp_out, torchrun):
+    fsdp = start / "fsdp"
+    proc = torchrun("dpo.py", _args(start, fsdp) + TORCHRUN + ["--fsdp", "1"])
+    assert "FSDP2" in proc.stdout
+    want = {r["step"]: r for r in _records(ddp_out) if "loss" in r}
+    got = {r["step"]: r for r in _records(fsdp) if "loss" in r}
+    for s in (1, 2):
+        for k in ("loss", "chosen_reward", "rejected_reward", "grad_norm"):
+            assert got[s][k] == pytest.approx(want[s][k], abs=2e-5), (s, k)
+    a, b = ckpt.load_model_state(ddp_out / "dpo"), ckpt.load_model_state(fsdp / "dpo")
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    # The step-1 checkpoint of 2 FSDP ranks (gathered full state) continues in one process with the same global batch.
+    cut = start / "fsdp_then_one"
+    step1 = fsdp / "dpo_resume" / "step_00000001"
+    shutil.copytree(step1, cut / "dpo_resume" / step1.name)
+    dpo.main(_args(start, cut) + TORCHRUN + ["--batch_size", "4", "--from_resume", "1"])
+    resumed = {r["step"]: r for r in _records(cut) if "loss" in r}
+    assert sorted(resumed) == [2]
+    assert resumed[2]["loss"] == pytest.approx(want[2]["loss"], abs=2e-5)

@@ -85,3 +85,32 @@ def test_grpo_bad_flags(tmp_path, start):
     bad.write_text('{"conversations": [{"role": "user", "content": "hi"}]}\n')
     with pytest.raises(SystemExit, match='"answer"'):
         grpo.main(FAST + ["--from_weight", str(start), "--data_path", str(bad), "--out_dir", str(tmp_path / "o")])
+
+
+def test_grpo_two_ranks_gather_rewards_and_average_gradients(tmp_path, start, rl_two_ranks, completion_logp):
+    # Step 1 again by hand: rank r samples 4 completions of its own prompt with its own RNG. Premise: the rewards
+    # differ within a group (the advantages are not all zero).
+    out = tmp_path / "ranks"
+    policy, ros = rl_two_ranks("grpo.py", start, out, FAST, 4, 1, lambda ros: any(ro.rewards.std() > 0 for ro in ros))
+    m = _metrics(out)
+    assert sorted(m) == [1, 2]
+    rewards = torch.cat([ro.rewards for ro in ros])
+    assert m[1]["reward"] == pytest.approx(rewards.mean().item(), abs=1e-5)
+    assert m[1]["reward_std"] == pytest.approx(rewards.std(unbiased=False).item(), abs=1e-5)
+    # Ratio 1 and KL 0 at step 1: the loss is -mean(A) = 0 within each group, and its gradient is
+    # -mean_i A_i * mean_t grad log p_it, averaged over the two ranks.
+    assert m[1]["loss"] == pytest.approx(0.0, abs=1e-6) and m[1]["kl"] == 0.0
+    rank_losses = []
+    for ro in ros:
+        r = ro.rewards.view(-1, 4)
+        adv = ((r - r.mean(1, keepdim=True)) / (r.std(1, unbiased=False, keepdim=True) + 1e-4)).view(-1)
+        mask = ro.completion_mask
+        token_mean = (completion_logp(policy, ro) * mask).sum(1) / mask.sum(1)
+        rank_losses.append(-(adv * token_mean).mean())
+    ((rank_losses[0] + rank_losses[1]) / 2).backward()
+    norm = torch.cat([p.grad.double().flatten() for p in policy.parameters() if p.grad is not None]).norm().item()
+    assert m[1]["grad_norm"] == pytest.approx(norm, rel=1e-4, abs=1e-4)
+    ckpt.load_model(out / "grpo")
+    assert (out / "grpo_loss.png").stat().st_size > 1000 and (out / "grpo_reward.png").exists()
+    state = ckpt.load_train_state(out / "grpo_resume" / "step_00000002")
+    assert state["world_size"] == 2 and state["rows_seen"] == 4

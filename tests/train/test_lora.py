@@ -130,3 +130,45 @@ def test_rank_alpha_and_targets_flags(base, tmp_path):
         lora_stage.main(_args(base, out, "--lora_targets", "nope"))
     with pytest.raises(SystemExit, match="--from_weight"):
         lora_stage.main(_args(tmp_path / "missing", out))
+
+
+def test_two_ranks_under_torchrun_average_their_own_losses(base, tmp_path, tokenizer, torchrun):
+    out = tmp_path / "ranks"
+    torchrun("lora.py", _args(base, out, "--batch_size", "2", "--max_steps", "2", "--learning_rate", "5e-3"))
+    losses = _losses(out)
+    assert sorted(losses) == [1, 2]
+    # B = 0 at step 1: rank r's loss is the base model's assistant-token CE on conversations order[2r : 2r + 2];
+    # the logged loss is the mean of the two ranks' losses.
+    base_model, _, _ = ckpt.load_model(base)
+    data = SFTDataset(DATA, tokenizer, 64)
+    order = common.epoch_order(len(data), 42, 0).tolist()
+    per_rank = [_hand_ce(base_model, collate_sft([data[i] for i in order[2 * r : 2 * r + 2]])) for r in (0, 1)]
+    assert abs(per_rank[0] - per_rank[1]) > 1e-3
+    assert abs(losses[1] - sum(per_rank) / 2) < 1e-4
+    # Only the adapters train, and their gradients are averaged over the ranks: the step-1 gradient norm is that of
+    # the mean of the two ranks' losses with respect to A and B (the same adapters, drawn from seed 42).
+    model, _, _ = ckpt.load_model(base)
+    lora_lib.apply_lora(model, 16, None, "square", generator=torch.Generator().manual_seed(42))
+    rank_losses = []
+    for r in (0, 1):
+        batch = collate_sft([data[i] for i in order[2 * r : 2 * r + 2]])
+        rank_losses.append(model(batch["input_ids"], labels=batch["labels"]).loss)
+    ((rank_losses[0] + rank_losses[1]) / 2).backward()
+    grads = [p.grad.double().flatten() for p in model.parameters() if p.grad is not None]
+    assert len(grads) == 2 * 2 * 4  # A and B of q_proj and o_proj in 4 layers; the base has no gradient
+    record = json.loads((out / "lora_identity_metrics.jsonl").read_text().splitlines()[0])
+    assert record["grad_norm"] == pytest.approx(torch.cat(grads).norm().item(), rel=1e-4)
+    # The adapter written by rank 0 loads onto the base and changes it.
+    merged, _, _ = ckpt.load_model(base)
+    cfg = lora_lib.load_adapter(merged, out / "lora_identity")
+    assert cfg.rank == 16
+    ids = collate_sft([data[order[0]]])["input_ids"]
+    with torch.no_grad():
+        assert not torch.allclose(merged(ids).logits, base_model(ids).logits)
+    state = ckpt.load_train_state(out / "lora_identity_resume" / "step_00000002")
+    assert state["world_size"] == 2 and state["rows_seen"] == 8
+
+
+def test_fsdp_is_refused_with_a_reason(base, tmp_path):
+    with pytest.raises(SystemExit, match="--fsdp is not supported for LoRA"):
+        lora_stage.main(_args(base, tmp_path / "o", "--fsdp"))

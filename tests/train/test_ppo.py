@@ -90,3 +90,45 @@ def test_ppo_early_stop_on_approximate_kl(tmp_path, start):
     r = _metrics(out)[1]
     # The first minibatch has ratio 1 (KL 0) and always updates; the huge lr then pushes the KL past the threshold.
     assert r["early_stop"] and 1 <= r["updates"] < 4
+
+
+def test_ppo_two_ranks_whiten_over_all_tokens_and_average_gradients(tmp_path, start, rl_two_ranks, completion_logp):
+    # Step 1 again by hand: rank r samples one completion for each of its 2 prompts with its own RNG. Premise: the
+    # two ranks' rewards differ, so whitening each rank's advantages on its own would give other advantages.
+    out = tmp_path / "ranks"
+    flags = FAST + ["--mini_batch_size", "2", "--ppo_epochs", "1"]
+    policy, ros = rl_two_ranks(
+        "ppo.py", start, out, flags, 1, 2, lambda ros: ros[0].rewards.mean() != ros[1].rewards.mean()
+    )
+    m = _metrics(out)
+    assert sorted(m) == [1, 2] and m[1]["updates"] == 1 and m[1]["kl"] == 0.0
+    # Values start at 0 and the KL penalty is 0 (old == ref), so with gamma 1 the GAE advantage and return of token
+    # t of a completion of length L with reward R are 0.95^(L-1-t) * R.
+    raw = []
+    for ro in ros:
+        mask = ro.completion_mask
+        length = mask.sum(1, keepdim=True)
+        t = torch.arange(mask.shape[1])[None, :]
+        raw.append(0.95 ** (length - 1 - t).clamp(min=0) * ro.rewards[:, None] * mask)
+    # The value loss of each rank is 0.5 * its token mean of R^2; the logged value is the mean over ranks.
+    value_losses = [0.5 * (a**2).sum() / ro.completion_mask.sum() for a, ro in zip(raw, ros)]
+    assert m[1]["value_loss"] == pytest.approx(float(sum(value_losses) / 2), abs=1e-5)
+    # Advantages are whitened over both ranks' tokens; the actor gradient is the mean of the ranks' gradients of
+    # -token mean(A * ratio) at ratio 1.
+    masks = torch.cat([ro.completion_mask for ro in ros])
+    flat = torch.cat(raw)
+    mean = flat.sum() / masks.sum()
+    std = (((flat - mean) ** 2 * masks).sum() / masks.sum() + 1e-8).sqrt()
+    rank_losses = []
+    for a, ro in zip(raw, ros):
+        mask, logp = ro.completion_mask, completion_logp(policy, ro)
+        adv = (a - mean) / std * mask
+        rank_losses.append(-(adv * torch.exp(logp - logp.detach()) * mask).sum() / mask.sum())
+    ((rank_losses[0] + rank_losses[1]) / 2).backward()
+    norm = torch.cat([p.grad.double().flatten() for p in policy.parameters() if p.grad is not None]).norm().item()
+    assert m[1]["grad_norm"] == pytest.approx(norm, rel=1e-4, abs=1e-4)
+    assert m[1]["policy_loss"] == pytest.approx(sum(x.detach().item() for x in rank_losses) / 2, abs=1e-5)
+    ckpt.load_model(out / "ppo_actor")
+    assert (out / "ppo_actor_loss.png").stat().st_size > 1000 and (out / "ppo_actor_reward.png").exists()
+    state = ckpt.load_train_state(out / "ppo_actor_resume" / "step_00000002")
+    assert state["world_size"] == 2 and "value_head.weight" in state["critic"]

@@ -102,3 +102,33 @@ def test_spo_runs_and_resume_restores_the_tracker(tmp_path, start):
     assert res_cut["tracker"] == res["tracker"]
     a, b = ckpt.load_model_state(full / "spo"), ckpt.load_model_state(cut / "spo")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_spo_two_ranks_share_one_tracker_and_average_their_losses(tmp_path, start, rl_two_ranks, completion_logp):
+    # Step 1 again by hand: rank r samples one completion for each of its 2 prompts with its own RNG. Premise: the
+    # two ranks' rewards differ, so trackers fed each rank's own rewards would disagree.
+    out = tmp_path / "ranks"
+    flags = FAST + ["--accumulation_steps", "1", "--reward_min", "-1", "--reward_max", "1"]
+    policy, ros = rl_two_ranks(
+        "spo.py", start, out, flags, 1, 2, lambda ros: ros[0].rewards.mean() != ros[1].rewards.mean()
+    )
+    m = _metrics(out)
+    assert sorted(m) == [1, 2]
+    # The baseline is the prior's (0, the middle of [-1, 1]) and the KL is 0, so rank r's loss is
+    # mean_i -A_i * mean_t log p_it with A_i = r_i; the logged loss is the mean over ranks.
+    per_rank = []
+    with torch.no_grad():
+        for ro in ros:
+            mask = ro.completion_mask
+            token_mean = (completion_logp(policy, ro) * mask).sum(1) / mask.sum(1)
+            per_rank.append((-(ro.rewards.clamp(-5, 5) * token_mean)).mean().item())
+    assert m[1]["loss"] == pytest.approx(sum(per_rank) / 2, abs=1e-5)
+    # One tracker over both ranks' rewards: pbar over all 4, rho 0.9 on the first update, prior alpha = beta = 1.
+    rewards = torch.cat([ro.rewards for ro in ros])
+    pbar = ((rewards + 1) / 2).clamp(0, 1).mean().item()
+    assert m[1]["tracker_alpha"] == pytest.approx(0.9 + pbar, abs=1e-5)
+    assert m[1]["tracker_beta"] == pytest.approx(0.9 + 1 - pbar, abs=1e-5)
+    ckpt.load_model(out / "spo")
+    assert (out / "spo_loss.png").stat().st_size > 1000 and (out / "spo_reward.png").exists()
+    state = ckpt.load_train_state(out / "spo_resume" / "step_00000002")
+    assert state["world_size"] == 2 and state["tracker"]["alpha"] == pytest.approx(m[2]["tracker_alpha"], abs=1e-5)
