@@ -50,7 +50,7 @@ from train import common
 from train.common import arg
 
 # Defaults that depend on the machine: (CPU, CUDA). CUDA = MiniMind's full-SFT row. CPU: sized so that the sample
-# SFT (2,743 conversations, 37 tokens on average) finishes in a few minutes on 2 cores with the tiny preset; the
+# SFT (3,743 conversations) finishes in a few minutes on 2 cores with the tiny preset; the
 # learning rate was chosen by a sweep on the sample data from the default CPU pretrain checkpoint (see the report in
 # the commit that set it).
 _AUTO = {
@@ -62,45 +62,17 @@ _AUTO = {
 
 
 @dataclass
-class Args:
+class Args(common.StageArgs):
     data_path: str = arg("data/sample/sft.jsonl", "SFT JSONL ({'conversations': [{'role', 'content'}, ...]} per line)")
-    out_dir: str = arg("out", "where checkpoints, metrics and the loss curve go")
     save_weight: str = arg("full_sft", "name of the checkpoint folder under --out_dir")
     from_weight: str = arg("out/pretrain", "checkpoint folder to start from (the pretrain stage's output)")
-    from_resume: int = arg(0, "1: continue from the newest checkpoint in {out_dir}/{save_weight}_resume")
-    tokenizer: str | None = arg(None, "tokenizer folder or tokenizer.json (default: the one in --from_weight)")
     epochs: int | None = arg(None, "passes over the data (default: 2)")
-    batch_size: int | None = arg(None, "conversations per micro-batch (default: 16)")
-    accumulation_steps: int = arg(1, "micro-batches per optimizer step")
+    batch_size: int | None = arg(None, "conversations per micro-batch and rank (default: 16)")
     learning_rate: float | None = arg(None, "peak learning rate (default: 1e-3 on CPU for tiny, 5e-6 on CUDA)")
-    warmup_steps: int = arg(0, "linear warmup steps before the cosine schedule")
-    weight_decay: float = arg(0.01, "AdamW weight decay (matrices only)")
-    grad_clip: float = arg(1.0, "clip the global gradient norm to this (0 = off)")
     max_seq_len: int | None = arg(None, "tokens kept per conversation (default: 256 on CPU, 512 on CUDA)")
-    max_steps: int = arg(0, "stop after this many optimizer steps (0 = run all epochs)")
     aux_loss_alpha: float = arg(0.01, "MoE balance-loss weight")
-    device: str = arg("auto", "cuda, cpu, or auto")
-    dtype: str = arg("auto", "bfloat16 or float32 (auto: bf16 autocast on CUDA, fp32 on CPU)")
-    kernels: str = arg("auto", "ops spec: torch | triton | liger | auto, with overrides like 'triton,rope=torch'")
     compile: bool = arg(False, "torch.compile the model (dynamic shapes: batches are padded to their own length)")
-    fsdp: bool = arg(False, "shard parameters, gradients and optimizer state with FSDP2 (under torchrun)")
-    max_bad_steps: int = arg(10, "stop after this many non-finite steps in a row (each one is skipped and counted)")
-    skip_bad_lines: bool = arg(False, "count and skip malformed data lines instead of stopping at the first")
-    wandb: bool = arg(False, "also log to Weights & Biases (needs `pip install wandb`)")
-    swanlab: bool = arg(False, "also log to SwanLab (needs `pip install swanlab`)")
-    log_interval: int = arg(10, "optimizer steps between log lines")
-    save_interval: int = arg(200, "optimizer steps between checkpoints")
-    keep_last: int = arg(2, "resume checkpoints to keep")
     group_by_length: bool = arg(True, "batch conversations of similar length (less padding); 0 = plain shuffle")
-    seed: int = arg(42, "seed for the data order")
-
-
-def resolve_auto(args: Args, on_cuda: bool) -> Args:
-    """Fill the machine-dependent defaults (None) with their CPU or CUDA value."""
-    for name, (cpu, cuda) in _AUTO.items():
-        if getattr(args, name) is None:
-            setattr(args, name, cuda if on_cuda else cpu)
-    return args
 
 
 def length_grouped_order(lengths: np.ndarray, batch_size: int, seed: int, epoch: int, group: int = 64) -> torch.Tensor:
@@ -136,7 +108,7 @@ def sft_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[to
 def main(argv: list[str] | None = None) -> dict:
     args = common.parse_args(Args, argv, __doc__.split("\n\n")[0])
     rt = common.setup_runtime(args.device, args.dtype, args.seed)
-    args = resolve_auto(args, rt.is_cuda)
+    args = common.resolve_auto(args, rt.is_cuda, _AUTO)
     tok_path = args.tokenizer
     if tok_path is None and (Path(args.from_weight) / "tokenizer.json").is_file():
         tok_path = args.from_weight
