@@ -42,10 +42,8 @@ if __package__ in (None, ""):  # run as `python train/sft.py`
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
-from minimind import checkpoint as ckpt
-from minimind.data import DataError, SFTDataset, collate_sft
+from minimind.data import SFTDataset, collate_sft
 from train import common
 from train.common import arg
 
@@ -109,10 +107,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = common.parse_args(Args, argv, __doc__.split("\n\n")[0])
     rt = common.setup_runtime(args.device, args.dtype, args.seed)
     args = common.resolve_auto(args, rt.is_cuda, _AUTO)
-    tok_path = args.tokenizer
-    if tok_path is None and (Path(args.from_weight) / "tokenizer.json").is_file():
-        tok_path = args.from_weight
-    tok = common.load_tokenizer(tok_path)
+    tok = common.stage_tokenizer(args.tokenizer, args.from_weight)
     ops = common.resolve_kernels(args.kernels, rt)
     model = common.load_base_model(args.from_weight, ops, rt.device, aux_loss_alpha=args.aux_loss_alpha)
     cfg = model.config
@@ -123,29 +118,11 @@ def main(argv: list[str] | None = None) -> dict:
             f"error: --max_seq_len {args.max_seq_len} exceeds the rotary table "
             f"({cfg.max_position_embeddings} positions)"
         )
-    trackers = (
-        common.open_trackers(args.wandb, args.swanlab, "minimind", args.save_weight, vars(args)) if rt.is_main else []
-    )
 
-    try:
-        data = SFTDataset(args.data_path, tok, args.max_seq_len, skip_bad_lines=args.skip_bad_lines)
-    except (DataError, FileNotFoundError) as exc:
-        raise SystemExit(f"error: {exc}") from exc
+    data = common.open_dataset(SFTDataset, args, tok, rt)
     # One optimizer step = accumulation_steps micro-batches of batch_size conversations on each of world_size ranks.
     rows_per_step = args.batch_size * args.accumulation_steps * rt.world_size
-    steps_per_epoch = len(data) // rows_per_step
-    if steps_per_epoch == 0:
-        raise SystemExit(
-            f"error: {args.data_path} has {len(data)} conversations, fewer than one optimizer step needs "
-            f"({args.batch_size} x {args.accumulation_steps} x {rt.world_size} ranks); lower --batch_size"
-        )
-    if data.bad_lines and rt.is_main:
-        print(
-            f"warning: skipped {data.bad_lines} malformed lines in {args.data_path}; first: {data.bad_line_reasons[0]}"
-        )
-    total_steps = steps_per_epoch * args.epochs
-    if args.max_steps:
-        total_steps = min(total_steps, args.max_steps)
+    steps_per_epoch, total_steps = common.plan_steps(len(data), rows_per_step, args, rt, "conversations")
 
     lengths = None
     if args.group_by_length:
@@ -153,54 +130,26 @@ def main(argv: list[str] | None = None) -> dict:
         lengths = ends - data.index.offsets  # bytes per record (blank or skipped lines add a little: harmless)
     wrapped = common.wrap_model(model, rt, fsdp=args.fsdp)
     optimizer = common.build_optimizer(model, args.learning_rate, args.weight_decay)
-    start_step = 0
-    if args.from_resume:
-        folder = common.latest_resume(args.out_dir, args.save_weight)
-        if folder is None:
-            print(f"no resume checkpoint under {common.resume_dir(args.out_dir, args.save_weight)}: starting fresh")
-        else:
-            state = ckpt.load_train_state(folder)
-            common.load_full_state(model, optimizer, ckpt.load_model_state(folder), state["optimizer"])
-            common.set_rng_state(state["rng"])
-            # The data position is counted in conversations, so a run may resume on another number of ranks.
-            start_step = int(state["rows_seen"]) // rows_per_step
-            if rt.is_main:
-                print(f"resumed from {folder} at step {start_step}")
+    # The data position is counted in conversations, so a run may resume on another number of ranks.
+    start_step, _ = common.restore_resume(args, rt, rows_per_step, model, optimizer)
 
     n_active = model.num_active_params()
     peak = common.peak_flops(rt.device)
     # dynamic=True: every batch has its own padded length; one graph with a symbolic T instead of one per length.
     train_model = torch.compile(wrapped, dynamic=True) if args.compile else wrapped
-    if rt.is_main:
-        print(
-            f"sft: {args.from_weight} ({model.num_params():,} params) on {rt.device}"
-            f"{f' x {rt.world_size} ranks' if rt.world_size > 1 else ''} "
-            f"({'bf16 autocast' if rt.amp_dtype else 'fp32'}{', compiled' if args.compile else ''}"
-            f"{', FSDP2' if args.fsdp else ''}); {len(data):,} conversations (<= {args.max_seq_len} tokens); "
-            f"batch {args.batch_size} x accum {args.accumulation_steps}; {total_steps} steps ({steps_per_epoch} per "
-            f"epoch), lr {args.learning_rate:g}"
-        )
-
-    metrics = common.MetricsLog(
-        Path(args.out_dir) / f"{args.save_weight}_metrics.jsonl",
-        enabled=rt.is_main,
-        append=start_step > 0,
-        trackers=trackers,
+    summary = (
+        f"sft: {args.from_weight} ({model.num_params():,} params) on {common.describe_runtime(rt, args)}; "
+        f"{len(data):,} conversations (<= {args.max_seq_len} tokens); batch {args.batch_size} x accum "
+        f"{args.accumulation_steps}; {total_steps} steps ({steps_per_epoch} per epoch), lr {args.learning_rate:g}"
     )
+    metrics, guard = common.start_run(args, rt, start_step, summary)
     model.train()
     order, order_epoch = None, -1
     loss_sum = torch.zeros((), device=rt.device)
-    loss_count, skipped, bad_streak, last_loss = 0, 0, 0, float("nan")
+    loss_count, last_loss = 0, float("nan")
     tokens_since, padded_since, label_since = 0, 0, 0
     timer = common.Timer(rt.device)
-    bar = tqdm(
-        range(start_step, total_steps),
-        initial=start_step,
-        total=total_steps,
-        desc="sft",
-        dynamic_ncols=True,
-        disable=not rt.is_main,
-    )
+    bar = common.progress(start_step, total_steps, "sft", rt)
     with common.StopFlag() as stop:
         for step in bar:
             epoch, within = divmod(step, steps_per_epoch)
@@ -215,8 +164,7 @@ def main(argv: list[str] | None = None) -> dict:
             for micro in range(args.accumulation_steps):
                 # This rank's share of the micro-batch (with one rank and --group_by_length 0, exactly the batches of
                 # common.iterate_batches).
-                first = ((within * args.accumulation_steps + micro) * rt.world_size + rt.rank) * args.batch_size
-                batch = collate_sft([data[int(i)] for i in order[first : first + args.batch_size]], tok.pad_id)
+                batch = collate_sft([data[i] for i in common.rank_rows(order, within, micro, args, rt)], tok.pad_id)
                 tokens_since += int(batch["attention_mask"].sum())
                 padded_since += batch["input_ids"].numel()
                 label_since += int((batch["labels"] != -100).sum())
@@ -228,21 +176,8 @@ def main(argv: list[str] | None = None) -> dict:
                 loss_sum += total.detach()
                 loss_count += 1
             grad_norm = common.clip_grad_norm(model, args.grad_clip)
-            if torch.isfinite(grad_norm):
+            if guard.ok(grad_norm, step + 1):
                 optimizer.step()
-                bad_streak = 0
-            else:
-                # A NaN/inf loss or gradient: the weights and optimizer state stay as they were.
-                skipped, bad_streak = skipped + 1, bad_streak + 1
-                if rt.is_main:
-                    tqdm.write(f"step {step + 1}: non-finite loss or gradient, step skipped ({skipped} so far)")
-                if bad_streak >= args.max_bad_steps:
-                    metrics.write({"step": step + 1, "skipped_steps": skipped, "stopped": "non-finite"})
-                    last = common.latest_resume(args.out_dir, args.save_weight)
-                    raise SystemExit(
-                        f"error: {bad_streak} non-finite steps in a row; stopping. Last good checkpoint: "
-                        f"{last if last is not None else 'none written yet'}"
-                    )
             optimizer.zero_grad(set_to_none=True)
 
             done = step + 1
@@ -259,7 +194,7 @@ def main(argv: list[str] | None = None) -> dict:
                     "tokens_per_s": round(tok_s, 1),
                     "label_tokens": label_since * rt.world_size,
                     "pad_fraction": round(1 - tokens_since / max(padded_since, 1), 4),
-                    "skipped_steps": skipped,
+                    "skipped_steps": guard.skipped,
                 }
                 if peak:
                     seq = padded_since / max(loss_count * args.batch_size, 1)
@@ -271,31 +206,12 @@ def main(argv: list[str] | None = None) -> dict:
                 loss_count, tokens_since, padded_since, label_since = 0, 0, 0, 0
             stopping = common.any_rank(stop.requested, rt)
             if done % args.save_interval == 0 or done == total_steps or stopping:
-                model_sd, optim_sd = common.full_state(model, optimizer, rt)
-                state = {
-                    "step": done,
-                    "rows_seen": done * rows_per_step,
-                    "world_size": rt.world_size,
-                    "optimizer": optim_sd,
-                    "rng": common.rng_state(),
-                }
-                if rt.is_main:
-                    common.save_resume(
-                        args.out_dir, args.save_weight, done, model, tok, args, state, args.keep_last, model_sd
-                    )
-                common.barrier(rt)
+                common.save_step(args, rt, done, rows_per_step, model, optimizer, tok)
             if stopping:
                 break
     bar.close()
-    metrics.close()
-    common.shutdown(rt)
-    if not rt.is_main:
+    if not common.finish(args, rt, metrics, "full SFT", last_loss):
         return {"loss": last_loss, "steps": total_steps}
-    png = common.plot_loss_curve(metrics.path, Path(args.out_dir) / f"{args.save_weight}_loss.png", "full SFT")
-    print(
-        f"done: loss {last_loss:.4f}; model in {Path(args.out_dir) / args.save_weight}"
-        + (f"; loss curve {png}" if png else "")
-    )
     return {"loss": last_loss, "steps": total_steps, "out": str(Path(args.out_dir) / args.save_weight)}
 
 
