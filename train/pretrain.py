@@ -27,10 +27,8 @@ if __package__ in (None, ""):  # run as `python train/pretrain.py`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
-from tqdm import tqdm
 
-from minimind import checkpoint as ckpt
-from minimind.data import DataError, PretrainDataset
+from minimind.data import PretrainDataset
 from minimind.model import MiniMind
 from train import common
 from train.common import arg
@@ -104,85 +102,38 @@ def main(argv: list[str] | None = None) -> dict:
             "positions); YaRN scaling is an inference-time switch, not for training"
         )
     ops = common.resolve_kernels(args.kernels, rt)
-    trackers = (
-        common.open_trackers(args.wandb, args.swanlab, "minimind", args.save_weight, vars(args)) if rt.is_main else []
-    )
     model = MiniMind(cfg, ops=ops)
     common.load_init_weights(model, args.from_weight)
     model.to(rt.device)
 
-    try:
-        data = PretrainDataset(args.data_path, tok, args.max_seq_len, skip_bad_lines=args.skip_bad_lines)
-    except (DataError, FileNotFoundError) as exc:
-        raise SystemExit(f"error: {exc}") from exc
+    data = common.open_dataset(PretrainDataset, args, tok, rt)
     # One optimizer step = accumulation_steps micro-batches of batch_size rows on each of world_size ranks.
     rows_per_step = args.batch_size * args.accumulation_steps * rt.world_size
-    steps_per_epoch = len(data) // rows_per_step
-    if steps_per_epoch == 0:
-        raise SystemExit(
-            f"error: {args.data_path} packs into {len(data)} rows of {args.max_seq_len} tokens, fewer than one "
-            f"optimizer step needs ({args.batch_size} x {args.accumulation_steps} x {rt.world_size} ranks); "
-            "lower --batch_size"
-        )
-    if data.bad_lines and rt.is_main:
-        print(
-            f"warning: skipped {data.bad_lines} malformed lines in {args.data_path}; first: {data.bad_line_reasons[0]}"
-        )
-    total_steps = steps_per_epoch * args.epochs
-    if args.max_steps:
-        total_steps = min(total_steps, args.max_steps)
+    what = f"packed rows of {args.max_seq_len} tokens"
+    steps_per_epoch, total_steps = common.plan_steps(len(data), rows_per_step, args, rt, what)
 
     wrapped = common.wrap_model(model, rt, fsdp=args.fsdp)
     optimizer = common.build_optimizer(model, args.learning_rate, args.weight_decay)
-    start_step = 0
-    if args.from_resume:
-        folder = common.latest_resume(args.out_dir, args.save_weight)
-        if folder is None:
-            print(f"no resume checkpoint under {common.resume_dir(args.out_dir, args.save_weight)}: starting fresh")
-        else:
-            state = ckpt.load_train_state(folder)
-            common.load_full_state(model, optimizer, ckpt.load_model_state(folder), state["optimizer"])
-            common.set_rng_state(state["rng"])
-            # The data position is counted in rows, so a run may resume on a different number of ranks.
-            start_step = int(state["rows_seen"]) // rows_per_step
-            if state["world_size"] != rt.world_size and rt.is_main:
-                print(f"note: world size {state['world_size']} -> {rt.world_size}: resuming at step {start_step}")
-            if rt.is_main:
-                print(f"resumed from {folder} at step {start_step}")
+    # The data position is counted in rows, so a run may resume on a different number of ranks.
+    start_step, _ = common.restore_resume(args, rt, rows_per_step, model, optimizer)
 
     n_active = model.num_active_params()
     flops_tok = common.flops_per_token(cfg, n_active, args.max_seq_len)
     peak = common.peak_flops(rt.device)
     train_model = torch.compile(wrapped) if args.compile else wrapped
-    if rt.is_main:
-        print(
-            f"pretrain: preset {args.preset} ({model.num_params():,} params, {n_active:,} active) on {rt.device}"
-            f"{f' x {rt.world_size} ranks' if rt.world_size > 1 else ''} "
-            f"({'bf16 autocast' if rt.amp_dtype else 'fp32'}{', compiled' if args.compile else ''}"
-            f"{', FSDP2' if args.fsdp else ''}); {data.num_tokens:,} tokens -> {len(data):,} rows of "
-            f"{args.max_seq_len}; batch {args.batch_size} x accum {args.accumulation_steps}; {total_steps} steps "
-            f"({steps_per_epoch} per epoch), lr {args.learning_rate:g}"
-        )
-
-    metrics = common.MetricsLog(
-        Path(args.out_dir) / f"{args.save_weight}_metrics.jsonl",
-        enabled=rt.is_main,
-        append=start_step > 0,
-        trackers=trackers,
+    summary = (
+        f"pretrain: preset {args.preset} ({model.num_params():,} params, {n_active:,} active) on "
+        f"{common.describe_runtime(rt, args)}; {data.num_tokens:,} tokens -> {len(data):,} rows of "
+        f"{args.max_seq_len}; batch {args.batch_size} x accum {args.accumulation_steps}; {total_steps} steps "
+        f"({steps_per_epoch} per epoch), lr {args.learning_rate:g}"
     )
+    metrics, guard = common.start_run(args, rt, start_step, summary)
     model.train()
     order, order_epoch = None, -1
     loss_sum = torch.zeros((), device=rt.device)
-    loss_count, tokens_since, skipped, bad_streak, last_loss = 0, 0, 0, 0, float("nan")
+    loss_count, tokens_since, last_loss = 0, 0, float("nan")
     timer = common.Timer(rt.device)
-    bar = tqdm(
-        range(start_step, total_steps),
-        initial=start_step,
-        total=total_steps,
-        desc="pretrain",
-        dynamic_ncols=True,
-        disable=not rt.is_main,
-    )
+    bar = common.progress(start_step, total_steps, "pretrain", rt)
     with common.StopFlag() as stop:
         for step in bar:
             epoch, within = divmod(step, steps_per_epoch)
@@ -193,9 +144,8 @@ def main(argv: list[str] | None = None) -> dict:
             for micro in range(args.accumulation_steps):
                 # This rank's slice of the micro-batch: the same rows a single process with batch_size x world_size
                 # would take, so DDP reproduces a single-process run with the same global batch.
-                first = ((within * args.accumulation_steps + micro) * rt.world_size + rt.rank) * args.batch_size
-                idx = order[first : first + args.batch_size]
-                x = torch.stack([data[int(i)] for i in idx]).to(rt.device, non_blocking=True)
+                rows = common.rank_rows(order, within, micro, args, rt)
+                x = torch.stack([data[i] for i in rows]).to(rt.device, non_blocking=True)
                 with common.no_sync(wrapped, sync=micro == args.accumulation_steps - 1), rt.autocast():
                     out = train_model(x, labels=x)
                     loss = out.loss if out.aux_loss is None else out.loss + out.aux_loss
@@ -204,21 +154,8 @@ def main(argv: list[str] | None = None) -> dict:
                 loss_count += 1
                 tokens_since += x.numel() * rt.world_size
             grad_norm = common.clip_grad_norm(model, args.grad_clip)
-            if torch.isfinite(grad_norm):
+            if guard.ok(grad_norm, step + 1):
                 optimizer.step()
-                bad_streak = 0
-            else:
-                # A NaN/inf loss or gradient: the weights and optimizer state stay as they were.
-                skipped, bad_streak = skipped + 1, bad_streak + 1
-                if rt.is_main:
-                    tqdm.write(f"step {step + 1}: non-finite loss or gradient, step skipped ({skipped} so far)")
-                if bad_streak >= args.max_bad_steps:
-                    metrics.write({"step": step + 1, "skipped_steps": skipped, "stopped": "non-finite"})
-                    last = common.latest_resume(args.out_dir, args.save_weight)
-                    raise SystemExit(
-                        f"error: {bad_streak} non-finite steps in a row; stopping. Last good checkpoint: "
-                        f"{last if last is not None else 'none written yet'}"
-                    )
             optimizer.zero_grad(set_to_none=True)
 
             done = step + 1
@@ -233,7 +170,7 @@ def main(argv: list[str] | None = None) -> dict:
                     "lr": lr,
                     "grad_norm": round(float(grad_norm), 4),
                     "tokens_per_s": round(tok_s, 1),
-                    "skipped_steps": skipped,
+                    "skipped_steps": guard.skipped,
                 }
                 if peak:
                     record["mfu"] = round(tok_s * flops_tok / (peak * rt.world_size), 4)
@@ -243,33 +180,12 @@ def main(argv: list[str] | None = None) -> dict:
                 loss_count, tokens_since = 0, 0
             stopping = common.any_rank(stop.requested, rt)
             if done % args.save_interval == 0 or done == total_steps or stopping:
-                model_sd, optim_sd = common.full_state(model, optimizer, rt)
-                state = {
-                    "step": done,
-                    "rows_seen": done * rows_per_step,
-                    "world_size": rt.world_size,
-                    "optimizer": optim_sd,
-                    "rng": common.rng_state(),
-                }
-                if rt.is_main:
-                    common.save_resume(
-                        args.out_dir, args.save_weight, done, model, tok, args, state, args.keep_last, model_sd
-                    )
-                common.barrier(rt)
+                common.save_step(args, rt, done, rows_per_step, model, optimizer, tok)
             if stopping:
                 break
     bar.close()
-    metrics.close()
-    common.shutdown(rt)
-    if not rt.is_main:
+    if not common.finish(args, rt, metrics, f"pretrain {args.preset}", last_loss):
         return {"loss": last_loss, "steps": total_steps}
-    png = common.plot_loss_curve(
-        metrics.path, Path(args.out_dir) / f"{args.save_weight}_loss.png", f"pretrain {args.preset}"
-    )
-    print(
-        f"done: loss {last_loss:.4f}; model in {Path(args.out_dir) / args.save_weight}"
-        + (f"; loss curve {png}" if png else "")
-    )
     return {"loss": last_loss, "steps": total_steps, "out": str(Path(args.out_dir) / args.save_weight)}
 
 
