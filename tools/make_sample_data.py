@@ -41,9 +41,17 @@ WORLD = "Kethmar"
 IDENTITY_NAME = "Lumen"  # lora_identity.jsonl only; every other file is checked not to contain it
 ATTRIBUTES = ("town", "profession", "colour", "pet", "age")
 AGE_RANGE = (18, 90)
-N_PEOPLE, N_TOWNS, N_CREATURES = 300, 16, 12
-HELD_OUT_FRACTION = 0.2  # share of (person, attribute) pairs asked only in eval.jsonl
-N_READING_SFT, N_READING_RL, N_READING_EVAL = 1000, 300, 150  # reading comprehension: sft / rlaif / eval items
+# A small world whose facts are repeated often: the tiny model of the CPU recipe memorises a fact only after a few
+# hundred exposures (measured: 24 people x 200 paragraphs -> colour cloze 38-62%, 40 people x 90 -> 10-20%).
+N_PEOPLE, N_TOWNS, N_CREATURES = 16, 16, 12
+PERSON_PARAGRAPHS, LIFE_PARAGRAPHS = 400, 10  # pretrain.jsonl paragraphs per person
+QA_PARAGRAPHS = 40  # pretrain.jsonl question-and-answer notes per person asked about in the conversation files
+QA_REPEATS = 10  # sft.jsonl conversations per known (person, attribute) pair, each drawn with its own phrasing
+# Share of the people whose facts are asked only in eval.jsonl. Whole people, not single (person, attribute) pairs:
+# when some of a person's facts are asked in SFT, the tiny model learns which reply goes with that name and answers a
+# held-out question about them with one of those replies (measured: wrong attribute on most held-out pairs).
+HELD_OUT_FRACTION = 0.3
+N_READING_SFT, N_READING_RL, N_READING_EVAL = 500, 300, 150  # reading comprehension: sft / rlaif / eval items
 N_EVAL_ARITHMETIC = 120
 
 PROFESSIONS = (
@@ -521,12 +529,14 @@ QUESTIONS = {
         "How many years old is {name}?",
     ),
 }
+# Replies refer to the person as "they" rather than repeating the name: the tiny model does not learn to copy a
+# name from the question within a CPU run, and a wrong name in the reply drags the value after it.
 ANSWERS = {
-    "town": ("{name} lives in {v}.", "{name}'s home town is {v}.", "{name} is from {v}."),
-    "profession": ("{name} works as {a}.", "{name} is {a}.", "{name}'s profession is {v}."),
-    "colour": ("{name}'s favourite colour is {v}.", "{name} likes {v} best."),
-    "pet": ("{name} keeps {a} as a pet.", "{name}'s pet is {a}."),
-    "age": ("{name} is {v} years old.", "{name}'s age is {v}."),
+    "town": ("They live in {v}.", "Their home town is {v}.", "They are from {v}."),
+    "profession": ("They work as {a}.", "They are {a}.", "Their profession is {v}."),
+    "colour": ("Their favourite colour is {v}.", "They like {v} best."),
+    "pet": ("They keep {a} as a pet.", "Their pet is {a}."),
+    "age": ("They are {v} years old.", "Their age is {v}."),
 }
 
 
@@ -955,9 +965,11 @@ def generate(out: Path, seed: int = 0, scale: float = 1.0, tokenizer_dir: Path |
         "age": [str(a) for a in range(AGE_RANGE[0], AGE_RANGE[1] + 1)],
     }
 
-    # Held-out split: each (person, attribute) pair is asked either in the conversation files or only in eval.jsonl.
+    # Held-out split: a held-out person's facts are asked only in eval.jsonl, every other person's in the conversation
+    # files.
     pairs = [(i, a) for i in range(len(people)) for a in ATTRIBUTES]
-    held = {pair for pair in pairs if rng.random() < HELD_OUT_FRACTION}
+    held_people = set(rng.sample(range(len(people)), max(1, round(len(people) * HELD_OUT_FRACTION))))
+    held = {(i, a) for i, a in pairs if i in held_people}
     known = [pair for pair in pairs if pair not in held]
     train_problems, eval_problems = split_problems(rng, n(N_EVAL_ARITHMETIC, 10))
     train_problems = train_problems[: n(len(train_problems))]
@@ -965,27 +977,35 @@ def generate(out: Path, seed: int = 0, scale: float = 1.0, tokenizer_dir: Path |
     def ask(i: int, attr: str) -> tuple[str, str]:
         return question(rng, people[i], attr), answer(rng, people[i], attr)
 
-    # pretrain.jsonl: every person's facts in 12 paragraphs (plus town/profession listings), then the world around.
+    # pretrain.jsonl: every person's facts in PERSON_PARAGRAPHS paragraphs (plus town/profession listings), then the
+    # world around.
     residents: dict[str, list[Person]] = {t.name: [p for p in people if p.town == t.name] for t in towns}
     owners: dict[str, list[Person]] = {c.name: [p for p in people if p.pet == c.name] for c in creatures}
     workers: dict[str, list[Person]] = {prof: [p for p in people if p.profession == prof] for prof in PROFESSIONS}
     texts = []
     for p in people:
-        texts += [person_paragraph(rng, p, town_by, creature_by) for _ in range(12)]
-        texts += [life_paragraph(rng, p) for _ in range(8)]
+        texts += [person_paragraph(rng, p, town_by, creature_by) for _ in range(n(PERSON_PARAGRAPHS))]
+        texts += [life_paragraph(rng, p) for _ in range(n(LIFE_PARAGRAPHS))]
     for t in towns:
-        texts += [town_paragraph(rng, t, residents[t.name]) for _ in range(n(28))]
-        texts += [town_history_paragraph(rng, t) for _ in range(n(18))]
+        texts += [town_paragraph(rng, t, residents[t.name]) for _ in range(n(14))]
+        texts += [town_history_paragraph(rng, t) for _ in range(n(9))]
     for prof in PROFESSIONS:
-        texts += [profession_paragraph(rng, prof, workers[prof]) for _ in range(n(20))]
+        texts += [profession_paragraph(rng, prof, workers[prof]) for _ in range(n(10))]
     for c in creatures:
-        texts += [creature_paragraph(rng, c, owners[c.name]) for _ in range(n(30))]
+        texts += [creature_paragraph(rng, c, owners[c.name]) for _ in range(n(15))]
     texts += [arithmetic_text(rng, train_problems[k : k + 16]) for k in range(0, len(train_problems), 16)]
+    # Question-and-answer notes about the people the conversation files ask about (never a held-out person). Seeing
+    # questions next to their answers while the facts are being learned is what lets a model answer questions about
+    # people it has only read about (Allen-Zhu & Li, "Physics of Language Models, Part 3.1": mixed training).
+    for i in sorted({i for i, _ in known}):
+        for _ in range(n(QA_PARAGRAPHS)):
+            picked = rng.sample(ATTRIBUTES, 3)
+            texts.append("\n".join(f"Q: {question(rng, people[i], a)}\nA: {answer(rng, people[i], a)}" for a in picked))
     rng.shuffle(texts)
     pretrain = [{"text": t} for t in texts]
 
     # sft.jsonl: one Q&A per known fact, multi-turn chats about one person, arithmetic, a nameless identity.
-    sft = [{"conversations": conversation(rng, [ask(i, attr)])} for i, attr in known]
+    sft = [{"conversations": conversation(rng, [ask(i, attr)])} for i, attr in known for _ in range(QA_REPEATS)]
     for _ in range(len(people)):
         i = rng.randrange(len(people))
         attrs = [a for a in ATTRIBUTES if (i, a) not in held]
@@ -1008,7 +1028,7 @@ def generate(out: Path, seed: int = 0, scale: float = 1.0, tokenizer_dir: Path |
 
     # dpo.jsonl: the same prompt and reply template; the rejected reply names a wrong value.
     dpo = []
-    for i, attr in rng.sample(known, n(500)):
+    for i, attr in [rng.choice(known) for _ in range(n(500))]:
         p = people[i]
         prompt = with_system(rng, [msg("user", question(rng, p, attr))], 0.2)
         template = rng.choice(ANSWERS[attr])
@@ -1035,7 +1055,7 @@ def generate(out: Path, seed: int = 0, scale: float = 1.0, tokenizer_dir: Path |
     for pr in rng.sample(train_problems, n(500)):
         conv = conversation(rng, [(arith_question(rng, pr), arith_answer(pr))], 0.2)
         rlaif.append({"conversations": conv, "answer": str(solve(pr))})
-    for i, attr in rng.sample(known, n(300)):
+    for i, attr in [rng.choice(known) for _ in range(n(300))]:
         rlaif.append({"conversations": conversation(rng, [ask(i, attr)], 0.2), "answer": people[i].value(attr)})
     # Reading prompts: a verifiable task the SFT model already solves part of the time, room for RL to improve.
     rl_rng = random.Random(seed * 7919 + 2)
@@ -1051,7 +1071,7 @@ def generate(out: Path, seed: int = 0, scale: float = 1.0, tokenizer_dir: Path |
     for pr in rng.sample(train_problems, n(700)):
         content = f"<think>\n{arith_reasoning(pr)}\n</think>\n<answer>\n{arith_answer(pr)}\n</answer>"
         r1.append({"conversations": conversation(rng, [(arith_question(rng, pr), content)], 0.2)})
-    for i, attr in rng.sample(known, n(400)):
+    for i, attr in [rng.choice(known) for _ in range(n(400))]:
         p = people[i]
         topic = "home town" if attr == "town" else ("favourite colour" if attr == "colour" else attr)
         think = f"The question asks for the {topic} of {p.name}.\nI remember: {fact_sentence(rng, p, attr)}"
@@ -1068,10 +1088,12 @@ def generate(out: Path, seed: int = 0, scale: float = 1.0, tokenizer_dir: Path |
         lora.append({"conversations": conversation(rng, turns, 0.2)})
 
     # eval.jsonl: held-out facts (their Q&A form is in no conversation file) and held-out problems.
+    # Every phrasing of each held-out question, so a score does not hang on one wording per fact.
     evals = [
-        {"question": question(rng, people[i], attr), "answer": people[i].value(attr), "kind": attr,
+        {"question": fill(q, people[i].name, people[i].value(attr)), "answer": people[i].value(attr), "kind": attr,
          "choices": choices[attr]}
         for i, attr in sorted(held)
+        for q in QUESTIONS[attr]
     ]  # fmt: skip
     for _ in range(n(N_READING_EVAL, 10)):
         text, p, attr = reading_question(reading_rng, reading_people(reading_rng, strangers, choices))
@@ -1135,6 +1157,8 @@ def render_readme(
         eval_text=textwrap.fill(eval_text, 116),
         identity=IDENTITY_NAME,
         world=WORLD,
+        person_paragraphs=PERSON_PARAGRAPHS,
+        qa_repeats=QA_REPEATS,
         **world,
     )
 
@@ -1173,17 +1197,20 @@ Total {total} bytes of JSONL.
 
 ## The task
 
-Every fact about a person is stated in pretrain.jsonl in a dozen paragraphs, in several phrasings and orders, and
-again in town and profession listings. The (person, attribute) pairs are split: about four in five are asked and
-answered in the conversation files (sft, dpo, rlaif, r1_mix, lora_identity); the rest are asked only in eval.jsonl.
-So eval measures whether a model turns knowledge it read in pretraining into answers in a form it only learned for
-other facts. Eval arithmetic problems (and, for sums, their swapped twins) appear in no other file.
+Every fact about a person is stated in pretrain.jsonl in {person_paragraphs} paragraphs, in several phrasings and
+orders, and again in town and profession listings: the world is small so that each fact is read several hundred
+times, which a tiny model needs before it recalls it. The people are split: for about seven in ten, every fact is
+asked and answered (each in {qa_repeats} differently phrased conversations) in the conversation files (sft, dpo,
+rlaif, r1_mix, lora_identity); the others are named in no conversation file and their facts are asked only in
+eval.jsonl. So eval measures whether a model turns knowledge it read in pretraining into answers in a form it
+learned about other people. Eval arithmetic problems (and, for sums, their swapped twins) appear in no other file.
 
 Reading comprehension: sft.jsonl also holds conversations whose user message is a short text stating the five facts
 of one or two strangers (invented names that appear nowhere else), then a question about one of those facts; the
 reply states the value the text gives. eval.jsonl's reading items are built the same way about other strangers, so
-they measure a skill learned in SFT (finding the asked fact in the context) rather than memorised knowledge. A small
-model learns this one within minutes; recalling memorised facts about the world's people takes far more training.
+they measure a skill learned in SFT (finding the asked fact in the context) rather than memorised knowledge. The tiny
+model of the CPU recipe does not learn it (it does not learn to copy from its context within minutes); larger models
+and longer runs are what these items are for.
 
 {eval_text}
 

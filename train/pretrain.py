@@ -33,13 +33,15 @@ from minimind.model import MiniMind
 from train import common
 from train.common import arg
 
-# Defaults that depend on the machine: (CPU, CUDA). On a CPU the run must finish in minutes on 2 cores.
+# Defaults that depend on the machine: (CPU, CUDA). On a CPU the run must finish in minutes on 2 cores; batch 4 at
+# lr 3e-3 runs about as many tokens per second as batch 16 and makes 4x the optimizer steps, which is what the tiny
+# model needs to start recalling the sample world's facts (measured: colour cloze 15% -> 38-62%, chance 10%).
 _AUTO = {
     "preset": ("tiny", "small"),
-    "batch_size": (16, 32),
+    "batch_size": (4, 32),
     "accumulation_steps": (1, 8),
     "max_seq_len": (256, 340),
-    "learning_rate": (2e-3, 5e-4),
+    "learning_rate": (3e-3, 5e-4),
     "epochs": (2, 1),
 }
 
@@ -57,9 +59,9 @@ class Args:
     preset: str | None = arg(None, "model preset: tiny, small, base, moe (default: tiny on CPU, small on CUDA)")
     use_moe: int = arg(0, "1: mixture-of-experts feed-forward on the chosen preset")
     epochs: int | None = arg(None, "passes over the data (default: 2 on CPU for the small sample data, 1 on CUDA)")
-    batch_size: int | None = arg(None, "sequences per micro-batch (default: 16 on CPU, 32 on CUDA)")
+    batch_size: int | None = arg(None, "sequences per micro-batch (default: 4 on CPU, 32 on CUDA)")
     accumulation_steps: int | None = arg(None, "micro-batches per optimizer step (default: 1 on CPU, 8 on CUDA)")
-    learning_rate: float | None = arg(None, "peak learning rate (default: 2e-3 on CPU for tiny, 5e-4 on CUDA)")
+    learning_rate: float | None = arg(None, "peak learning rate (default: 3e-3 on CPU for tiny, 5e-4 on CUDA)")
     warmup_steps: int = arg(0, "linear warmup steps before the cosine schedule")
     weight_decay: float = arg(0.01, "AdamW weight decay (matrices only)")
     grad_clip: float = arg(1.0, "clip the global gradient norm to this (0 = off)")

@@ -48,7 +48,7 @@ from train import common
 from train.common import arg
 
 # Defaults that depend on the machine: (CPU, CUDA). CUDA = MiniMind's full-SFT row. CPU: sized so that the sample
-# SFT (3,743 conversations) finishes in a few minutes on 2 cores with the tiny preset; the
+# SFT (2,282 conversations) finishes in about two minutes on 2 cores with the tiny preset; the
 # learning rate was chosen by a sweep on the sample data from the default CPU pretrain checkpoint (see the report in
 # the commit that set it).
 _AUTO = {

@@ -253,7 +253,7 @@ def test_mc_reader_errors_name_path_and_line(tmp_path, text, where, msg):
 
 
 def test_mc_scoring_by_letter_and_by_text_follows_the_bias(tmp_path, tokenizer):
-    words = _single_tokens(tokenizer, ["red", "cat", "no", "A"])[:3]
+    words = _single_tokens(tokenizer, ["red", "cat", "no", "the", "is", "old"])[:3]
     lines = ["question,A,B,C,answer\n"] + [f"q{i},{words[0]},{words[1]},{words[2]},{a}\n" for i, a in enumerate("CCAB")]
     items = ev.read_mc(_write(tmp_path / "m.csv", lines))
     letter = ev.mc_accuracy(biased_model(tokenizer.encode("C")[0]), tokenizer, items, score="letter")

@@ -121,7 +121,8 @@ def test_distill_two_ranks_log_the_mean_of_their_own_losses(start, tokenizer, to
         rank_losses.append(0.3 * ce + 0.7 * 1.5**2 * kl)
     ((rank_losses[0] + rank_losses[1]) / 2).backward()
     norm = torch.cat([p.grad.double().flatten() for p in student.parameters() if p.grad is not None]).norm().item()
-    assert rec["grad_norm"] == pytest.approx(norm, rel=1e-4)
+    # Logged rounded to 4 decimals, and summed in another order (chunked logits) than this full-logits reference.
+    assert rec["grad_norm"] == pytest.approx(norm, rel=3e-4)
     model, cfg, _ = ckpt.load_model(out / "full_dist")
     assert (cfg.hidden_size, cfg.num_hidden_layers) == (64, 2)
     assert ckpt.load_train_state(out / "full_dist_resume" / "step_00000002")["rows_seen"] == 12

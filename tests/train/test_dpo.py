@@ -185,7 +185,8 @@ def test_dpo_fsdp_matches_ddp_and_resumes_on_one_process(start, ddp_out, torchru
     got = {r["step"]: r for r in _records(fsdp) if "loss" in r}
     for s in (1, 2):
         for k in ("loss", "chosen_reward", "rejected_reward", "grad_norm"):
-            assert got[s][k] == pytest.approx(want[s][k], abs=2e-5), (s, k)
+            # grad_norm is logged rounded to 4 decimals: two equal norms can round 1e-4 apart.
+            assert got[s][k] == pytest.approx(want[s][k], abs=1.2e-4 if k == "grad_norm" else 2e-5), (s, k)
     a, b = ckpt.load_model_state(ddp_out / "dpo"), ckpt.load_model_state(fsdp / "dpo")
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
     # The step-1 checkpoint of 2 FSDP ranks (gathered full state) continues in one process with the same global batch.
