@@ -6,8 +6,8 @@ The content is a learnable, checkable task: facts about an invented world (peopl
 favourite colour, pet creature and age; towns with a region, river, landmark, festival and dish; invented pet
 creatures) and two-digit addition / subtraction, all in English. Files:
 
-  pretrain.jsonl        {"text"}: encyclopedia-like paragraphs stating every fact several times in varied phrasing,
-                        and arithmetic lines
+  pretrain.jsonl        {"text"}: encyclopedia-like paragraphs stating every fact hundreds of times in varied
+                        phrasing, question-and-answer notes about the people that are not held out, arithmetic lines
   sft.jsonl             {"conversations"}: Q&A about the facts and arithmetic, and reading comprehension (a short
                         text about strangers, then a question on it); some with a system message, some multi-turn
   dpo.jsonl             {"chosen", "rejected"}: the rejected reply gives a wrong answer
@@ -1164,7 +1164,7 @@ def render_readme(
 
 
 FILE_NOTES = {
-    "pretrain.jsonl": '`{"text"}` paragraphs about people, towns, professions, creatures; arithmetic lines',
+    "pretrain.jsonl": '`{"text"}` paragraphs about people, towns, professions, creatures; Q&A notes; arithmetic',
     "sft.jsonl": '`{"conversations"}` Q&A on facts, sums and short texts; some with a system message, some multi-turn',
     "dpo.jsonl": '`{"chosen", "rejected"}`, the rejected reply gives a wrong value',
     "rlaif.jsonl": 'RL prompts in SFT format plus `"answer"`, the verifiable answer string',
