@@ -47,14 +47,15 @@ _AUTO = {
 
 
 @dataclass
-class Args:
+class Args(common.StageArgs):
+    """common.StageArgs plus pretraining's own flags. tokenizer, accumulation_steps and seed are re-declared: their
+    defaults or help differ here (no --from_weight to take a tokenizer from; accumulation is machine-dependent)."""
+
     data_path: str = arg(
         "data/sample/pretrain.jsonl", "pretrain JSONL ({'text': ...} per line) or a .bin from tools/prepare_data.py"
     )
-    out_dir: str = arg("out", "where checkpoints, metrics and the loss curve go")
     save_weight: str = arg("pretrain", "name of the checkpoint folder under --out_dir")
     from_weight: str = arg("none", "checkpoint folder (or MiniMind .pth) to initialise from; 'none' = scratch")
-    from_resume: int = arg(0, "1: continue from the newest checkpoint in {out_dir}/{save_weight}_resume")
     tokenizer: str | None = arg(None, "tokenizer folder or tokenizer.json (default: the shipped one)")
     preset: str | None = arg(None, "model preset: tiny, small, base, moe (default: tiny on CPU, small on CUDA)")
     use_moe: int = arg(0, "1: mixture-of-experts feed-forward on the chosen preset")
@@ -62,39 +63,15 @@ class Args:
     batch_size: int | None = arg(None, "sequences per micro-batch (default: 4 on CPU, 32 on CUDA)")
     accumulation_steps: int | None = arg(None, "micro-batches per optimizer step (default: 1 on CPU, 8 on CUDA)")
     learning_rate: float | None = arg(None, "peak learning rate (default: 3e-3 on CPU for tiny, 5e-4 on CUDA)")
-    warmup_steps: int = arg(0, "linear warmup steps before the cosine schedule")
-    weight_decay: float = arg(0.01, "AdamW weight decay (matrices only)")
-    grad_clip: float = arg(1.0, "clip the global gradient norm to this (0 = off)")
     max_seq_len: int | None = arg(None, "tokens per packed row (default: 256 on CPU, 340 on CUDA)")
-    max_steps: int = arg(0, "stop after this many optimizer steps (0 = run all epochs)")
     aux_loss_alpha: float = arg(0.01, "MoE balance-loss weight (MiniMind's first release used 0.1)")
-    device: str = arg("auto", "cuda, cpu, or auto")
-    dtype: str = arg("auto", "bfloat16 or float32 (auto: bf16 autocast on CUDA, fp32 on CPU)")
-    kernels: str = arg("auto", "ops spec: torch | triton | liger | auto, with overrides like 'triton,rope=torch'")
-    compile: bool = arg(False, "torch.compile the model")
-    fsdp: bool = arg(False, "shard parameters, gradients and optimizer state with FSDP2 (under torchrun)")
-    max_bad_steps: int = arg(10, "stop after this many non-finite steps in a row (each one is skipped and counted)")
-    skip_bad_lines: bool = arg(False, "count and skip malformed data lines instead of stopping at the first")
-    wandb: bool = arg(False, "also log to Weights & Biases (needs `pip install wandb`)")
-    swanlab: bool = arg(False, "also log to SwanLab (needs `pip install swanlab`)")
-    log_interval: int = arg(10, "optimizer steps between log lines")
-    save_interval: int = arg(200, "optimizer steps between checkpoints")
-    keep_last: int = arg(2, "resume checkpoints to keep")
     seed: int = arg(42, "seed for initialisation and data order")
-
-
-def resolve_auto(args: Args, on_cuda: bool) -> Args:
-    """Fill the machine-dependent defaults (None) with their CPU or CUDA value."""
-    for name, (cpu, cuda) in _AUTO.items():
-        if getattr(args, name) is None:
-            setattr(args, name, cuda if on_cuda else cpu)
-    return args
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = common.parse_args(Args, argv, __doc__.split("\n\n")[0])
     rt = common.setup_runtime(args.device, args.dtype, args.seed)
-    args = resolve_auto(args, rt.is_cuda)
+    args = common.resolve_auto(args, rt.is_cuda, _AUTO)
     tok = common.load_tokenizer(args.tokenizer)
     overrides = {"use_moe": True} if args.use_moe else {}
     cfg = common.build_config(args.preset, tok, aux_loss_alpha=args.aux_loss_alpha, **overrides)
