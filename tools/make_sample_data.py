@@ -997,10 +997,10 @@ def generate(out: Path, seed: int = 0, scale: float = 1.0, tokenizer_dir: Path |
     # Question-and-answer notes about the people the conversation files ask about (never a held-out person). Seeing
     # questions next to their answers while the facts are being learned is what lets a model answer questions about
     # people it has only read about (Allen-Zhu & Li, "Physics of Language Models, Part 3.1": mixed training).
-    for i in sorted({i for i, _ in known}):
+    for i in (i for i in range(len(people)) if i not in held_people):
         for _ in range(n(QA_PARAGRAPHS)):
-            picked = rng.sample(ATTRIBUTES, 3)
-            texts.append("\n".join(f"Q: {question(rng, people[i], a)}\nA: {answer(rng, people[i], a)}" for a in picked))
+            notes = (ask(i, attr) for attr in rng.sample(ATTRIBUTES, 3))
+            texts.append("\n".join(f"Q: {q}\nA: {a}" for q, a in notes))
     rng.shuffle(texts)
     pretrain = [{"text": t} for t in texts]
 
