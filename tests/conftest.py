@@ -25,6 +25,27 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
+def _single_torch_thread():
+    """Tiny models: a second intra-op thread costs more in synchronisation than it saves, and on a shared 2-core
+    machine it spins against other processes (several times slower there). The thread count is restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for one test."""
+    yield from _single_torch_thread()
+
+
+@pytest.fixture(scope="module")
+def one_thread_module():
+    """One torch thread for a whole module: `pytestmark = pytest.mark.usefixtures("one_thread_module")`."""
+    yield from _single_torch_thread()
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     """The tokenizer shipped with the project (minimind/assets/)."""

@@ -15,7 +15,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -29,15 +28,6 @@ def _load(name: str, path: Path):
     sys.modules[name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
-
-
-@pytest.fixture
-def one_thread():
-    """One torch thread: two threads on two shared cores spin against each other and slow these runs many times."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _cpu_env() -> dict[str, str]:

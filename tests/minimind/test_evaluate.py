@@ -12,13 +12,7 @@ from minimind.config import from_preset
 from minimind.data import DataError
 from minimind.model import MiniMind
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 def _small(seed: int = 0) -> MiniMind:

@@ -27,14 +27,7 @@ OTHER_START, OTHER_LEN = 7, 26
 OTHER_TEXT = "the tide comes in and the tide goes out over the sand and the stones, and the gulls call all day long"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: a second intra-op thread costs more in synchronisation than it saves, and on a busy
-    machine it spins against other processes. Restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 @pytest.fixture(scope="module")

@@ -23,14 +23,7 @@ ROOT = Path(__file__).resolve().parents[2]
 SPEED = re.compile(r"^\[(\d+) tokens in [\d.]+ s, [\d.]+ tokens/s\]$", re.M)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: a second intra-op thread costs more in synchronisation than it saves, and on a busy
-    machine it spins against other processes. Restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 @pytest.fixture(scope="module")

@@ -19,12 +19,7 @@ from tools import export
 ATOL = 1e-4  # fp32, |logits| ~ 10: what remains is summation order between two implementations
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 def tiny(seed=0, **overrides) -> MiniMind:

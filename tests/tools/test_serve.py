@@ -34,13 +34,7 @@ CONTEXT = 1024
 MODEL_NAME = "tiny-random"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: a second intra-op thread costs more than it saves on a loaded 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 # ----------------------------------------------------------------------------------------------------------------

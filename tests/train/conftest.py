@@ -103,14 +103,3 @@ def completion_logp():
         return out.logits[:, p - 1 : -1].log_softmax(-1).gather(2, ro.input_ids[:, p:, None])[..., 0]
 
     return logp
-
-
-@pytest.fixture
-def one_thread():
-    """One torch thread for in-process runs: the machine's cores are shared, tiny matmuls only contend."""
-    import torch
-
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)

@@ -18,12 +18,7 @@ RUN = ["--kernels", "torch", "--log_interval", "1", "--max_seq_len", "128", "--b
 TAG_RE = re.compile(r"</?think>|</?answer>")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 @pytest.fixture(scope="module")

@@ -18,13 +18,7 @@ TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_
 RUN = ["--kernels", "torch", "--log_interval", "1", "--max_seq_len", "96", "--batch_size", "4"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # The CI machine has two cores shared with other jobs; one thread avoids oversubscription stalls.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 @pytest.fixture(scope="module")

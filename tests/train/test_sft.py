@@ -21,13 +21,7 @@ from train import common, sft
 SFT_DATA = "data/sample/sft.jsonl"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # The CI machine is shared: several torch threads per process only contend with each other here.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 @pytest.fixture(scope="module")
