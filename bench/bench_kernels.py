@@ -64,13 +64,21 @@ class Inputs:
 
 
 def make_inputs(
-    op: str, preset: str, scale: str, device: torch.device, dtype: torch.dtype, requires_grad: bool, seed: int = 0
+    op: str,
+    preset: str,
+    scale: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    requires_grad: bool,
+    seed: int = 0,
+    batch: tuple[int, int] | None = None,
 ) -> Inputs:
-    """The shared input factory: identical tensors for every implementation of (op, preset, scale)."""
+    """The shared input factory: identical tensors for every implementation of (op, preset, scale).
+    `batch` = (B, T) replaces the scale's batch shape (tools/compile_check.py)."""
     cfg: MiniMindConfig = from_preset(preset)
     if scale == "tiny":
         cfg = from_preset(preset, hidden_size=cfg.hidden_size // TINY_SHRINK, vocab_size=cfg.vocab_size // TINY_SHRINK)
-    b, t = SHAPES[scale]
+    b, t = batch or SHAPES[scale]
     n, d, f, dh, v = b * t, cfg.hidden_size, cfg.intermediate_size, cfg.head_dim, cfg.vocab_size
     h, hkv = cfg.num_attention_heads, cfg.num_key_value_heads
     g = torch.Generator(device="cpu").manual_seed(seed)

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from collections.abc import Iterator
 
 import torch
+
+# Set by plan_as_gpu(): launchers choose the tiles and grids of a GPU with this many multiprocessors even for CPU
+# tensors, so that tools/compile_check.py can compile exactly the launches a GPU would make, on a machine without one.
+_PLAN_AS_GPU_SMS: int | None = None
 
 
 def rows(x: torch.Tensor) -> torch.Tensor:
@@ -21,6 +27,24 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+@contextlib.contextmanager
+def plan_as_gpu(sm_count: int) -> Iterator[None]:
+    """Within this block, launchers plan every launch (tile sizes, warps, grids) as on a GPU with `sm_count`
+    multiprocessors, whatever the tensors' device. Only for compiling the launches without a GPU; nothing runs."""
+    global _PLAN_AS_GPU_SMS
+    before, _PLAN_AS_GPU_SMS = _PLAN_AS_GPU_SMS, sm_count
+    try:
+        yield
+    finally:
+        _PLAN_AS_GPU_SMS = before
+
+
+def gpu_plan(device: torch.device) -> bool:
+    """Whether launches for tensors on `device` get the GPU's tiles (True on CUDA and inside plan_as_gpu), or the
+    interpreter's small ones."""
+    return device.type == "cuda" or _PLAN_AS_GPU_SMS is not None
+
+
 def persistent_programs(device: torch.device, blocks: int, per_sm: int = 4) -> int:
     """How many programs a persistent kernel (one that loops over row blocks) launches for `blocks` blocks of work.
 
@@ -29,6 +53,8 @@ def persistent_programs(device: torch.device, blocks: int, per_sm: int = 4) -> i
     """
     if device.type == "cuda":
         cap = per_sm * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    elif _PLAN_AS_GPU_SMS is not None:
+        cap = per_sm * _PLAN_AS_GPU_SMS
     else:
         cap = 4
     return max(1, min(blocks, cap))

@@ -48,6 +48,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels._compat import gpu_plan
+
 # ---------------------------------------------------------------------------------------------------------------
 # Kernels
 # ---------------------------------------------------------------------------------------------------------------
@@ -484,7 +486,7 @@ def _tiles(x: torch.Tensor) -> dict[str, int]:
     """Tile sizes. On a GPU: 128-row tiles (fewer, bigger tiles amortise the expert lookup); fp32 halves K and N so
     the IEEE-fp32 operands fit in shared memory. In the CPU interpreter: small tiles, so that the tests' small shapes
     still span several tiles per expert, partial tiles, and several sort blocks."""
-    if x.device.type != "cuda":
+    if not gpu_plan(x.device):
         return dict(sort=32, m=16, n=64, k=64, p=64, q=64, rk=16, warps=4, stages=1)
     if x.dtype == torch.float32:
         return dict(sort=_SORT_BLOCK_GPU, m=64, n=64, k=32, p=64, q=64, rk=32, warps=4, stages=3)
