@@ -29,6 +29,21 @@ def torchrun():
 
 
 @pytest.fixture(scope="session")
+def tiny_start(tmp_path_factory, tokenizer):
+    """A freshly initialised tiny model (seed 0) saved as a checkpoint: where the stage tests that need no trained
+    weights start (it stands in for out/pretrain, out/full_sft, ...). Read-only: runs write to their own out_dir."""
+    import torch
+
+    from minimind import checkpoint as ckpt
+    from minimind.config import from_preset
+    from minimind.model import MiniMind
+
+    torch.manual_seed(0)
+    model = MiniMind(from_preset("tiny"))
+    return ckpt.save_checkpoint(tmp_path_factory.mktemp("tiny_start") / "start", model, model.config, tokenizer)
+
+
+@pytest.fixture(scope="session")
 def rl_prompts(tmp_path_factory):
     """A small RL prompt file of its own (two-digit sums with their answers), so the RL tests' premises do not move
     when data/sample is regenerated."""

@@ -1,15 +1,12 @@
 """train/grpo.py end to end on CPU: a tiny policy on the sample RL prompts, checkpoints, exact resume, bad flags."""
 
-import json
 import shutil
 
 import pytest
 import torch
+from _stage_helpers import metric_rows
 
-import kernels
 from minimind import checkpoint as ckpt
-from minimind.config import from_preset
-from minimind.model import MiniMind
 from train import grpo
 
 FAST = [
@@ -21,24 +18,11 @@ FAST = [
 pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
-@pytest.fixture(scope="module")
-def start(tmp_path_factory, tokenizer):
-    """A tiny randomly initialised policy saved as a checkpoint folder (stands in for out/full_sft)."""
-    torch.manual_seed(0)
-    model = MiniMind(from_preset("tiny"), ops=kernels.resolve("torch"))
-    return ckpt.save_checkpoint(tmp_path_factory.mktemp("grpo") / "sft", model, model.config, tokenizer)
-
-
-def _metrics(out_dir):
-    lines = (out_dir / "grpo_metrics.jsonl").read_text().splitlines()
-    return {r["step"]: r for r in map(json.loads, lines)}
-
-
-def test_grpo_runs_saves_and_resumes_exactly(tmp_path, start):
-    args = FAST + ["--from_weight", str(start), "--max_steps", "4", "--save_interval", "2", "--keep_last", "3"]
+def test_grpo_runs_saves_and_resumes_exactly(tmp_path, tiny_start):
+    args = FAST + ["--from_weight", str(tiny_start), "--max_steps", "4", "--save_interval", "2", "--keep_last", "3"]
     full = tmp_path / "full"
     res = grpo.main(args + ["--out_dir", str(full)])
-    m = _metrics(full)
+    m = metric_rows(full, "grpo")
     assert sorted(m) == [1, 2, 3, 4] and res["steps"] == 4
     for r in m.values():
         for key in ("reward", "reward_std", "reward_rule", "reward_shaping", "kl", "completion_len", "loss", "lr"):
@@ -49,14 +33,14 @@ def test_grpo_runs_saves_and_resumes_exactly(tmp_path, start):
     assert (full / "grpo_reward.png").stat().st_size > 1000
     model, cfg, payload = ckpt.load_model(full / "grpo")
     assert payload["args"]["num_generations"] == 4
-    first = ckpt.load_model_state(start)
+    first = ckpt.load_model_state(tiny_start)
     assert any(not torch.equal(first[k], v) for k, v in model.state_dict().items() if k in first)
 
     # A run that "died" right after its step-2 checkpoint continues bit for bit (same prompts, same samples).
     cut = tmp_path / "cut"
     shutil.copytree(full / "grpo_resume" / "step_00000002", cut / "grpo_resume" / "step_00000002")
     grpo.main(args + ["--out_dir", str(cut), "--from_resume", "1"])
-    got = _metrics(cut)
+    got = metric_rows(cut, "grpo")
     assert sorted(got) == [3, 4]
     for s in (3, 4):
         assert {k: v for k, v in got[s].items() if k != "seconds"} == {k: v for k, v in m[s].items() if k != "seconds"}
@@ -64,29 +48,40 @@ def test_grpo_runs_saves_and_resumes_exactly(tmp_path, start):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_grpo_several_updates_per_rollout_clip(tmp_path, start):
+def test_grpo_several_updates_per_rollout_clip(tmp_path, tiny_start):
     out = tmp_path / "mu"
-    args = FAST + ["--from_weight", str(start), "--max_steps", "1", "--num_iterations", "3", "--learning_rate", "3e-3"]
+    args = FAST + [
+        "--from_weight",
+        str(tiny_start),
+        "--max_steps",
+        "1",
+        "--num_iterations",
+        "3",
+        "--learning_rate",
+        "3e-3",
+    ]
     grpo.main(args + ["--out_dir", str(out), "--epsilon", "0.05"])
-    r = _metrics(out)[1]
+    r = metric_rows(out, "grpo")[1]
     assert r["clip_frac"] > 0.0  # the later updates move the ratio out of [0.95, 1.05]
 
 
-def test_grpo_bad_flags(tmp_path, start):
+def test_grpo_bad_flags(tmp_path, tiny_start):
     with pytest.raises(SystemExit, match="num_generations"):
-        grpo.main(FAST + ["--from_weight", str(start), "--num_generations", "1", "--out_dir", str(tmp_path / "o")])
+        grpo.main(FAST + ["--from_weight", str(tiny_start), "--num_generations", "1", "--out_dir", str(tmp_path / "o")])
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"conversations": [{"role": "user", "content": "hi"}]}\n')
     with pytest.raises(SystemExit, match='"answer"'):
-        grpo.main(FAST + ["--from_weight", str(start), "--data_path", str(bad), "--out_dir", str(tmp_path / "o")])
+        grpo.main(FAST + ["--from_weight", str(tiny_start), "--data_path", str(bad), "--out_dir", str(tmp_path / "o")])
 
 
-def test_grpo_two_ranks_gather_rewards_and_average_gradients(tmp_path, start, rl_two_ranks, completion_logp):
+def test_grpo_two_ranks_gather_rewards_and_average_gradients(tmp_path, tiny_start, rl_two_ranks, completion_logp):
     # Step 1 again by hand: rank r samples 4 completions of its own prompt with its own RNG. Premise: the rewards
     # differ within a group (the advantages are not all zero).
     out = tmp_path / "ranks"
-    policy, ros = rl_two_ranks("grpo.py", start, out, FAST, 4, 1, lambda ros: any(ro.rewards.std() > 0 for ro in ros))
-    m = _metrics(out)
+    policy, ros = rl_two_ranks(
+        "grpo.py", tiny_start, out, FAST, 4, 1, lambda ros: any(ro.rewards.std() > 0 for ro in ros)
+    )
+    m = metric_rows(out, "grpo")
     assert sorted(m) == [1, 2]
     rewards = torch.cat([ro.rewards for ro in ros])
     assert m[1]["reward"] == pytest.approx(rewards.mean().item(), abs=1e-5)

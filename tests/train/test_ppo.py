@@ -1,11 +1,11 @@
 """train/ppo.py end to end on CPU: actor + frozen reference + critic, checkpoints (critic in the train state),
 exact resume; the critic's value alignment."""
 
-import json
 import shutil
 
 import pytest
 import torch
+from _stage_helpers import metric_rows
 
 import kernels
 from minimind import checkpoint as ckpt
@@ -22,13 +22,6 @@ FAST = [
 pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
-@pytest.fixture(scope="module")
-def start(tmp_path_factory, tokenizer):
-    torch.manual_seed(0)
-    model = MiniMind(from_preset("tiny"), ops=kernels.resolve("torch"))
-    return ckpt.save_checkpoint(tmp_path_factory.mktemp("ppo") / "sft", model, model.config, tokenizer)
-
-
 def test_critic_values_sit_at_the_position_before_each_token():
     torch.manual_seed(0)
     critic = ppo.ValueModel(MiniMind(from_preset("tiny"), ops=kernels.resolve("torch")))
@@ -43,17 +36,12 @@ def test_critic_values_sit_at_the_position_before_each_token():
     torch.testing.assert_close(v[1], alone[1:4], atol=1e-5, rtol=1e-5)
 
 
-def _metrics(out_dir):
-    lines = (out_dir / "ppo_actor_metrics.jsonl").read_text().splitlines()
-    return {r["step"]: r for r in map(json.loads, lines)}
-
-
-def test_ppo_runs_saves_and_resumes_exactly(tmp_path, start):
-    args = FAST + ["--from_weight", str(start), "--max_steps", "4", "--save_interval", "2", "--keep_last", "3"]
+def test_ppo_runs_saves_and_resumes_exactly(tmp_path, tiny_start):
+    args = FAST + ["--from_weight", str(tiny_start), "--max_steps", "4", "--save_interval", "2", "--keep_last", "3"]
     args += ["--early_stop_kl", "100"]  # every update runs here (the early stop has its own test)
     full = tmp_path / "full"
     ppo.main(args + ["--out_dir", str(full)])
-    m = _metrics(full)
+    m = metric_rows(full, "ppo_actor")
     assert sorted(m) == [1, 2, 3, 4]
     for r in m.values():
         for key in ("reward", "kl", "value_loss", "policy_loss", "clip_frac", "approx_kl", "completion_len"):
@@ -69,7 +57,7 @@ def test_ppo_runs_saves_and_resumes_exactly(tmp_path, start):
     cut = tmp_path / "cut"
     shutil.copytree(full / "ppo_actor_resume" / "step_00000002", cut / "ppo_actor_resume" / "step_00000002")
     ppo.main(args + ["--out_dir", str(cut), "--from_resume", "1"])
-    got = _metrics(cut)
+    got = metric_rows(cut, "ppo_actor")
     assert sorted(got) == [3, 4]
     for s in (3, 4):
         assert {k: v for k, v in got[s].items() if k != "seconds"} == {k: v for k, v in m[s].items() if k != "seconds"}
@@ -77,24 +65,35 @@ def test_ppo_runs_saves_and_resumes_exactly(tmp_path, start):
     assert all(torch.equal(state["critic"][k], b["critic"][k]) for k in state["critic"])
 
 
-def test_ppo_early_stop_on_approximate_kl(tmp_path, start):
+def test_ppo_early_stop_on_approximate_kl(tmp_path, tiny_start):
     out = tmp_path / "es"
-    args = FAST + ["--from_weight", str(start), "--max_steps", "1", "--learning_rate", "5e-2", "--out_dir", str(out)]
+    args = FAST + [
+        "--from_weight",
+        str(tiny_start),
+        "--max_steps",
+        "1",
+        "--learning_rate",
+        "5e-2",
+        "--out_dir",
+        str(out),
+    ]
     ppo.main(args + ["--early_stop_kl", "1e-4", "--grad_clip", "0"])
-    r = _metrics(out)[1]
+    r = metric_rows(out, "ppo_actor")[1]
     # The first minibatch has ratio 1 (KL 0) and always updates; the huge lr then pushes the KL past the threshold.
     assert r["early_stop"] and 1 <= r["updates"] < 4
 
 
-def test_ppo_two_ranks_whiten_over_all_tokens_and_average_gradients(tmp_path, start, rl_two_ranks, completion_logp):
+def test_ppo_two_ranks_whiten_over_all_tokens_and_average_gradients(
+    tmp_path, tiny_start, rl_two_ranks, completion_logp
+):
     # Step 1 again by hand: rank r samples one completion for each of its 2 prompts with its own RNG. Premise: the
     # two ranks' rewards differ, so whitening each rank's advantages on its own would give other advantages.
     out = tmp_path / "ranks"
     flags = FAST + ["--mini_batch_size", "2", "--ppo_epochs", "1"]
     policy, ros = rl_two_ranks(
-        "ppo.py", start, out, flags, 1, 2, lambda ros: ros[0].rewards.mean() != ros[1].rewards.mean()
+        "ppo.py", tiny_start, out, flags, 1, 2, lambda ros: ros[0].rewards.mean() != ros[1].rewards.mean()
     )
-    m = _metrics(out)
+    m = metric_rows(out, "ppo_actor")
     assert sorted(m) == [1, 2] and m[1]["updates"] == 1 and m[1]["kl"] == 0.0
     # Values start at 0 and the KL penalty is 0 (old == ref), so with gamma 1 the GAE advantage and return of token
     # t of a completion of length L with reward R are 0.95^(L-1-t) * R.

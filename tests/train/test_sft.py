@@ -15,58 +15,14 @@ from minimind import checkpoint as ckpt
 from minimind.config import from_preset
 from minimind.data import SFTDataset, collate_sft
 from minimind.model import MiniMind
-from minimind.tokenizer import Tokenizer
 from train import common, sft
 
 SFT_DATA = "data/sample/sft.jsonl"
 
 
+from _stage_helpers import hand_ce, stage_argv, step_losses  # noqa: E402
+
 pytestmark = pytest.mark.usefixtures("one_thread_module")
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    """A freshly initialised tiny model saved as the checkpoint SFT starts from."""
-    torch.manual_seed(0)
-    model = MiniMind(from_preset("tiny"))
-    return ckpt.save_checkpoint(tmp_path_factory.mktemp("base") / "pretrain", model, model.config, Tokenizer.load())
-
-
-def _args(base, out, *extra):
-    return [
-        "--from_weight",
-        str(base),
-        "--out_dir",
-        str(out),
-        "--max_seq_len",
-        "64",
-        "--batch_size",
-        "4",
-        "--kernels",
-        "torch",
-        "--log_interval",
-        "1",
-        *extra,
-    ]
-
-
-def _losses(out_dir, name="full_sft"):
-    lines = (out_dir / f"{name}_metrics.jsonl").read_text().splitlines()
-    return {r["step"]: r["loss"] for r in map(json.loads, lines)}
-
-
-def _hand_ce(model, batch):
-    """Mean over labelled tokens of -log softmax(logits[t-1])[labels[t]], from full logits in float64."""
-    logits = model(batch["input_ids"]).logits.double()
-    logp = logits.log_softmax(dim=-1)
-    total, count = 0.0, 0
-    ids, labels = batch["input_ids"], batch["labels"]
-    for b in range(ids.shape[0]):
-        for t in range(1, ids.shape[1]):
-            if labels[b, t] != -100:
-                total -= logp[b, t - 1, labels[b, t]].item()
-                count += 1
-    return total / count
 
 
 def test_loss_is_cross_entropy_on_assistant_tokens_only(tokenizer):
@@ -78,7 +34,7 @@ def test_loss_is_cross_entropy_on_assistant_tokens_only(tokenizer):
     assert len({len(r["input_ids"]) for r in rows}) > 1  # the batch really is padded
     loss, aux = sft.sft_loss(model, batch)
     assert aux is None
-    assert abs(loss.item() - _hand_ce(model, batch)) < 1e-5
+    assert abs(loss.item() - hand_ce(model, batch)) < 1e-5
     # The labelled tokens are exactly each assistant reply plus its turn end.
     record = json.loads(open(SFT_DATA).readline())
     reply = next(m["content"] for m in record["conversations"] if m["role"] == "assistant")
@@ -90,19 +46,21 @@ def test_loss_is_cross_entropy_on_assistant_tokens_only(tokenizer):
     assert torch.allclose(alone, padded, atol=1e-5)
 
 
-def test_first_logged_loss_is_the_hand_computed_loss_and_training_learns(base, tmp_path, tokenizer):
+def test_first_logged_loss_is_the_hand_computed_loss_and_training_learns(tiny_start, tmp_path, tokenizer):
     out = tmp_path / "out"
-    res = sft.main(_args(base, out, "--max_steps", "25", "--learning_rate", "3e-3", "--group_by_length", "0"))
-    losses = _losses(out)
+    res = sft.main(
+        stage_argv(tiny_start, out, "--max_steps", "25", "--learning_rate", "3e-3", "--group_by_length", "0")
+    )
+    losses = step_losses(out, "full_sft")
     assert len(losses) == 25 and res["steps"] == 25
-    model, _, _ = ckpt.load_model(base)
+    model, _, _ = ckpt.load_model(tiny_start)
     data = SFTDataset(SFT_DATA, tokenizer, 64)
     _, first = next(common.iterate_batches(data, collate_sft, 4, 42, 0))
-    assert abs(losses[1] - _hand_ce(model, first)) < 1e-4
+    assert abs(losses[1] - hand_ce(model, first)) < 1e-4
     early, late = sum(losses[s] for s in (1, 2, 3)) / 3, sum(losses[s] for s in (23, 24, 25)) / 3
     assert late < early - 1.5, (early, late)
     trained, cfg, payload = ckpt.load_model(out / "full_sft")
-    assert cfg.hidden_size == 256 and payload["args"]["from_weight"] == str(base)
+    assert cfg.hidden_size == 256 and payload["args"]["from_weight"] == str(tiny_start)
     assert not torch.equal(trained.model.embed_tokens.weight, model.model.embed_tokens.weight)
     assert (out / "full_sft_loss.png").stat().st_size > 1000
 
@@ -133,14 +91,16 @@ def test_length_grouped_order_batches_similar_lengths(tokenizer):
     assert pad_fraction(order) < 0.25 < 0.45 < pad_fraction(common.epoch_order(n, 42, 0))
 
 
-def test_resume_reproduces_the_uninterrupted_run_exactly(base, tmp_path):
-    args = _args(base, tmp_path / "x", "--max_steps", "6", "--save_interval", "3", "--accumulation_steps", "2")
+def test_resume_reproduces_the_uninterrupted_run_exactly(tiny_start, tmp_path):
+    args = stage_argv(
+        tiny_start, tmp_path / "x", "--max_steps", "6", "--save_interval", "3", "--accumulation_steps", "2"
+    )
     full = tmp_path / "full"
     sft.main(args + ["--out_dir", str(full)])
     cut = tmp_path / "cut"
     shutil.copytree(full / "full_sft_resume" / "step_00000003", cut / "full_sft_resume" / "step_00000003")
     sft.main(args + ["--out_dir", str(cut), "--from_resume", "1"])
-    want, got = _losses(full), _losses(cut)
+    want, got = step_losses(full, "full_sft"), step_losses(cut, "full_sft")
     assert sorted(got) == [4, 5, 6]
     assert [got[s] for s in got] == [want[s] for s in got]  # bit-identical on CPU
     a, _, _ = ckpt.load_model(full / "full_sft")
@@ -149,33 +109,33 @@ def test_resume_reproduces_the_uninterrupted_run_exactly(base, tmp_path):
         assert torch.equal(v, w), k
 
 
-def test_bad_inputs_fail_with_a_clear_message(base, tmp_path):
+def test_bad_inputs_fail_with_a_clear_message(tiny_start, tmp_path):
     bad = tmp_path / "bad.jsonl"
     ok = '{"conversations": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}\n'
     bad.write_text(ok * 3 + '{"conversations": [{"role": "user", "content": "no reply"}]}\n')
     with pytest.raises(SystemExit, match=r"bad\.jsonl:4: .*no assistant message"):
-        sft.main(_args(base, tmp_path / "o", "--data_path", str(bad)))
+        sft.main(stage_argv(tiny_start, tmp_path / "o", "--data_path", str(bad)))
     few = tmp_path / "few.jsonl"
     few.write_text(ok * 3)
     with pytest.raises(SystemExit, match="fewer than one optimizer step"):
-        sft.main(_args(base, tmp_path / "o", "--data_path", str(few)))
+        sft.main(stage_argv(tiny_start, tmp_path / "o", "--data_path", str(few)))
     with pytest.raises(SystemExit, match="--from_weight"):
-        sft.main(_args(tmp_path / "missing", tmp_path / "o"))
+        sft.main(stage_argv(tmp_path / "missing", tmp_path / "o"))
 
 
-def test_two_ranks_under_torchrun_average_their_own_token_means(base, tmp_path, tokenizer):
+def test_two_ranks_under_torchrun_average_their_own_token_means(tiny_start, tmp_path, tokenizer):
     repo = Path(__file__).resolve().parents[2]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0"]
     cmd += ["--rdzv_backend", "c10d", "--rdzv_endpoint", "127.0.0.1:0", str(repo / "train" / "sft.py")]
-    cmd += _args(base, tmp_path, "--batch_size", "2", "--max_steps", "2", "--group_by_length", "0")
+    cmd += stage_argv(tiny_start, tmp_path, "--batch_size", "2", "--max_steps", "2", "--group_by_length", "0")
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "x 2 ranks" in proc.stdout
     # Step 1: rank r trains on conversations order[2r : 2r + 2]; the logged loss is the mean of the two ranks' losses.
-    model, _, _ = ckpt.load_model(base)
+    model, _, _ = ckpt.load_model(tiny_start)
     data = SFTDataset(SFT_DATA, tokenizer, 64)
     order = common.epoch_order(len(data), 42, 0)
-    per_rank = [_hand_ce(model, collate_sft([data[int(i)] for i in order[2 * r : 2 * r + 2]])) for r in (0, 1)]
-    assert abs(_losses(tmp_path)[1] - sum(per_rank) / 2) < 1e-4
+    per_rank = [hand_ce(model, collate_sft([data[int(i)] for i in order[2 * r : 2 * r + 2]])) for r in (0, 1)]
+    assert abs(step_losses(tmp_path, "full_sft")[1] - sum(per_rank) / 2) < 1e-4
     ckpt.load_model(tmp_path / "full_sft")

@@ -1,17 +1,14 @@
 """train/spo.py: the Beta value tracker by hand over two steps, and the stage end to end on CPU with its tracker
 saved in the checkpoint and restored on resume."""
 
-import json
 import math
 import shutil
 
 import pytest
 import torch
+from _stage_helpers import metric_rows
 
-import kernels
 from minimind import checkpoint as ckpt
-from minimind.config import from_preset
-from minimind.model import MiniMind
 from train import spo
 from train.spo import BetaValueTracker
 
@@ -22,13 +19,6 @@ FAST = [
 
 
 pytestmark = pytest.mark.usefixtures("one_thread_module")
-
-
-@pytest.fixture(scope="module")
-def start(tmp_path_factory, tokenizer):
-    torch.manual_seed(0)
-    model = MiniMind(from_preset("tiny"), ops=kernels.resolve("torch"))
-    return ckpt.save_checkpoint(tmp_path_factory.mktemp("spo") / "sft", model, model.config, tokenizer)
 
 
 def test_tracker_over_two_steps_by_hand():
@@ -62,16 +52,12 @@ def test_tracker_maps_rewards_into_its_range_and_back():
     assert u.state_dict() == state and u.baseline() == t.baseline()
 
 
-def _metrics(out_dir):
-    return {r["step"]: r for r in map(json.loads, (out_dir / "spo_metrics.jsonl").read_text().splitlines())}
-
-
-def test_spo_runs_and_resume_restores_the_tracker(tmp_path, start):
-    args = FAST + ["--from_weight", str(start), "--max_steps", "4", "--save_interval", "2", "--keep_last", "3"]
+def test_spo_runs_and_resume_restores_the_tracker(tmp_path, tiny_start):
+    args = FAST + ["--from_weight", str(tiny_start), "--max_steps", "4", "--save_interval", "2", "--keep_last", "3"]
     args += ["--reward_min", "-1", "--reward_max", "1"]
     full = tmp_path / "full"
     res = spo.main(args + ["--out_dir", str(full)])
-    m = _metrics(full)
+    m = metric_rows(full, "spo")
     assert sorted(m) == [1, 2, 3, 4]
     # Step 1 logs the mean baseline of its 2 rollouts: the prior's (0, the middle of [-1, 1]), then the one after
     # folding in rollout 1 (rho 0.9). This random policy's replies all earn the same reward r (premise checked).
@@ -89,7 +75,7 @@ def test_spo_runs_and_resume_restores_the_tracker(tmp_path, start):
     cut = tmp_path / "cut"
     shutil.copytree(full / "spo_resume" / "step_00000002", cut / "spo_resume" / "step_00000002")
     res_cut = spo.main(args + ["--out_dir", str(cut), "--from_resume", "1"])
-    got = _metrics(cut)
+    got = metric_rows(cut, "spo")
     assert sorted(got) == [3, 4]
     for s in (3, 4):  # same baselines, rewards, losses: the tracker was restored, not restarted
         assert {k: v for k, v in got[s].items() if k != "seconds"} == {k: v for k, v in m[s].items() if k != "seconds"}
@@ -98,15 +84,15 @@ def test_spo_runs_and_resume_restores_the_tracker(tmp_path, start):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_spo_two_ranks_share_one_tracker_and_average_their_losses(tmp_path, start, rl_two_ranks, completion_logp):
+def test_spo_two_ranks_share_one_tracker_and_average_their_losses(tmp_path, tiny_start, rl_two_ranks, completion_logp):
     # Step 1 again by hand: rank r samples one completion for each of its 2 prompts with its own RNG. Premise: the
     # two ranks' rewards differ, so trackers fed each rank's own rewards would disagree.
     out = tmp_path / "ranks"
     flags = FAST + ["--accumulation_steps", "1", "--reward_min", "-1", "--reward_max", "1"]
     policy, ros = rl_two_ranks(
-        "spo.py", start, out, flags, 1, 2, lambda ros: ros[0].rewards.mean() != ros[1].rewards.mean()
+        "spo.py", tiny_start, out, flags, 1, 2, lambda ros: ros[0].rewards.mean() != ros[1].rewards.mean()
     )
-    m = _metrics(out)
+    m = metric_rows(out, "spo")
     assert sorted(m) == [1, 2]
     # The baseline is the prior's (0, the middle of [-1, 1]) and the KL is 0, so rank r's loss is
     # mean_i -A_i * mean_t log p_it with A_i = r_i; the logged loss is the mean over ranks.
