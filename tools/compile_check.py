@@ -294,7 +294,12 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--arch", type=int, default=90, choices=sorted(MAX_SHARED_PER_BLOCK), help="compute capability")
     ap.add_argument(
-        "--sms", type=int, default=None, help="multiprocessors the grids are planned for (default: SMS[arch])"
+        "--sms",
+        type=int,
+        default=None,
+        help="multiprocessors the grids are planned for (default: "
+        + ", ".join(f"{n} for {a}" for a, n in SMS.items())
+        + ")",
     )
     ap.add_argument("--tokens", type=int, default=32 * 512, help="tokens per op case (default 16384, the benchmark's)")
     ap.add_argument("--presets", default=",".join(PRESETS), help="comma-separated presets (default: small,base,moe)")
