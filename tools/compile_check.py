@@ -213,14 +213,13 @@ def check(arch: int, sms: int, tokens: int, presets: tuple[str, ...], dtypes: tu
     start = time.perf_counter()
     seen: dict[int, Kernel] = {}
     current: list[str] = [""]
-    case_kernels: list[str] = []
 
     def on_compile(fn: Any, compiled: Any) -> None:
         key = id(compiled)
         if key not in seen:
             md = compiled.metadata
             consts = {fn.arg_names[p[0]]: v for p, v in getattr(compiled.src, "constants", {}).items() if len(p) == 1}
-            seen[key] = Kernel(
+            kern = Kernel(
                 name=fn.__name__,
                 used_by=[],
                 constexprs={k: v for k, v in consts.items() if isinstance(v, (bool, int, float, str))},
@@ -228,10 +227,11 @@ def check(arch: int, sms: int, tokens: int, presets: tuple[str, ...], dtypes: tu
                 num_stages=md.num_stages,
                 shared_bytes=md.shared,
             )
-            seen[key].cubin = compiled.asm.get("cubin", b"")  # type: ignore[attr-defined]
+            kern.registers, kern.stack_bytes, kern.local_bytes = _resource_usage(compiled.asm.get("cubin", b""))
+            kern.problems = limit_problems(kern, arch)
+            seen[key] = kern
         if current[0] not in seen[key].used_by:
             seen[key].used_by.append(current[0])
-        case_kernels.append(fn.__name__)
 
     cases: list[tuple[str, Callable[[], None]]] = []
     for preset in presets:
@@ -246,24 +246,18 @@ def check(arch: int, sms: int, tokens: int, presets: tuple[str, ...], dtypes: tu
     with compile_only(arch, on_compile), plan_as_gpu(sms):
         for name, run in cases:
             current[0] = name
-            case_kernels.clear()
             t0 = time.perf_counter()
             try:
                 run()
                 entry = {"case": name, "ok": True, "error": ""}
             except Exception as exc:  # a compile error names the kernel and the line; keep going, report them all
                 entry = {"case": name, "ok": False, "error": f"{type(exc).__name__}: {str(exc).strip()[:2000]}"}
-            entry["kernels"] = sorted(set(case_kernels))
+            entry["kernels"] = sorted({k.name for k in seen.values() if name in k.used_by})
             entry["seconds"] = round(time.perf_counter() - t0, 2)
             report.cases.append(entry)
             print(f"  {'ok ' if entry['ok'] else 'FAIL'} {name:<42} {entry['seconds']:6.1f} s", flush=True)
 
-    for k in seen.values():
-        k.registers, k.stack_bytes, k.local_bytes = _resource_usage(k.cubin)  # type: ignore[attr-defined]
-        del k.cubin  # type: ignore[attr-defined]
-        k.problems = limit_problems(k, arch)
-        report.kernels.append(k)
-    report.kernels.sort(key=lambda k: (k.name, k.shared_bytes))
+    report.kernels = sorted(seen.values(), key=lambda k: (k.name, k.shared_bytes))
     report.seconds = round(time.perf_counter() - start, 1)
     return report
 

@@ -33,7 +33,8 @@ def _nvidia_backend() -> str:
     return f"missing {missing}" if missing else ""
 
 
-needs_backend = pytest.mark.skipif(bool(_nvidia_backend()), reason=_nvidia_backend() or "ok")
+_NO_BACKEND = _nvidia_backend()
+needs_backend = pytest.mark.skipif(bool(_NO_BACKEND), reason=_NO_BACKEND or "ok")
 
 
 def _run(args: list[str], tmp_path: Path, interpret: bool = False) -> subprocess.CompletedProcess:

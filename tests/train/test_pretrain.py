@@ -5,16 +5,12 @@ import shutil
 
 import pytest
 import torch
+from _stage_helpers import step_losses
 
 from minimind import checkpoint as ckpt
 from train import pretrain
 
 SMALL = ["--preset", "tiny", "--max_seq_len", "64", "--batch_size", "4", "--kernels", "torch", "--log_interval", "1"]
-
-
-def _losses(out_dir, name="pretrain"):
-    lines = (out_dir / f"{name}_metrics.jsonl").read_text().splitlines()
-    return {r["step"]: r["loss"] for r in map(json.loads, lines)}
 
 
 def _write_jsonl(path, records):
@@ -25,7 +21,7 @@ def _write_jsonl(path, records):
 def test_loss_falls_and_checkpoint_reloads(tmp_path):
     out = tmp_path / "out"
     res = pretrain.main(SMALL + ["--out_dir", str(out), "--max_steps", "30", "--learning_rate", "2e-3"])
-    losses = _losses(out)
+    losses = step_losses(out, "pretrain")
     assert len(losses) == 30
     first, last = sum(losses[s] for s in (1, 2, 3)) / 3, sum(losses[s] for s in (28, 29, 30)) / 3
     assert last < first - 1.0, (first, last)
@@ -43,7 +39,7 @@ def test_resume_reproduces_the_uninterrupted_run_exactly(tmp_path):
     cut = tmp_path / "cut"
     shutil.copytree(full / "pretrain_resume" / "step_00000004", cut / "pretrain_resume" / "step_00000004")
     pretrain.main(args + ["--out_dir", str(cut), "--from_resume", "1"])
-    want, got = _losses(full), _losses(cut)
+    want, got = step_losses(full, "pretrain"), step_losses(cut, "pretrain")
     assert sorted(got) == [5, 6, 7, 8]
     assert [got[s] for s in got] == [want[s] for s in got]  # bit-identical on CPU
     a = ckpt.load_train_state(full / "pretrain_resume" / "step_00000008")
