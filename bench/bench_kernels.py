@@ -3,7 +3,7 @@
     pytest bench/ --benchmark-only --bench-record=bench/results          # on a GPU (see bench/conftest.py)
     BENCH_SCALE=tiny pytest bench/ --benchmark-only                      # smoke run anywhere
 
-Implementations: eager (kernels.reference, the spec), compile (torch.compile of the same reference function, fresh
+Implementations: eager (reference.py, the spec), compile (torch.compile of the same reference function, fresh
 dynamo cache per benchmark so shapes never share a graph), triton (ours, kernels/<op>.py through the registry) and
 liger (Liger-Kernel through the registry, where it has the op). One that cannot run here (no CUDA, not importable, no
 such op) is skipped with the reason; on a CPU only eager and compile run, and their figures mean nothing.
@@ -35,9 +35,9 @@ from typing import Any
 import pytest
 import torch
 
-import kernels
-from kernels import reference
-from minimind.config import MiniMindConfig, from_preset
+import minimind_kernels as kernels
+from minimind_fast.config import MiniMindConfig, from_preset
+from minimind_kernels import reference
 
 PRESETS = ("small", "base", "moe")
 MODES = ("fwd", "fwd+bwd")
@@ -97,7 +97,7 @@ def make_inputs(
         inp = Inputs((act(b, t, d), act(b, t, d), gain(d), cfg.rms_norm_eps), (0, 1, 2), f"{b}x{t}x{d}")
         inp.bytes_fwd, inp.bytes_fwdbwd = 4 * n * d * es, 8 * n * d * es  # fwd x,delta->h,y; bwd h,dh,dy->dx
     elif op == "rope":
-        from minimind.model import rope_tables
+        from minimind_fast.model import rope_tables
 
         cos, sin = rope_tables(cfg)
         q, k = act(b, t, h, dh), act(b, t, hkv, dh)

@@ -12,7 +12,7 @@ random token ids (3..vocab-1), or with --data a pretrain JSONL tokenized as [bos
 concatenated and cut into rows, so no position is padding.
 
 --baseline minimind reproduces the reference MiniMind trainer at the same model size: eager (no compile), torch
-kernels (its MoE is the per-expert Python loop of kernels.reference.moe_experts), plain torch.optim.AdamW over all
+kernels (its MoE is the per-expert Python loop of reference.py.moe_experts), plain torch.optim.AdamW over all
 parameters, every document of --data (default data/sample/pretrain.jsonl) its own row, [bos] + tokens + [eos]
 truncated to max_seq_len and padded with 0, labels -100 on padding, rows in file order; batch 32, accumulation 8,
 max_seq_len 340 (MiniMind2's pretraining defaults), fp32 master weights with bf16 autocast. How much of its batch is
@@ -51,10 +51,10 @@ if str(_ROOT) not in sys.path:  # `python bench/e2e.py` from a checkout
 import torch  # noqa: E402
 
 import bench  # noqa: E402
-import kernels  # noqa: E402
-from minimind.config import MiniMindConfig, from_preset  # noqa: E402
-from minimind.model import MiniMind  # noqa: E402
-from minimind.tokenizer import Tokenizer  # noqa: E402
+import minimind_kernels as kernels  # noqa: E402
+from minimind_fast.config import MiniMindConfig, from_preset  # noqa: E402
+from minimind_fast.model import MiniMind  # noqa: E402
+from minimind_fast.tokenizer import Tokenizer  # noqa: E402
 from train import common  # noqa: E402
 from train.common import arg  # noqa: E402
 

@@ -48,7 +48,7 @@ def one_thread_module():
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    """The tokenizer shipped with the project (minimind/assets/)."""
-    from minimind.tokenizer import Tokenizer
+    """The tokenizer shipped with the project (minimind/minimind_fast/assets/)."""
+    from minimind_fast.tokenizer import Tokenizer
 
     return Tokenizer.load()

@@ -29,12 +29,12 @@ if __package__ in (None, ""):  # run as `python tools/chat.py`: make the reposit
 
 import torch  # noqa: E402
 
-import kernels  # noqa: E402
-from minimind.checkpoint import CheckpointError, load_model  # noqa: E402
-from minimind.config import ConfigError  # noqa: E402
-from minimind.generate import GenerationError, IncrementalDecoder, generate_iter  # noqa: E402
-from minimind.lora import AdapterError, load_adapter, remove_lora  # noqa: E402
-from minimind.tokenizer import Tokenizer, TokenizerError  # noqa: E402
+import minimind_kernels as kernels  # noqa: E402
+from minimind_fast.checkpoint import CheckpointError, load_model  # noqa: E402
+from minimind_fast.config import ConfigError  # noqa: E402
+from minimind_fast.generate import GenerationError, IncrementalDecoder, generate_iter  # noqa: E402
+from minimind_fast.lora import AdapterError, load_adapter, remove_lora  # noqa: E402
+from minimind_fast.tokenizer import Tokenizer, TokenizerError  # noqa: E402
 
 
 class ChatError(RuntimeError):

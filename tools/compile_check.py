@@ -10,7 +10,7 @@ register spills, or code the compiler rejects. This tool closes that gap. Each T
 on CPU tensors at the benchmark's shapes (bench/bench_kernels.py make_inputs, B=32 rows of T=512 tokens unless
 --tokens says otherwise), and so does one training step of each preset's whole model with the Triton ops (bf16
 autocast, B=2, T=64), with the launchers planning their tiles and grids as on the target card
-(kernels._compat.plan_as_gpu) and every kernel launch turned into a compile-only warm-up for the target: nothing
+(_compat.plan_as_gpu) and every kernel launch turned into a compile-only warm-up for the target: nothing
 executes, so the tensors the kernels would write hold garbage, and only the launches matter. Each distinct compiled
 kernel's binary is then read with cuobjdump for its registers and local memory (spills).
 
@@ -132,7 +132,7 @@ def compile_only(arch: int, on_compile: Callable[[Any, Any], None]) -> Iterator[
 
 def _op_case(op: str, preset: str, dtype: torch.dtype, tokens: int) -> Callable[[], None]:
     """Forward and backward of one Triton op at the benchmark's inputs (make_inputs) for `tokens` tokens."""
-    import kernels
+    import minimind_kernels as kernels
     from bench import bench_kernels
 
     def run() -> None:
@@ -155,9 +155,9 @@ def _op_case(op: str, preset: str, dtype: torch.dtype, tokens: int) -> Callable[
 
 def _model_case(preset: str) -> Callable[[], None]:
     """One training step's forward and backward of the preset's model with the Triton ops, bf16 autocast."""
-    import kernels
-    from minimind.config import from_preset
-    from minimind.model import MiniMind
+    import minimind_kernels as kernels
+    from minimind_fast.config import from_preset
+    from minimind_fast.model import MiniMind
 
     def run() -> None:
         torch.manual_seed(0)
@@ -207,7 +207,7 @@ def limit_problems(k: Kernel, arch: int) -> list[str]:
 def check(arch: int, sms: int, tokens: int, presets: tuple[str, ...], dtypes: tuple[str, ...], models: bool) -> Report:
     import triton
 
-    from kernels._compat import plan_as_gpu
+    from minimind_kernels._compat import plan_as_gpu
 
     report = Report(arch=arch, sms=sms, tokens=tokens, triton=triton.__version__, torch=torch.__version__)
     start = time.perf_counter()

@@ -7,7 +7,7 @@ generation sample sheet. Prints tables and writes everything (item by item) to J
     python tools/eval.py --load out/full_sft --ppl data/sample/pretrain.jsonl data/sample/sft.jsonl --max_records 500
     python tools/eval.py --load out/full_sft --mc /path/to/ceval/val --mc_score letter --heldout none
 
-Held-out accuracy (minimind/evaluate.py has the exact rules) is reported per kind in two ways, next to the chance
+Held-out accuracy (minimind_fast/evaluate.py has the exact rules) is reported per kind in two ways, next to the chance
 level 1/len(choices): "gen", the greedy reply through the chat template contains the answer as a whole word or
 number; "choice", the answer is the choice with the highest log-likelihood as the assistant's completion.
 --lora takes one adapter folder for every --load, or one per --load ('none' for the plain model).
@@ -30,13 +30,13 @@ if __package__ in (None, ""):  # run as `python tools/eval.py`: make the reposit
 
 import torch  # noqa: E402
 
-import kernels  # noqa: E402
-from minimind import evaluate as ev  # noqa: E402
-from minimind import lora  # noqa: E402
-from minimind.checkpoint import CheckpointError, load_model  # noqa: E402
-from minimind.config import ConfigError  # noqa: E402
-from minimind.data import DataError  # noqa: E402
-from minimind.tokenizer import Tokenizer, TokenizerError  # noqa: E402
+import minimind_kernels as kernels  # noqa: E402
+from minimind_fast import evaluate as ev  # noqa: E402
+from minimind_fast import lora  # noqa: E402
+from minimind_fast.checkpoint import CheckpointError, load_model  # noqa: E402
+from minimind_fast.config import ConfigError  # noqa: E402
+from minimind_fast.data import DataError  # noqa: E402
+from minimind_fast.tokenizer import Tokenizer, TokenizerError  # noqa: E402
 
 IDENTITY_PROMPT = "Who are you?"
 

@@ -32,7 +32,7 @@ Exported folders (`hf`)
 
 Imports
   import-pth: a MiniMind2 .pth is a plain fp16 state dict under the same names; it is read with
-  torch.load(weights_only=True) (no code can run) through minimind.checkpoint.load_minimind_pth, in fp32. Its config
+  torch.load(weights_only=True) (no code can run) through checkpoint.load_minimind_pth, in fp32. Its config
   is inferred from the tensor shapes (vocab, hidden, layers, kv heads, FFN width, experts); the number of query heads
   cannot be read off the shapes and is --num_attention_heads (8 for every MiniMind2 model), likewise top-k
   (--num_experts_per_tok, 2). Keys prefixed by DDP ("module.") or torch.compile ("_orig_mod.") are accepted.
@@ -57,7 +57,7 @@ if __package__ in (None, ""):  # run as `python tools/export.py`: make the repos
 import torch  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
-from minimind.checkpoint import (  # noqa: E402
+from minimind_fast.checkpoint import (  # noqa: E402
     TIED_KEY,
     CheckpointError,
     load_minimind_pth,
@@ -65,9 +65,9 @@ from minimind.checkpoint import (  # noqa: E402
     model_state_dict,
     save_checkpoint,
 )
-from minimind.config import ConfigError, MiniMindConfig  # noqa: E402
-from minimind.model import MiniMind  # noqa: E402
-from minimind.tokenizer import Tokenizer, TokenizerError  # noqa: E402
+from minimind_fast.config import ConfigError, MiniMindConfig  # noqa: E402
+from minimind_fast.model import MiniMind  # noqa: E402
+from minimind_fast.tokenizer import Tokenizer, TokenizerError  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 EMBED_KEY = "model.embed_tokens.weight"
@@ -531,7 +531,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.command == "hf":
             model, _, _ = load_model(args.load)
             if args.lora:
-                from minimind import lora
+                from minimind_fast import lora
 
                 lora.load_adapter(model, args.lora)
                 lora.remove_lora(model, merge=True)

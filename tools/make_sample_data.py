@@ -20,7 +20,7 @@ creatures) and two-digit addition / subtraction, all in English. Files:
                         about strangers named nowhere else, and arithmetic pairs that appear in no other file;
                         "choices" lists every valid answer of that kind (chance = 1/len(choices))
   README.md             what the files are, their counts, and the measured unigram entropy of pretrain.jsonl under
-                        the shipped tokenizer (minimind/assets), when that tokenizer is present
+                        the shipped tokenizer (minimind/minimind_fast/assets), when that tokenizer is present
 
 Output depends only on --seed and --scale: the same arguments give byte-identical files.
 """
@@ -910,7 +910,7 @@ def unigram_entropy(texts: list[str], tokenizer_dir: Path | None) -> tuple[float
     """Entropy in nats/token of the token unigram distribution over texts (no bos/eos), the token count and the
     number of distinct tokens; None when no tokenizer can be loaded from tokenizer_dir (None = the shipped one)."""
     try:
-        from minimind.tokenizer import Tokenizer
+        from minimind_fast.tokenizer import Tokenizer
 
         tok = Tokenizer.load(tokenizer_dir)
     except Exception:
@@ -1139,7 +1139,8 @@ def render_readme(
     else:
         h, total, distinct = entropy
         entropy_text = (
-            f"Unigram entropy of pretrain.jsonl under the shipped tokenizer (minimind/assets): **{h:.3f} nats/token**"
+            f"Unigram entropy of pretrain.jsonl under the shipped tokenizer (minimind/minimind_fast/assets): "
+            f"**{h:.3f} nats/token**"
             f" ({total:,} tokens of text, bos/eos not counted, {distinct:,} distinct token ids). A model that"
             " learns nothing but token frequencies reaches this loss; one that learns the facts and templates goes"
             " far below it."
@@ -1184,10 +1185,11 @@ Regenerate (same seed, same bytes; `tests/tools/test_sample_data.py` checks the 
 
     {command}
     python -m tools.train_tokenizer --data data/sample/pretrain.jsonl data/sample/sft.jsonl data/sample/dpo.jsonl \\
-        data/sample/rlaif.jsonl data/sample/r1_mix.jsonl data/sample/lora_identity.jsonl --out minimind/assets
+        data/sample/rlaif.jsonl data/sample/r1_mix.jsonl data/sample/lora_identity.jsonl \\
+        --out minimind/minimind_fast/assets
 
 README.md (this file) is written by the first command; its entropy figure comes from the tokenizer in
-minimind/assets at the time, so run the first command again after retraining the tokenizer.
+minimind/minimind_fast/assets at the time, so run the first command again after retraining the tokenizer.
 
 | file | records | bytes | content |
 |---|---|---|---|

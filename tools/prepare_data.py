@@ -29,7 +29,7 @@ if __package__ in (None, ""):  # run as `python tools/prepare_data.py`: make the
 import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from minimind.data import (  # noqa: E402
+from minimind_fast.data import (  # noqa: E402
     CHUNK_BYTES,
     MAX_REASONS,
     TOKEN_DTYPE,
@@ -40,7 +40,7 @@ from minimind.data import (  # noqa: E402
     token_file_meta_path,
     tokenizer_fingerprint,
 )
-from minimind.tokenizer import Tokenizer  # noqa: E402
+from minimind_fast.tokenizer import Tokenizer  # noqa: E402
 
 _worker_tokenizer: Tokenizer | None = None
 

@@ -70,11 +70,11 @@ if __package__ in (None, ""):  # run as `python tools/serve.py`: make the reposi
 
 import torch  # noqa: E402
 
-import kernels  # noqa: E402
-from minimind.checkpoint import CheckpointError, load_model  # noqa: E402
-from minimind.config import ConfigError  # noqa: E402
-from minimind.generate import IncrementalDecoder, generate_iter  # noqa: E402
-from minimind.tokenizer import Tokenizer, TokenizerError  # noqa: E402
+import minimind_kernels as kernels  # noqa: E402
+from minimind_fast.checkpoint import CheckpointError, load_model  # noqa: E402
+from minimind_fast.config import ConfigError  # noqa: E402
+from minimind_fast.generate import IncrementalDecoder, generate_iter  # noqa: E402
+from minimind_fast.tokenizer import Tokenizer, TokenizerError  # noqa: E402
 
 try:  # the web stack is an optional dependency: the module still imports (and says what to install) without it
     from fastapi import FastAPI, Request
@@ -944,7 +944,7 @@ def load_for_serving(args: argparse.Namespace) -> tuple[torch.nn.Module, Tokeniz
     except (OSError, ValueError, RuntimeError, KeyError) as exc:
         raise ServeError(f"checkpoint {folder} cannot be loaded: {_one_line(exc)}") from exc
     if args.lora:
-        from minimind import lora
+        from minimind_fast import lora
 
         try:
             lora.load_adapter(model, args.lora)

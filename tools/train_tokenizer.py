@@ -1,12 +1,13 @@
 """Train the project's byte-level BPE tokenizer (MiniMind's layout: vocab 6400, specials at ids 0-2).
 
-    python -m tools.train_tokenizer --data data/sample/pretrain.jsonl data/sample/sft.jsonl --out minimind/assets
+    python -m tools.train_tokenizer --data data/sample/pretrain.jsonl data/sample/sft.jsonl \\
+        --out minimind/minimind_fast/assets
 
 Text is taken from every JSONL record: the "text" of pretrain records and the "content" of every message in
 "conversations", "chosen" and "rejected". The model is HF `tokenizers` BPE with a ByteLevel pre-tokenizer
 (add_prefix_space False) and ByteLevel decoder, no normaliser, all 256 bytes in the initial alphabet, and
 <|endoftext|>, <|im_start|>, <|im_end|> as ids 0, 1, 2 and the only special tokens. The result is saved through
-minimind.tokenizer.Tokenizer.save, so tokenizer_config.json carries the ChatML template. The same input files give
+minimind_fast.tokenizer.Tokenizer.save, so tokenizer_config.json carries the ChatML template. The same input files give
 the same tokenizer.json.
 """
 
@@ -20,7 +21,7 @@ from pathlib import Path
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from minimind.tokenizer import SPECIAL_TOKENS, Tokenizer
+from minimind_fast.tokenizer import SPECIAL_TOKENS, Tokenizer
 
 MESSAGE_LISTS = ("conversations", "chosen", "rejected")
 
@@ -63,7 +64,9 @@ def main(argv: Sequence[str] | None = None) -> Tokenizer:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", nargs="+", required=True, help="JSONL files (pretrain / conversation formats)")
     parser.add_argument("--vocab_size", type=int, default=6400)
-    parser.add_argument("--out", default="minimind/assets", help="folder for tokenizer.json + tokenizer_config.json")
+    parser.add_argument(
+        "--out", default="minimind/minimind_fast/assets", help="folder for tokenizer.json + tokenizer_config.json"
+    )
     args = parser.parse_args(argv)
 
     tok = train_tokenizer(iter_texts(args.data), args.vocab_size)

@@ -30,11 +30,11 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:  # `python train/x.py` from a checkout without `pip install -e .`
     sys.path.insert(0, str(REPO_ROOT))
 
-import kernels  # noqa: E402
-from minimind import checkpoint as ckpt  # noqa: E402
-from minimind.config import MiniMindConfig, from_preset  # noqa: E402
-from minimind.model import MiniMind  # noqa: E402
-from minimind.tokenizer import Tokenizer  # noqa: E402
+import minimind_kernels as kernels  # noqa: E402
+from minimind_fast import checkpoint as ckpt  # noqa: E402
+from minimind_fast.config import MiniMindConfig, from_preset  # noqa: E402
+from minimind_fast.model import MiniMind  # noqa: E402
+from minimind_fast.tokenizer import Tokenizer  # noqa: E402
 
 
 # ----------------------------------------------------------------------------------------------------------- arguments
@@ -213,7 +213,7 @@ def wrap_model(model: torch.nn.Module, rt: Runtime, fsdp: bool = False) -> torch
     if fsdp:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-        from minimind.model import Block
+        from minimind_fast.model import Block
 
         mp = MixedPrecisionPolicy(param_dtype=rt.amp_dtype, reduce_dtype=torch.float32) if rt.amp_dtype else None
         kw = {"mp_policy": mp} if mp is not None else {}
@@ -790,7 +790,7 @@ def stage_tokenizer(path: str | None, from_weight: str) -> Tokenizer:
 def open_dataset(cls: type, args: Any, tokenizer: Tokenizer, rt: Runtime) -> Any:
     """cls(--data_path, tokenizer, --max_seq_len) with --skip_bad_lines; a DataError or a missing file ends the run
     with its message, and skipped lines are reported (rank 0)."""
-    from minimind.data import DataError
+    from minimind_fast.data import DataError
 
     try:
         data = cls(args.data_path, tokenizer, args.max_seq_len, skip_bad_lines=args.skip_bad_lines)

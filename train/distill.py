@@ -44,9 +44,9 @@ if __package__ in (None, ""):  # run as `python train/distill.py`
 import torch
 import torch.nn.functional as F
 
-from minimind.data import IGNORE_INDEX, SFTDataset, collate_sft, tokenizer_fingerprint
-from minimind.model import MiniMind, compute_dtype
-from minimind.tokenizer import Tokenizer
+from minimind_fast.data import IGNORE_INDEX, SFTDataset, collate_sft, tokenizer_fingerprint
+from minimind_fast.model import MiniMind, compute_dtype
+from minimind_fast.tokenizer import Tokenizer
 from train import common
 from train.common import arg
 from train.losses import chunked_distill_kl

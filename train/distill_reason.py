@@ -34,8 +34,8 @@ if __package__ in (None, ""):  # run as `python train/distill_reason.py`
 
 import torch
 
-from minimind.data import IGNORE_INDEX, SFTDataset, collate_sft
-from minimind.tokenizer import Tokenizer
+from minimind_fast.data import IGNORE_INDEX, SFTDataset, collate_sft
+from minimind_fast.tokenizer import Tokenizer
 from train import common
 from train.common import arg
 from train.losses import tag_weights

@@ -44,7 +44,7 @@ if __package__ in (None, ""):  # run as `python train/dpo.py`
 
 import torch
 
-from minimind.data import DPODataset, collate_dpo
+from minimind_fast.data import DPODataset, collate_dpo
 from train import common
 from train.common import arg
 from train.losses import dpo_loss, sequence_logp

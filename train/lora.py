@@ -5,7 +5,7 @@
     python train/lora.py --lora_rank 8 --lora_alpha 16 --lora_targets q_proj,k_proj,v_proj,o_proj
     python tools/chat.py --load out/full_sft --lora out/lora_identity --prompt "Who are you?"
 
-Algorithm, as implemented (minimind/lora.py has the maths): the chosen Linear layers of the --from_weight model are
+Algorithm, as implemented (minimind_fast/lora.py has the maths): the chosen Linear layers of the --from_weight model are
 wrapped so that y = W x + (alpha / r) B A x, A ~ N(0, 0.02), B = 0; W stays frozen and only A and B are trained.
 MiniMind's defaults: rank 16, adapters on the square Linear layers (q_proj and o_proj here), alpha = rank (scale 1,
 "no alpha scaling"). The data, loss and loop are SFT's (train/sft.py): assistant-span cross-entropy, batches padded
@@ -19,7 +19,7 @@ adapter gradients are all-reduced (once per optimizer step). Each rank's loss is
 tokens and the gradients are averaged over ranks, so ranks weigh equally rather than by their token counts; the
 logged loss is the mean of the ranks' losses. The data position is counted in conversations, so a run resumes on
 another number of ranks. --fsdp is refused: sharding the adapters (a few hundred KB) saves nothing, and sharding the
-frozen base under them would need the adapter save, load and merge paths (minimind/lora.py) to gather DTensors;
+frozen base under them would need the adapter save, load and merge paths (minimind_fast/lora.py) to gather DTensors;
 a base too large to replicate should be trained with full SFT under FSDP2 instead.
 
 Outputs under --out_dir: {save_weight}/ is an adapter folder (adapter.safetensors + adapter_config.json with rank,
@@ -39,8 +39,8 @@ if __package__ in (None, ""):  # run as `python train/lora.py`
 
 import torch
 
-from minimind import lora
-from minimind.data import SFTDataset, collate_sft
+from minimind_fast import lora
+from minimind_fast.data import SFTDataset, collate_sft
 from train import common
 from train.common import arg
 

@@ -52,7 +52,7 @@ if __package__ in (None, ""):  # run as `python train/ppo.py`
 import torch
 import torch.nn as nn
 
-from minimind.model import MiniMind
+from minimind_fast.model import MiniMind
 from train import common, rollout
 from train import losses as L
 from train.common import arg

@@ -28,8 +28,8 @@ if __package__ in (None, ""):  # run as `python train/pretrain.py`
 
 import torch
 
-from minimind.data import PretrainDataset
-from minimind.model import MiniMind
+from minimind_fast.data import PretrainDataset
+from minimind_fast.model import MiniMind
 from train import common
 from train.common import arg
 

@@ -33,8 +33,8 @@ from typing import Any
 
 import torch
 
-from minimind.data import DataError, prompt_messages
-from minimind.tokenizer import render_chatml
+from minimind_fast.data import DataError, prompt_messages
+from minimind_fast.tokenizer import render_chatml
 
 REWARD_KINDS = ("rule", "shaping", "model")
 FORMAT_BONUS = 0.5

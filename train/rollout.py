@@ -3,7 +3,7 @@
 A rollout, in the order it happens (rewards come before any policy/reference forward, so the reward model and the
 text work never sit in memory next to the activations of a forward pass):
   1. sample: every prompt of the batch, each repeated num_samples times (row i*G + j is sample j of prompt i), goes
-     through minimind.generate.generate in ONE batch, left-padded, with the policy in eval mode;
+     through minimind_fast.generate.generate in ONE batch, left-padded, with the policy in eval mode;
   2. pack: rows become [left pad | prompt | completion | right pad] of width T = P + R, where P is the longest
      prompt and R the longest completion. The completion mask covers each completion up to and including its first
      eos (all of it when no eos came within max_new_tokens); attention_mask is 1 on prompt and masked completion
@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from minimind.generate import generate
+from minimind_fast.generate import generate
 from train import common
 from train.common import arg
 
@@ -367,7 +367,7 @@ def start_stage(
 
 def load_prompts(args: Any, tokenizer: Any, kinds: Sequence[str], rt: common.Runtime) -> Any:
     """The prompt data set, checked up front: a DataError or a missing "answer" for --reward rule stops the run."""
-    from minimind.data import RLPromptDataset
+    from minimind_fast.data import RLPromptDataset
 
     data = common.open_dataset(RLPromptDataset, args, tokenizer, rt)
     if "rule" in kinds:

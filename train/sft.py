@@ -8,7 +8,7 @@
 
 Algorithm, as implemented: each conversation is rendered with the ChatML template and tokenized; labels are the token
 ids on assistant spans (everything after `<|im_start|>assistant\\n` up to and including `<|im_end|>\\n`) and -100
-elsewhere (minimind.data.SFTDataset), right-truncated to max_seq_len. A batch is padded only to its own longest row
+elsewhere (minimind_fast.data.SFTDataset), right-truncated to max_seq_len. A batch is padded only to its own longest row
 (collate_sft), and batches are drawn from groups of similar length (--group_by_length, on by default: random batches of
 the sample data are about 60% padding); MiniMind pads every sample to max_seq_len. Right padding needs no attention
 mask: under the causal mask a real token never sees the pads after it, and pads carry label -100. The loss is the mean
@@ -43,7 +43,7 @@ if __package__ in (None, ""):  # run as `python train/sft.py`
 import numpy as np
 import torch
 
-from minimind.data import SFTDataset, collate_sft
+from minimind_fast.data import SFTDataset, collate_sft
 from train import common
 from train.common import arg
 

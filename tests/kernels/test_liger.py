@@ -1,4 +1,4 @@
-"""kernels.liger (Liger-Kernel behind our signatures) against kernels.reference, with the rule of
+"""minimind_kernels.liger (Liger-Kernel behind our signatures) against minimind_kernels.reference, with the rule of
 tests/kernels/_tolerance.py.
 
 Liger's rope and fused linear cross-entropy run in Triton's CPU interpreter and are tested here in fp32. Its
@@ -12,9 +12,9 @@ from _tolerance import check_op
 
 pytest.importorskip("liger_kernel")
 
-import kernels  # noqa: E402
-from kernels import liger as L  # noqa: E402
-from kernels import reference  # noqa: E402
+import minimind_kernels as kernels  # noqa: E402
+from minimind_kernels import liger as L  # noqa: E402
+from minimind_kernels import reference  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -1,4 +1,4 @@
-"""Tests for kernels/linear_ce.py, the fused linear + cross-entropy.
+"""Tests for kernels/minimind_kernels/linear_ce.py, the fused linear + cross-entropy.
 
 Without CUDA these run in Triton's interpreter (fp32 and one bf16 case; small odd shapes: a single row, N not a
 multiple of the chunk, V not a multiple of the vocab block, chunks with every label ignored). Every check compares the
@@ -18,8 +18,8 @@ from _tolerance import assert_close_to_truth
 
 pytest.importorskip("triton")
 
-import kernels.linear_ce as lce  # noqa: E402
-from kernels import reference  # noqa: E402
+import minimind_kernels.linear_ce as lce  # noqa: E402
+from minimind_kernels import reference  # noqa: E402
 
 IGNORE = -100
 

@@ -4,9 +4,9 @@ gradients (dense and MoE). On CPU the Triton kernels run in Triton's interpreter
 import pytest
 import torch
 
-import kernels
-from minimind.config import from_preset
-from minimind.model import MiniMind
+import minimind_kernels as kernels
+from minimind_fast.config import from_preset
+from minimind_fast.model import MiniMind
 
 # Small enough for the interpreter: every Triton op of the model still runs at odd sizes (hidden 80, FFN 256,
 # head_dim 20, vocab 500: not multiples of the kernels' blocks).

@@ -1,4 +1,4 @@
-"""Tests for kernels/moe.py, the routed MoE experts (counting sort by expert, grouped GEMMs, gather-combine).
+"""Tests for minimind_kernels/moe.py, the routed MoE experts (counting sort by expert, grouped GEMMs, gather-combine).
 
 Without CUDA the kernels run in Triton's interpreter (fp32, small odd shapes: a single token, N*K not a multiple of the
 sort block or of the row tile, D and F not multiples of the column tiles). The output and every gradient (x,
@@ -22,8 +22,8 @@ from _tolerance import assert_close_to_truth
 
 pytest.importorskip("triton")
 
-import kernels.moe as moe  # noqa: E402
-from kernels import reference  # noqa: E402
+import minimind_kernels.moe as moe  # noqa: E402
+from minimind_kernels import reference  # noqa: E402
 
 E = 4
 GRAD_NAMES = ("y", "d_x", "d_topk_weight", "d_w_gate", "d_w_up", "d_w_down")
@@ -137,14 +137,14 @@ _SYNC_CALLS = ("item", "tolist", "nonzero", "cpu", "numpy", "synchronize", "binc
 
 
 def test_source_has_no_sync_calls():
-    """No call in kernels/moe.py to a method or function that copies device values to the host."""
+    """No call in minimind_kernels/moe.py to a method or function that copies device values to the host."""
     tree = ast.parse(inspect.getsource(moe))
     called = {
         node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
         for node in ast.walk(tree)
         if isinstance(node, ast.Call)
     }
-    assert not called & set(_SYNC_CALLS), f"host-syncing calls in kernels/moe.py: {called & set(_SYNC_CALLS)}"
+    assert not called & set(_SYNC_CALLS), f"host-syncing calls in minimind_kernels/moe.py: {called & set(_SYNC_CALLS)}"
 
 
 class _KernelStub:
@@ -219,7 +219,7 @@ def test_compile_fullgraph():
 
 
 def test_registry_maps_triton_moe_here():
-    import kernels
+    import minimind_kernels as kernels
 
     ops = kernels.resolve("torch,moe_experts=triton")
     assert ops.moe_experts is moe.moe_experts and ops.impl["moe_experts"] == "triton"

@@ -2,8 +2,8 @@
 
 import pytest
 
-import kernels
-from kernels import reference
+import minimind_kernels as kernels
+from minimind_kernels import reference
 
 
 def test_torch_spec_uses_reference_everywhere():

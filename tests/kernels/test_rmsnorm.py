@@ -1,4 +1,4 @@
-"""kernels.rmsnorm (rmsnorm, add_rmsnorm) against kernels.reference: outputs and every gradient, error vs a float64
+"""rmsnorm.py (rmsnorm, add_rmsnorm) against kernels.reference: outputs and every gradient, error vs a float64
 truth within the margin of tests/kernels/_tolerance.py.
 
 Without CUDA the kernels run in Triton's interpreter (fp32); tests marked `gpu` repeat them natively in bf16 and at
@@ -9,8 +9,8 @@ import pytest
 import torch
 from _tolerance import check_op
 
-from kernels import reference
-from kernels import rmsnorm as K
+from minimind_kernels import reference
+from minimind_kernels import rmsnorm as K
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

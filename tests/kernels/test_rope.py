@@ -1,4 +1,4 @@
-"""kernels.rope against kernels.reference.rope: rotated q and k and their gradients, error vs a float64 truth within
+"""rope.py against reference.py.rope: rotated q and k and their gradients, error vs a float64 truth within
 the margin of tests/kernels/_tolerance.py.
 
 Without CUDA the kernel runs in Triton's interpreter (fp32); tests marked `gpu` repeat the cases natively in bf16
@@ -9,8 +9,8 @@ import pytest
 import torch
 from _tolerance import check_op
 
-from kernels import reference
-from kernels import rope as K
+from minimind_kernels import reference
+from minimind_kernels import rope as K
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

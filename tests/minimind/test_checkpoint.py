@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 
-from minimind import checkpoint as ckpt
-from minimind.config import from_preset
-from minimind.model import MiniMind
+from minimind_fast import checkpoint as ckpt
+from minimind_fast.config import from_preset
+from minimind_fast.model import MiniMind
 
 
 def _tiny():

@@ -1,4 +1,4 @@
-"""Tests of minimind/data.py: loss masks, truncation, packing, bad-line reports, collate functions, RL prompts.
+"""Tests of minimind_fast/data.py: loss masks, truncation, packing, bad-line reports, collate functions, RL prompts.
 
 Expectations are built independently of the code under test: masks from the separately encoded pieces of a
 conversation and from the tokenizer's character offsets into the rendered string, packed rows from a plain
@@ -13,7 +13,7 @@ import torch
 from tokenizers import Tokenizer as HFTokenizer
 from torch.utils.data import DataLoader
 
-from minimind.data import (
+from minimind_fast.data import (
     IGNORE_INDEX,
     DataError,
     DPODataset,
@@ -25,7 +25,7 @@ from minimind.data import (
     collate_sft,
     iter_jsonl,
 )
-from minimind.tokenizer import Tokenizer
+from minimind_fast.tokenizer import Tokenizer
 
 CONVERSATION = [
     {"role": "system", "content": "You are a helpful assistant."},

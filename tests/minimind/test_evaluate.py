@@ -1,4 +1,4 @@
-"""minimind/evaluate.py against independent computations on tiny random models: perplexity, completion scores,
+"""minimind_fast/evaluate.py against independent computations on tiny random models: perplexity, completion scores,
 held-out accuracy with a hand-built bias, the answer matcher, C-Eval/CMMLU readers and their errors."""
 
 import json
@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
-from minimind import evaluate as ev
-from minimind.config import from_preset
-from minimind.data import DataError
-from minimind.model import MiniMind
+from minimind_fast import evaluate as ev
+from minimind_fast.config import from_preset
+from minimind_fast.data import DataError
+from minimind_fast.model import MiniMind
 
 pytestmark = pytest.mark.usefixtures("one_thread_module")
 
@@ -263,7 +263,7 @@ def test_sample_sheet_is_the_greedy_generation_written_as_markdown(tmp_path, tok
     model = _small(5)
     prompts = ["Who are you?", "What is 3 + 4?"]
     rows = ev.sample_sheet(model, tokenizer, prompts, max_new_tokens=6)
-    from minimind.generate import generate
+    from minimind_fast.generate import generate
 
     for p, r in zip(prompts, rows):
         ids = tokenizer.apply_chat_template([{"role": "user", "content": p}], True, tokenize=True)

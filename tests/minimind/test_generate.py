@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from minimind.config import from_preset
-from minimind.generate import (
+from minimind_fast.config import from_preset
+from minimind_fast.generate import (
     GenerationError,
     IncrementalDecoder,
     apply_repetition_penalty,
@@ -20,7 +20,7 @@ from minimind.generate import (
     sample_tokens,
     stream_generate,
 )
-from minimind.model import MiniMind
+from minimind_fast.model import MiniMind
 
 SENTENCE = "你好🙂世界 ok é"  # CJK and an emoji: byte-level tokens that split characters
 OTHER_START, OTHER_LEN = 7, 26

@@ -1,4 +1,4 @@
-"""minimind/lora.py: the LoRA update against its formula, merge/unmerge, frozen base, adapter folders."""
+"""minimind/minimind_fast/lora.py: the LoRA update against its formula, merge/unmerge, frozen base, adapter folders."""
 
 import json
 
@@ -6,10 +6,10 @@ import pytest
 import torch
 import torch.nn as nn
 
-from minimind import checkpoint as ckpt
-from minimind import lora
-from minimind.config import from_preset
-from minimind.model import MiniMind
+from minimind_fast import checkpoint as ckpt
+from minimind_fast import lora
+from minimind_fast.config import from_preset
+from minimind_fast.model import MiniMind
 
 
 def _model(seed: int = 0, **overrides) -> MiniMind:

@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels
-from minimind.config import ConfigError, MiniMindConfig, ffn_width, from_preset
-from minimind.model import KVCache, MiniMind, rope_frequencies
+import minimind_kernels as kernels
+from minimind_fast.config import ConfigError, MiniMindConfig, ffn_width, from_preset
+from minimind_fast.model import KVCache, MiniMind, rope_frequencies
 
 EXPECTED_PARAMS = {
     "small": (25_829_888, 25_829_888),

@@ -1,4 +1,4 @@
-"""The shipped tokenizer (minimind/assets) and the Tokenizer wrapper.
+"""The shipped tokenizer (minimind/minimind_fast/assets) and the Tokenizer wrapper.
 
 Round trips on varied text, the special ids, ChatML rendering checked against a string written out by hand, the
 saved folder read back by transformers with the same ids and chat template, and a tokenizer.json in MiniMind's own
@@ -12,7 +12,7 @@ import pytest
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from minimind.tokenizer import CHAT_TEMPLATE, Tokenizer, TokenizerError
+from minimind_fast.tokenizer import CHAT_TEMPLATE, Tokenizer, TokenizerError
 from tools import train_tokenizer
 
 REPO = Path(__file__).resolve().parents[2]

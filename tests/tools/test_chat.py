@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from minimind.checkpoint import load_model, save_checkpoint
-from minimind.config import from_preset
-from minimind.generate import generate
-from minimind.model import MiniMind
+from minimind_fast.checkpoint import load_model, save_checkpoint
+from minimind_fast.config import from_preset
+from minimind_fast.generate import generate
+from minimind_fast.model import MiniMind
 from tools import chat
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -1,4 +1,4 @@
-"""tools/eval.py: the JSON and the printed table agree with minimind.evaluate called directly; adapters, side-by-side
+"""tools/eval.py: the JSON and the printed table agree with evaluate.py called directly; adapters, side-by-side
 models, sample sheets, and one-line errors."""
 
 import json
@@ -8,12 +8,12 @@ import sys
 import pytest
 import torch
 
-from minimind import checkpoint as ckpt
-from minimind import evaluate as ev
-from minimind import lora
-from minimind.config import from_preset
-from minimind.model import MiniMind
-from minimind.tokenizer import Tokenizer
+from minimind_fast import checkpoint as ckpt
+from minimind_fast import evaluate as ev
+from minimind_fast import lora
+from minimind_fast.config import from_preset
+from minimind_fast.model import MiniMind
+from minimind_fast.tokenizer import Tokenizer
 from tools import eval as eval_tool
 
 HELDOUT = [

@@ -10,10 +10,10 @@ import pytest
 import torch
 import transformers
 
-from minimind.checkpoint import load_model, save_checkpoint
-from minimind.config import from_preset
-from minimind.generate import generate
-from minimind.model import MiniMind
+from minimind_fast.checkpoint import load_model, save_checkpoint
+from minimind_fast.config import from_preset
+from minimind_fast.generate import generate
+from minimind_fast.model import MiniMind
 from tools import export
 
 ATOL = 1e-4  # fp32, |logits| ~ 10: what remains is summation order between two implementations
@@ -174,7 +174,7 @@ def test_hf_llama_folder_import(tmp_path, tokenizer):
 
 
 def test_export_merges_a_lora_adapter(tmp_path, tokenizer):
-    from minimind import lora
+    from minimind_fast import lora
 
     model = tiny(seed=7)
     ckpt = save_checkpoint(tmp_path / "ckpt", model, model.config, tokenizer=tokenizer)

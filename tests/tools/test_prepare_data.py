@@ -12,8 +12,8 @@ import torch
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import models, pre_tokenizers
 
-from minimind.data import DataError, PretrainDataset
-from minimind.tokenizer import SPECIAL_TOKENS, Tokenizer
+from minimind_fast.data import DataError, PretrainDataset
+from minimind_fast.tokenizer import SPECIAL_TOKENS, Tokenizer
 from tools import prepare_data
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from minimind.tokenizer import Tokenizer
+from minimind_fast.tokenizer import Tokenizer
 from tools import make_sample_data as msd
 
 REPO = Path(__file__).resolve().parents[2]

@@ -1,5 +1,5 @@
 """tools/serve.py end to end: a real server on a free loopback port, real clients (the official `openai` package and
-raw HTTP), answers checked against minimind.generate run here on the same checkpoint.
+raw HTTP), answers checked against minimind_fast.generate run here on the same checkpoint.
 
 Two servers: the CLI in a subprocess (no API key) over a random tiny model, and create_app in a thread (API key
 required) over a tiny model trained here for a second to answer one question in the <think>/<answer> format, which
@@ -23,10 +23,10 @@ import pytest
 import torch
 import uvicorn
 
-from minimind.checkpoint import load_model, save_checkpoint
-from minimind.config import MiniMindConfig, from_preset
-from minimind.generate import generate
-from minimind.model import MiniMind
+from minimind_fast.checkpoint import load_model, save_checkpoint
+from minimind_fast.config import MiniMindConfig, from_preset
+from minimind_fast.generate import generate
+from minimind_fast.model import MiniMind
 from tools import serve
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -485,7 +485,7 @@ def test_stop_matcher_holds_back_partial_stops():
 
 
 def test_lora_adapter_is_merged_at_load(checkpoint, reference, tmp_path):
-    from minimind import lora
+    from minimind_fast import lora
 
     model, _, _ = load_model(checkpoint)
     lora.apply_lora(model, rank=4)

@@ -3,7 +3,7 @@ streams into the page, the model's thinking lands apart from its answer, the tem
 reach the server, and the conversation so far is sent with the next turn.
 
 The model is a one-layer net trained here for a second to answer one question in the <think>/<answer> format; the
-second turn's expected text comes from minimind.generate on the same model. Skipped only where /usr/bin/chromium is
+second turn's expected text comes from minimind_fast.generate on the same model. Skipped only where /usr/bin/chromium is
 absent (CI installs the Debian packages chromium and chromium-driver).
 """
 
@@ -18,9 +18,9 @@ import pytest
 import torch
 import uvicorn
 
-from minimind.config import MiniMindConfig
-from minimind.generate import generate
-from minimind.model import MiniMind
+from minimind_fast.config import MiniMindConfig
+from minimind_fast.generate import generate
+from minimind_fast.model import MiniMind
 from tools import serve
 
 CHROMIUM = Path("/usr/bin/chromium")

@@ -34,9 +34,9 @@ def tiny_start(tmp_path_factory, tokenizer):
     weights start (it stands in for out/pretrain, out/full_sft, ...). Read-only: runs write to their own out_dir."""
     import torch
 
-    from minimind import checkpoint as ckpt
-    from minimind.config import from_preset
-    from minimind.model import MiniMind
+    from minimind_fast import checkpoint as ckpt
+    from minimind_fast.config import from_preset
+    from minimind_fast.model import MiniMind
 
     torch.manual_seed(0)
     model = MiniMind(from_preset("tiny"))
@@ -68,8 +68,8 @@ def rank_rollouts(tokenizer, rl_prompts):
     on the tokenizer, so the length is searched rather than fixed. Completion masks and rewards only."""
     import torch
 
-    from minimind import checkpoint as ckpt
-    from minimind.data import RLPromptDataset
+    from minimind_fast import checkpoint as ckpt
+    from minimind_fast.data import RLPromptDataset
     from train import common, rewards, rollout
 
     def find(start, reward, num_samples, batch_size, premise, max_seq_len=40):

@@ -7,10 +7,10 @@ import shutil
 import pytest
 import torch
 
-from minimind import checkpoint as ckpt
-from minimind.config import from_preset
-from minimind.data import SFTDataset, collate_sft
-from minimind.model import MiniMind
+from minimind_fast import checkpoint as ckpt
+from minimind_fast.config import from_preset
+from minimind_fast.data import SFTDataset, collate_sft
+from minimind_fast.model import MiniMind
 from train import common, distill
 
 TEACHER = dict(hidden_size=128, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2)

@@ -8,10 +8,10 @@ import shutil
 import pytest
 import torch
 
-from minimind import checkpoint as ckpt
-from minimind.config import from_preset
-from minimind.data import DPODataset
-from minimind.model import MiniMind
+from minimind_fast import checkpoint as ckpt
+from minimind_fast.config import from_preset
+from minimind_fast.data import DPODataset
+from minimind_fast.model import MiniMind
 from train import common, dpo
 
 TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)

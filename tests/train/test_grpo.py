@@ -6,7 +6,7 @@ import pytest
 import torch
 from _stage_helpers import metric_rows
 
-from minimind import checkpoint as ckpt
+from minimind_fast import checkpoint as ckpt
 from train import grpo
 
 FAST = [

@@ -6,10 +6,10 @@ import shutil
 import pytest
 import torch
 
-from minimind import checkpoint as ckpt
-from minimind import evaluate
-from minimind import lora as lora_lib
-from minimind.data import SFTDataset, collate_sft
+from minimind_fast import checkpoint as ckpt
+from minimind_fast import evaluate
+from minimind_fast import lora as lora_lib
+from minimind_fast.data import SFTDataset, collate_sft
 from train import common
 from train import lora as lora_stage
 

@@ -6,8 +6,8 @@ import re
 import pytest
 import torch
 
-from minimind.config import from_preset
-from minimind.model import MiniMind
+from minimind_fast.config import from_preset
+from minimind_fast.model import MiniMind
 from train.losses import chunked_distill_kl, distill_kl, dpo_loss, sequence_logp, tag_weights
 
 

@@ -7,10 +7,10 @@ import pytest
 import torch
 from _stage_helpers import metric_rows
 
-import kernels
-from minimind import checkpoint as ckpt
-from minimind.config import from_preset
-from minimind.model import MiniMind
+import minimind_kernels as kernels
+from minimind_fast import checkpoint as ckpt
+from minimind_fast.config import from_preset
+from minimind_fast.model import MiniMind
 from train import ppo, rollout
 
 FAST = [

@@ -7,7 +7,7 @@ import pytest
 import torch
 from _stage_helpers import step_losses
 
-from minimind import checkpoint as ckpt
+from minimind_fast import checkpoint as ckpt
 from train import pretrain
 
 SMALL = ["--preset", "tiny", "--max_seq_len", "64", "--batch_size", "4", "--kernels", "torch", "--log_interval", "1"]

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from minimind import checkpoint as ckpt
-from minimind.model import MiniMind
+from minimind_fast import checkpoint as ckpt
+from minimind_fast.model import MiniMind
 from train import pretrain
 
 REPO = Path(__file__).resolve().parents[2]

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from minimind.tokenizer import render_chatml
+from minimind_fast.tokenizer import render_chatml
 from train import grpo, rewards
 
 RLAIF = Path(__file__).resolve().parents[2] / "data" / "sample" / "rlaif.jsonl"

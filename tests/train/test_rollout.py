@@ -7,9 +7,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import kernels
-from minimind.config import from_preset
-from minimind.model import MiniMind
+import minimind_kernels as kernels
+from minimind_fast.config import from_preset
+from minimind_fast.model import MiniMind
 from train import rollout
 
 pytestmark = pytest.mark.usefixtures("one_thread_module")

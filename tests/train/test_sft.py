@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from minimind import checkpoint as ckpt
-from minimind.config import from_preset
-from minimind.data import SFTDataset, collate_sft
-from minimind.model import MiniMind
+from minimind_fast import checkpoint as ckpt
+from minimind_fast.config import from_preset
+from minimind_fast.data import SFTDataset, collate_sft
+from minimind_fast.model import MiniMind
 from train import common, sft
 
 SFT_DATA = "data/sample/sft.jsonl"

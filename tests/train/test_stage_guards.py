@@ -8,9 +8,9 @@ import sys
 import pytest
 import torch
 
-from minimind import checkpoint as ckpt
-from minimind.config import from_preset
-from minimind.model import MiniMind
+from minimind_fast import checkpoint as ckpt
+from minimind_fast.config import from_preset
+from minimind_fast.model import MiniMind
 from train import common, distill, distill_reason, dpo, grpo, lora, ppo, spo
 
 TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)

@@ -2,7 +2,7 @@
 
 Shapes: x, delta [..., D] are flattened to N rows of D (D = hidden size, 512/640/768 for the presets); weight [D].
 
-Forward, one row r (Zhang & Sennrich 2019, eq. 4, without the bias; casting as in HF Llama / kernels.reference):
+Forward, one row r (Zhang & Sennrich 2019, eq. 4, without the bias; casting as in HF Llama / reference.py):
     h       = x + delta                                  (add_rmsnorm only; stored in x's dtype)
     rstd_r  = 1 / sqrt(mean_j h_rj^2 + eps)              fp32 sum of squares; rstd saved per row for backward
     xhat_rj = h_rj * rstd_r                              fp32, rounded to x's dtype (the reference's cast)
@@ -18,7 +18,7 @@ A program handles BLOCK_M rows of BLOCK_N = next_pow2(D) columns (masked, so D =
 hidden sizes that is a 4-8 row tile of ~4096 elements, which amortises the per-program cost over several short rows.
 
 Entry points: `rmsnorm(x, weight, eps)` and `add_rmsnorm(x, delta, weight, eps)`, with exactly the signatures of
-kernels.reference. Eager calls go through `_RMSNormFn` / `_AddRMSNormFn` (torch.autograd.Function, low overhead);
+reference.py. Eager calls go through `_RMSNormFn` / `_AddRMSNormFn` (torch.autograd.Function, low overhead);
 under torch.compile the same launchers are reached through the torch.library ops `minimind::rmsnorm_fwd` etc., whose
 fake and autograd registrations let the compiler trace through without a graph break.
 """
@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._compat import persistent_programs, rows
+from minimind_kernels._compat import persistent_programs, rows
 
 
 @triton.jit
@@ -297,7 +297,7 @@ _add_rmsnorm_fwd_op.register_autograd(
 
 
 def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    """y = (x / sqrt(mean(x^2) + eps)) * weight over the last dim; see kernels.reference.rmsnorm."""
+    """y = (x / sqrt(mean(x^2) + eps)) * weight over the last dim; see minimind_kernels.reference.rmsnorm."""
     if torch.compiler.is_compiling():
         return _rmsnorm_fwd_op(x, weight, eps)[0]
     return _RMSNormFn.apply(x, weight, eps)[0]
@@ -306,7 +306,7 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.T
 def add_rmsnorm(
     x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """h = x + delta; returns (h, rmsnorm(h)) in one pass; see kernels.reference.add_rmsnorm."""
+    """h = x + delta; returns (h, rmsnorm(h)) in one pass; see minimind_kernels.reference.add_rmsnorm."""
     if torch.compiler.is_compiling():
         h, n, _ = _add_rmsnorm_fwd_op(x, delta, weight, eps)
     else:

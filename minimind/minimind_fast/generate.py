@@ -1,6 +1,6 @@
 """Batched autoregressive generation for MiniMind: KV-cached decoding, sampling processors, streaming text.
 
-    from minimind.generate import generate, stream_generate
+    from minimind_fast.generate import generate, stream_generate
     outs = generate(model, [tok.encode("a"), tok.encode("a longer prompt")], max_new_tokens=64, top_p=0.85)
     for deltas in stream_generate(model, tok, [ids], max_new_tokens=64, temperature=0.85):
         print(deltas[0], end="", flush=True)
@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 
-from minimind.model import KVCache
+from minimind_fast.model import KVCache
 
 StepCallback = Callable[[list[int | None]], None]
 

@@ -1,6 +1,6 @@
 """Liger-Kernel behind our op signatures, as the "liger" family of the registry (a baseline to compare against).
 
-Each function has exactly the signature of its kernels.reference counterpart; the Liger op it calls (checked against
+Each function has exactly the signature of its reference.py counterpart; the Liger op it calls (checked against
 liger-kernel 0.8.5):
   rmsnorm               LigerRMSNormFunction, casting mode "llama" (rstd in fp32, normalised row cast back to x's
                         dtype, then times the weight: the reference's rule), offset 0, in_place=False (Liger's default
@@ -15,8 +15,8 @@ liger-kernel 0.8.5):
                         fp32). "mean" runs as Liger's "sum" divided by the number of non-ignored labels clamped to 1,
                         so an all-ignored batch gives 0 like the reference instead of 0/0. Liger has no per-token
                         weights (its ce_weight weighs classes): with token_weight_N, and for "none" on a Liger older
-                        than the 0.8.5 checked here, the call goes to our fused kernel (kernels.linear_ce) when it
-                        imports, else to kernels.reference.
+                        than the 0.8.5 checked here, the call goes to our fused kernel (linear_ce.py) when it
+                        imports, else to minimind_kernels.reference.
 Liger works in place where it can: rope overwrites q and k (and, in backward, the incoming gradients) when they are
 contiguous in [B, T, H, D], and swiglu's backward overwrites the saved gate and up with their gradients. The model
 never reads those tensors again, but a caller that does must pass copies.
@@ -37,9 +37,9 @@ from liger_kernel.ops.rope import LigerRopeFunction
 from liger_kernel.ops.swiglu import LigerSiLUMulFunction
 
 try:
-    from kernels.linear_ce import linear_cross_entropy as _ce_fallback
+    from minimind_kernels.linear_ce import linear_cross_entropy as _ce_fallback
 except ImportError:
-    from kernels.reference import linear_cross_entropy as _ce_fallback
+    from minimind_kernels.reference import linear_cross_entropy as _ce_fallback
 
 
 def _liger_version() -> tuple[int, ...]:

@@ -48,7 +48,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._compat import gpu_plan
+from minimind_kernels._compat import gpu_plan
 
 # ---------------------------------------------------------------------------------------------------------------
 # Kernels

@@ -16,7 +16,7 @@ A program rotates BLOCK_R consecutive (b, t) rows: a [BLOCK_R, BLOCK_H, BLOCK_D2
 k's, sharing one [BLOCK_R, BLOCK_D2] load of cos and sin. Head counts and D2 (32/40/48 for the presets) are padded to
 powers of two and masked.
 
-Entry point `rope(q, k, cos, sin)` has exactly the signature of kernels.reference.rope. Eager calls go through
+Entry point `rope(q, k, cos, sin)` has exactly the signature of minimind_kernels.reference.rope. Eager calls go through
 `_RoPEFn`; under torch.compile the launcher is reached through the torch.library op `minimind::rope`.
 """
 

@@ -21,8 +21,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import kernels
-from minimind.config import MiniMindConfig
+import minimind_kernels as kernels
+from minimind_fast.config import MiniMindConfig
 
 
 def rope_frequencies(cfg: MiniMindConfig, yarn: bool | None = None) -> torch.Tensor:

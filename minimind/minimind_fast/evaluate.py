@@ -1,7 +1,7 @@
 """Evaluation: perplexity, held-out question accuracy (generation and choice scoring), multiple-choice benchmarks in
 C-Eval/CMMLU style, and generation sample sheets. Batched throughout; tools/eval.py is the command line around it.
 
-    from minimind import evaluate as ev
+    from minimind_fast import evaluate as ev
     ev.perplexity(model, tok, "data/sample/pretrain.jsonl")              # {"ppl", "nll", "tokens", ...}
     items = ev.read_heldout("data/sample/eval.jsonl")
     gen = ev.heldout_generation(model, tok, items)                         # greedy answers, whole-word match
@@ -31,7 +31,7 @@ so no attention mask is needed and padding does not change any score.
                 score="text" that of each option's text. template="chat" asks through the chat template,
                 "raw" writes question + options + "Answer:" and scores " A" ... (for pretrain-only models).
 
-Every file error names path:line and what was expected (minimind.data.DataError).
+Every file error names path:line and what was expected (minimind_fast.data.DataError).
 """
 
 from __future__ import annotations
@@ -48,9 +48,9 @@ from typing import Any
 
 import torch
 
-from minimind.data import ChatEncoder, DataError, check_sft, check_text, iter_jsonl
-from minimind.generate import generate
-from minimind.tokenizer import Tokenizer
+from minimind_fast.data import ChatEncoder, DataError, check_sft, check_text, iter_jsonl
+from minimind_fast.generate import generate
+from minimind_fast.tokenizer import Tokenizer
 
 IGNORE_INDEX = -100
 
@@ -141,7 +141,7 @@ def shared_prompt_logprobs(
     prompt[:-1] is run into a batch-1 KV cache, which is copied to one row per completion; each row then feeds
     [prompt[-1]] + c (right-padded) with labels [-100] + c, so the per-token NLL of column j is -log p(c[j-1] | prompt,
     c[:j-1]) exactly as in a full forward over prompt + c."""
-    from minimind.model import KVCache
+    from minimind_fast.model import KVCache
 
     device = _model_device(model)
     p = next(model.parameters())

@@ -1,7 +1,7 @@
 """Pure-PyTorch reference of every op the model uses.
 
 This file is the spec of each op, the CPU fallback, the oracle the kernel tests compare against and the baseline the
-benchmarks time. Every kernel in kernels/<op>.py has exactly the signature of its function here.
+benchmarks time. Every kernel in minimind_kernels/<op>.py has exactly the signature of its function here.
 
 Shape legend: B batch, T sequence, H query heads, Hkv key/value heads, D head_dim (or hidden in norms), D2 = D // 2,
 N tokens (B*T flattened), V vocab, E experts, K experts per token, F expert FFN width.

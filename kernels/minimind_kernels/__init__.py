@@ -5,8 +5,8 @@
     print(kernels.describe(ops))
 
 A spec is a base implementation followed by optional per-op overrides, comma separated. Bases:
-  torch   the pure-PyTorch reference (kernels/reference.py); runs everywhere
-  triton  our Triton kernels (kernels/<op>.py); needs CUDA, or TRITON_INTERPRET=1 with CPU tensors (tests)
+  torch   the pure-PyTorch reference (minimind_kernels/reference.py); runs everywhere
+  triton  our Triton kernels (minimind_kernels/<op>.py); needs CUDA, or TRITON_INTERPRET=1 with CPU tensors (tests)
   liger   Liger-Kernel where it has the op, else ours (Triton), else torch, with a note for each fallback
   auto    triton when CUDA and Triton work, else torch
 An explicit implementation that cannot run is an error, never a silent fallback. The environment is read here, once,
@@ -33,21 +33,21 @@ OP_NAMES: tuple[str, ...] = (
 
 # op -> "module:function" for each implementation family. An op missing from a family has no such implementation.
 _IMPLS: dict[str, dict[str, str]] = {
-    "torch": {op: f"kernels.reference:{op}" for op in OP_NAMES},
+    "torch": {op: f"minimind_kernels.reference:{op}" for op in OP_NAMES},
     "triton": {
-        "rmsnorm": "kernels.rmsnorm:rmsnorm",
-        "add_rmsnorm": "kernels.rmsnorm:add_rmsnorm",
-        "rope": "kernels.rope:rope",
-        "swiglu": "kernels.swiglu:swiglu",
-        "linear_cross_entropy": "kernels.linear_ce:linear_cross_entropy",
-        "moe_experts": "kernels.moe:moe_experts",
+        "rmsnorm": "minimind_kernels.rmsnorm:rmsnorm",
+        "add_rmsnorm": "minimind_kernels.rmsnorm:add_rmsnorm",
+        "rope": "minimind_kernels.rope:rope",
+        "swiglu": "minimind_kernels.swiglu:swiglu",
+        "linear_cross_entropy": "minimind_kernels.linear_ce:linear_cross_entropy",
+        "moe_experts": "minimind_kernels.moe:moe_experts",
     },
     "liger": {
-        "rmsnorm": "kernels.liger:rmsnorm",
-        "add_rmsnorm": "kernels.liger:add_rmsnorm",
-        "rope": "kernels.liger:rope",
-        "swiglu": "kernels.liger:swiglu",
-        "linear_cross_entropy": "kernels.liger:linear_cross_entropy",
+        "rmsnorm": "minimind_kernels.liger:rmsnorm",
+        "add_rmsnorm": "minimind_kernels.liger:add_rmsnorm",
+        "rope": "minimind_kernels.liger:rope",
+        "swiglu": "minimind_kernels.liger:swiglu",
+        "linear_cross_entropy": "minimind_kernels.liger:linear_cross_entropy",
     },
 }
 _BASES = ("torch", "triton", "liger", "auto")

@@ -36,7 +36,7 @@ import torch
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from minimind.tokenizer import ROLES, Tokenizer
+from minimind_fast.tokenizer import ROLES, Tokenizer
 
 IGNORE_INDEX = -100
 TOKEN_DTYPE = np.uint16  # every id of a <= 65536-entry vocabulary fits; halves the size of int32 token files

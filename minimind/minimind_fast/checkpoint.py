@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from minimind.config import MiniMindConfig
+from minimind_fast.config import MiniMindConfig
 
 MODEL_FILE, CONFIG_FILE, STATE_FILE, MANIFEST_FILE = (
     "model.safetensors",
@@ -160,7 +160,7 @@ def load_train_state(folder: str | Path, map_location: str | torch.device = "cpu
 
 def load_model(folder: str | Path, ops=None, device: str | torch.device = "cpu", verify: bool = True):
     """Build a MiniMind from a checkpoint folder: returns (model, config, payload)."""
-    from minimind.model import MiniMind
+    from minimind_fast.model import MiniMind
 
     if verify:
         verify_checkpoint(folder)

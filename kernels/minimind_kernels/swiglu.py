@@ -14,7 +14,7 @@ The backward recomputes s from the saved gate instead of keeping silu(g) [N, F] 
 Tiles are BLOCK_M rows by BLOCK_N = 128 columns (2048 elements, 4 warps): 128 divides 1408 and 2048 and leaves half a
 block of 1728, and short rows of any F are masked.
 
-Entry point `swiglu(gate, up)` has exactly the signature of kernels.reference.swiglu. Eager calls go through
+Entry point `swiglu(gate, up)` has exactly the signature of minimind_kernels.reference.swiglu. Eager calls go through
 `_SwiGLUFn`; under torch.compile the launchers are reached through the torch.library ops `minimind::swiglu_fwd` /
 `minimind::swiglu_bwd`.
 """
@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._compat import rows
+from minimind_kernels._compat import rows
 
 _BLOCK_M, _BLOCK_N = 16, 128
 
@@ -151,7 +151,7 @@ _swiglu_fwd_op.register_autograd(functools.partial(_swiglu_backward, _swiglu_bwd
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """silu(gate) * up; see kernels.reference.swiglu."""
+    """silu(gate) * up; see minimind_kernels.reference.swiglu."""
     if torch.compiler.is_compiling():
         return _swiglu_fwd_op(gate, up)
     return _SwiGLUFn.apply(gate, up)

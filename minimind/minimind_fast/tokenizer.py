@@ -1,6 +1,6 @@
 """MiniMind's tokenizer: byte-level BPE (HF `tokenizers`), vocab 6400, specials at ids 0-2, ChatML chat template.
 
-    tok = Tokenizer.load()                    # the tokenizer shipped with the project (minimind/assets/)
+    tok = Tokenizer.load()                    # the tokenizer shipped with the project (minimind/minimind_fast/assets/)
     tok = Tokenizer.load("path/to/dir")      # any folder with tokenizer.json (MiniMind's own works unchanged)
     ids = tok.encode("hello")
     text = tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True)

@@ -1,6 +1,6 @@
 """LoRA adapters for MiniMind: low-rank updates wrapped around nn.Linear layers in place.
 
-    from minimind import lora
+    from minimind_fast import lora
     names = lora.apply_lora(model, rank=16)          # q_proj and o_proj of every layer (MiniMind's "square" rule)
     ...train: only the adapter parameters require grad...
     lora.save_adapter("out/lora_identity", model)    # adapter.safetensors + adapter_config.json (+ manifest.json)
@@ -24,7 +24,7 @@ the module (the tied lm_head, a MoE router's `mlp.gate`) cannot take an adapter 
 An adapter folder is self-describing: adapter_config.json records rank, alpha, the wrapped layer names, and a
 fingerprint of the base architecture; loading it onto a model of another architecture, or a file whose tensors do not
 match the layers, is an AdapterError that says what differs. Folders are written atomically (temporary sibling folder,
-then rename) and carry the same manifest.json as model checkpoints, so minimind.checkpoint.verify_checkpoint checks
+then rename) and carry the same manifest.json as model checkpoints, so minimind_fast.checkpoint.verify_checkpoint checks
 them too. An optional train_state.pt makes an adapter folder a resumable training checkpoint.
 """
 
@@ -45,7 +45,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from minimind.config import MiniMindConfig
+from minimind_fast.config import MiniMindConfig
 
 ADAPTER_FILE, ADAPTER_CONFIG_FILE, STATE_FILE, MANIFEST_FILE = (
     "adapter.safetensors",
