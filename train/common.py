@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import datetime
+import functools
 import inspect
 import json
 import math
@@ -91,6 +93,7 @@ class StageArgs:
     kernels: str = arg("auto", "ops spec: torch | triton | liger | auto, with overrides like 'triton,rope=torch'")
     compile: bool = arg(False, "torch.compile the trained model")
     fsdp: bool = arg(False, "shard parameters, gradients and optimizer state with FSDP2 (under torchrun)")
+    dist_timeout: float = arg(600.0, "seconds a collective waits for the other ranks before the job stops (torchrun)")
     max_bad_steps: int = arg(10, "stop after this many non-finite steps in a row (each one is skipped and counted)")
     skip_bad_lines: bool = arg(False, "count and skip malformed data lines instead of stopping at the first")
     wandb: bool = arg(False, "also log to Weights & Biases (needs `pip install wandb`)")
@@ -132,11 +135,13 @@ class Runtime:
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
 
-def setup_runtime(device: str = "auto", dtype: str = "auto", seed: int = 42) -> Runtime:
+def setup_runtime(device: str = "auto", dtype: str = "auto", seed: int = 42, dist_timeout: float = 600.0) -> Runtime:
     """Pick the device and precision: bf16 autocast on CUDA (fp16 is not offered: no loss scaling here), fp32 on CPU.
 
     Under torchrun (WORLD_SIZE > 1) it also joins the process group: NCCL on CUDA (one GPU per LOCAL_RANK), gloo on
-    CPU. Every rank seeds identically, so models start equal before DDP/FSDP broadcast anything."""
+    CPU. Every rank seeds identically, so models start equal before DDP/FSDP broadcast anything. A collective that
+    waits more than dist_timeout seconds for another rank (one hung or died) ends this rank with a one-line error
+    instead of blocking the job forever (see _exit_on_dist_timeout)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     if device == "auto":
@@ -156,12 +161,30 @@ def setup_runtime(device: str = "auto", dtype: str = "auto", seed: int = 42) -> 
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     if world > 1 and not dist.is_initialized():
+        timeout = datetime.timedelta(seconds=dist_timeout)
         if dev.type == "cuda":
-            dist.init_process_group("nccl", device_id=dev)
+            dist.init_process_group("nccl", device_id=dev, timeout=timeout)
         else:
-            dist.init_process_group("gloo")
+            dist.init_process_group("gloo", timeout=timeout)
+        sys.excepthook = functools.partial(_exit_on_dist_timeout, rank, dist_timeout, sys.excepthook)
     torch.manual_seed(seed)
     return Runtime(device=dev, amp_dtype=amp, rank=rank, world_size=world, local_rank=local_rank)
+
+
+def _exit_on_dist_timeout(rank: int, seconds: float, default_hook, kind, exc, tb) -> None:
+    """sys.excepthook under torchrun: a collective that timed out (gloo and NCCL both raise a RuntimeError saying so)
+    becomes one line naming the rank and the flag; anything else keeps its traceback. The process still exits 1, so
+    torchrun stops the other ranks."""
+    text = str(exc).lower()
+    if isinstance(exc, RuntimeError) and ("timed out" in text or "timeout" in text):
+        print(
+            f"error: rank {rank}: no answer from another rank within --dist_timeout {seconds:g} s (a rank hung or "
+            "died); stopping the job. Resume from the last checkpoint with --from_resume 1",
+            file=sys.stderr,
+            flush=True,
+        )
+        return
+    default_hook(kind, exc, tb)
 
 
 def shutdown(rt: Runtime) -> None:

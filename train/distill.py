@@ -99,7 +99,7 @@ def check_same_vocab(student: MiniMind, teacher: MiniMind, tok: Tokenizer, teach
 
 def main(argv: list[str] | None = None) -> dict:
     args = common.parse_args(Args, argv, __doc__.split("\n\n")[0])
-    rt = common.setup_runtime(args.device, args.dtype, args.seed)
+    rt = common.setup_runtime(args.device, args.dtype, args.seed, args.dist_timeout)
     args = common.resolve_auto(args, rt.is_cuda, _AUTO)
     if not 0.0 <= args.alpha <= 1.0 or args.temperature <= 0:
         raise SystemExit(f"error: need 0 <= --alpha <= 1 and --temperature > 0 (got {args.alpha}, {args.temperature})")

@@ -115,7 +115,7 @@ def policy_logps(model, data, indices: range, args: Args, rt: common.Runtime) ->
 
 def main(argv: list[str] | None = None) -> dict:
     args = common.parse_args(Args, argv, __doc__.split("\n\n")[0])
-    rt = common.setup_runtime(args.device, args.dtype, args.seed)
+    rt = common.setup_runtime(args.device, args.dtype, args.seed, args.dist_timeout)
     args = common.resolve_auto(args, rt.is_cuda, _AUTO)
     if not 0.0 <= args.eval_fraction < 1.0:
         raise SystemExit(f"error: --eval_fraction must be in [0, 1), got {args.eval_fraction}")

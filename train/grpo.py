@@ -102,7 +102,7 @@ def train_on_rollout(
 
 def main(argv: list[str] | None = None) -> dict:
     args = common.parse_args(Args, argv, __doc__.split("\n\n")[0])
-    rt = common.setup_runtime(args.device, args.dtype, args.seed)
+    rt = common.setup_runtime(args.device, args.dtype, args.seed, args.dist_timeout)
     if args.num_generations < 2:
         raise SystemExit("error: --num_generations must be >= 2 (advantages are relative to the group)")
     reward_fn, tok, _, policy, ref, data = rollout.start_stage(args, rt, _AUTO)

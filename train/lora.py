@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(
             "error: --fsdp is not supported for LoRA (the adapters are tiny; run under torchrun without --fsdp for DDP)"
         )
-    rt = common.setup_runtime(args.device, args.dtype, args.seed)
+    rt = common.setup_runtime(args.device, args.dtype, args.seed, args.dist_timeout)
     args = common.resolve_auto(args, rt.is_cuda, _AUTO)
     tok = common.stage_tokenizer(args.tokenizer, args.from_weight)
     ops = common.resolve_kernels(args.kernels, rt)

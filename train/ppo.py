@@ -116,7 +116,7 @@ def whiten_global(x_NR: torch.Tensor, mask_NR: torch.Tensor, rt: common.Runtime,
 
 def main(argv: list[str] | None = None) -> dict:
     args = common.parse_args(Args, argv, __doc__.split("\n\n")[0])
-    rt = common.setup_runtime(args.device, args.dtype, args.seed)
+    rt = common.setup_runtime(args.device, args.dtype, args.seed, args.dist_timeout)
     reward_fn, tok, ops, actor, ref, data = rollout.start_stage(args, rt, _AUTO)
     critic = ValueModel(common.load_base_model(args.from_weight, ops, rt.device)).to(rt.device)
     # One step = one rollout of batch_size prompts on each of world_size ranks.

@@ -70,7 +70,7 @@ class Args(common.StageArgs):
 
 def main(argv: list[str] | None = None) -> dict:
     args = common.parse_args(Args, argv, __doc__.split("\n\n")[0])
-    rt = common.setup_runtime(args.device, args.dtype, args.seed)
+    rt = common.setup_runtime(args.device, args.dtype, args.seed, args.dist_timeout)
     args = common.resolve_auto(args, rt.is_cuda, _AUTO)
     tok = common.load_tokenizer(args.tokenizer)
     overrides = {"use_moe": True} if args.use_moe else {}

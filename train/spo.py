@@ -121,7 +121,7 @@ class BetaValueTracker:
 
 def main(argv: list[str] | None = None) -> dict:
     args = common.parse_args(Args, argv, __doc__.split("\n\n")[0])
-    rt = common.setup_runtime(args.device, args.dtype, args.seed)
+    rt = common.setup_runtime(args.device, args.dtype, args.seed, args.dist_timeout)
     reward_fn, tok, _, policy, ref, data = rollout.start_stage(args, rt, _AUTO)
     lo, hi = rewards.reward_range(reward_fn.kinds, bool(args.reasoning))
     args.reward_min = lo if args.reward_min is None else args.reward_min

@@ -51,7 +51,7 @@ def _launched_kernels_in_sources() -> set[str]:
     """Names of the @triton.jit functions in kernels/ that host code launches (`name[grid](...)`), read from the
     sources, independently of the tool."""
     names = set()
-    for path in (ROOT / "kernels").glob("*.py"):
+    for path in (ROOT / "kernels" / "minimind_kernels").glob("*.py"):
         text = path.read_text()
         for name in re.findall(r"@triton\.jit\s*\ndef (\w+)\(", text):
             if re.search(rf"\b{name}\[", text):
