@@ -29,7 +29,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:  # `python train/x.py` from a checkout without `pip install -e .`
+if str(REPO_ROOT) not in sys.path:  # `python train/x.py`: train/ is on sys.path, the checkout root is not
     sys.path.insert(0, str(REPO_ROOT))
 
 import minimind_kernels as kernels  # noqa: E402
