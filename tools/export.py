@@ -58,8 +58,12 @@ import torch  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 from minimind_fast.checkpoint import (  # noqa: E402
+    EMBED_KEY,
     TIED_KEY,
     CheckpointError,
+    StateDictError,
+    clean_state_keys,
+    infer_config,
     load_minimind_pth,
     load_model,
     model_state_dict,
@@ -70,7 +74,6 @@ from minimind_fast.model import MiniMind  # noqa: E402
 from minimind_fast.tokenizer import Tokenizer, TokenizerError  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-EMBED_KEY = "model.embed_tokens.weight"
 
 
 class ExportError(ValueError):
@@ -249,60 +252,6 @@ def export_hf(
 # Import
 
 
-def _clean_keys(sd: dict[str, Any]) -> dict[str, torch.Tensor]:
-    out = {}
-    for k, v in sd.items():
-        for prefix in ("module.", "_orig_mod."):
-            while k.startswith(prefix):
-                k = k[len(prefix) :]
-        k = k.replace("._orig_mod.", ".")
-        if not isinstance(v, torch.Tensor):
-            raise ExportError(f"entry {k!r} is a {type(v).__name__}, not a tensor: this is not a state dict")
-        out[k] = v
-    return out
-
-
-def infer_config(
-    sd: dict[str, torch.Tensor], num_attention_heads: int = 8, num_experts_per_tok: int = 2, **overrides: Any
-) -> MiniMindConfig:
-    """A MiniMind state dict's config, read off its tensor shapes (query heads and top-k must be given)."""
-    if EMBED_KEY not in sd:
-        if any("lora_A" in k or "lora_B" in k for k in sd):
-            raise ExportError("this is a LoRA adapter, not a full model: merge it with a base model first")
-        raise ExportError(f"no {EMBED_KEY}: not a MiniMind state dict (first keys: {list(sd)[:3]})")
-    vocab, hidden = sd[EMBED_KEY].shape
-    layers = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"model\.layers\.(\d+)\.", k)))
-    q = sd["model.layers.0.self_attn.q_proj.weight"]
-    k = sd["model.layers.0.self_attn.k_proj.weight"]
-    if q.shape[0] != hidden or hidden % num_attention_heads:
-        raise ExportError(
-            f"q_proj has {q.shape[0]} rows for hidden size {hidden}: MiniMind needs heads * head_dim == hidden with "
-            f"{num_attention_heads} heads (--num_attention_heads)"
-        )
-    head_dim = hidden // num_attention_heads
-    fields: dict[str, Any] = dict(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=num_attention_heads,
-        num_key_value_heads=k.shape[0] // head_dim,
-    )
-    if "model.layers.0.mlp.gate.weight" in sd:
-        fields.update(
-            use_moe=True,
-            n_routed_experts=sd["model.layers.0.mlp.gate.weight"].shape[0],
-            n_shared_experts=sum(1 for key in sd if re.match(r"model\.layers\.0\.mlp\.shared_experts\.\d+\.up_", key)),
-            intermediate_size=sd["model.layers.0.mlp.experts.0.gate_proj.weight"].shape[0],
-            num_experts_per_tok=num_experts_per_tok,
-        )
-    else:
-        fields["intermediate_size"] = sd["model.layers.0.mlp.gate_proj.weight"].shape[0]
-    try:
-        return MiniMindConfig(**{**fields, **overrides})
-    except ConfigError as exc:
-        raise ExportError(f"the inferred config is not valid: {exc}") from exc
-
-
 def _tokenizer_for(folder: Path | None, fallback: str | None = None) -> Tokenizer:
     for cand in (fallback, folder):
         if cand is not None and (Path(cand) / "tokenizer.json").is_file():
@@ -331,8 +280,11 @@ def import_pth(
         raise ExportError(f"{pth} is not a loadable weights-only state dict ({exc})") from exc
     if not isinstance(raw, dict):
         raise ExportError(f"{pth} holds a {type(raw).__name__}, not a state dict")
-    sd = _clean_keys(raw)
-    cfg = infer_config(sd, num_attention_heads, num_experts_per_tok)
+    try:
+        sd = clean_state_keys(raw)
+        cfg = infer_config(sd, num_attention_heads, num_experts_per_tok)
+    except StateDictError as exc:
+        raise ExportError(f"{pth}: {exc}") from exc
     model = MiniMind(cfg)
     try:
         if sd.keys() == raw.keys():

@@ -35,8 +35,9 @@ if str(REPO_ROOT) not in sys.path:  # `python train/x.py`: train/ is on sys.path
 import minimind_kernels as kernels  # noqa: E402
 from minimind_fast import checkpoint as ckpt  # noqa: E402
 from minimind_fast.config import MiniMindConfig, from_preset  # noqa: E402
-from minimind_fast.model import MiniMind  # noqa: E402
+from minimind_fast.model import MiniMind, split_expert_state, stack_expert_state, stacked_expert_names  # noqa: E402
 from minimind_fast.tokenizer import Tokenizer  # noqa: E402
+from train import checks  # noqa: E402
 
 
 # ----------------------------------------------------------------------------------------------------------- arguments
@@ -72,7 +73,26 @@ def parse_args(cls: type, argv: list[str] | None, description: str) -> Any:
             parser.add_argument(f"--{f.name}", type=_str2bool, nargs="?", const=True, default=f.default, help=help_text)
         else:
             parser.add_argument(f"--{f.name}", type=kind, default=f.default, help=help_text)
-    return cls(**vars(parser.parse_args(argv)))
+    args = cls(**vars(parser.parse_args(argv)))
+    if isinstance(args, StageArgs):  # a stage's flags: every one checked before any work (bench/ has its own Args)
+        _defaults_under_out_dir(args, cls, argv)
+        checks.check_args(args, Path(inspect.getfile(cls)).stem)
+    return args
+
+
+def _defaults_under_out_dir(args: Any, cls: type, argv: list[str] | None) -> None:
+    """A stage's default start points name the previous stage's default output (out/full_sft, ...). With another
+    --out_dir, the previous stage wrote there: look under --out_dir first, keeping the default when nothing is."""
+    given = set(sys.argv[1:] if argv is None else argv)
+    for f in dataclasses.fields(cls):
+        default = f.default
+        if f.name not in ("from_weight", "teacher") or not isinstance(default, str) or not default.startswith("out/"):
+            continue
+        if f"--{f.name}" in given or any(a.startswith(f"--{f.name}=") for a in given):
+            continue
+        there = Path(args.out_dir) / Path(default).relative_to("out")
+        if getattr(args, f.name) == default and there.is_dir():
+            setattr(args, f.name, str(there))
 
 
 @dataclass
@@ -82,6 +102,8 @@ class StageArgs:
 
     out_dir: str = arg("out", "where checkpoints, metrics and the loss curve go")
     from_resume: int = arg(0, "1: continue from the newest checkpoint in {out_dir}/{save_weight}_resume")
+    force_resume: bool = arg(False, "with --from_resume: continue a checkpoint of a run with other settings")
+    allow_tokenizer_change: bool = arg(False, "train a checkpoint with another tokenizer than the one saved with it")
     tokenizer: str | None = arg(None, "tokenizer folder or tokenizer.json (default: the one saved with --from_weight)")
     accumulation_steps: int = arg(1, "micro-batches per optimizer step")
     warmup_steps: int = arg(0, "linear warmup steps before the cosine schedule")
@@ -150,11 +172,11 @@ def setup_runtime(device: str = "auto", dtype: str = "auto", seed: int = 42, dis
         device = f"cuda:{local_rank}"
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda asked for but CUDA is not available")
+        checks.fail("error: --device cuda asked for but CUDA is not available")
     if dtype == "auto":
         dtype = "bfloat16" if dev.type == "cuda" else "float32"
     if dtype not in ("bfloat16", "float32"):
-        raise SystemExit(f"error: --dtype must be auto, bfloat16 or float32, got {dtype!r}")
+        checks.fail(f"error: --dtype must be auto, bfloat16 or float32, got {dtype!r}")
     amp = torch.bfloat16 if dtype == "bfloat16" else None
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
@@ -320,11 +342,16 @@ def full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, 
     )
 
     opts = StateDictOptions(full_state_dict=True, cpu_offload=rt.world_size > 1)
-    if optimizer is None:
-        return get_model_state_dict(model, options=opts), None
-    if not with_model:
-        return None, get_optimizer_state_dict(model, optimizer, options=opts)
-    return get_state_dict(model, optimizer, options=opts)
+    # DCP maps every state-dict key back to a parameter by attribute path, which MoE banks' per-expert names are not:
+    # gather under the parameters' own names, then rename as model.state_dict() would.
+    with stacked_expert_names(model):
+        if optimizer is None:
+            model_sd, optim_sd = get_model_state_dict(model, options=opts), None
+        elif not with_model:
+            model_sd, optim_sd = None, get_optimizer_state_dict(model, optimizer, options=opts)
+        else:
+            model_sd, optim_sd = get_state_dict(model, optimizer, options=opts)
+    return (None if model_sd is None else split_expert_state(model_sd)), optim_sd
 
 
 def load_full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, model_sd, optim_sd) -> None:
@@ -336,14 +363,16 @@ def load_full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, mo
     if model_sd is None:
         set_optimizer_state_dict(model, optimizer, optim_state_dict=optim_sd, options=opts)
         return
-    set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd, options=opts)
+    with stacked_expert_names(model):  # see full_state
+        sd = stack_expert_state(model_sd)
+        set_state_dict(model, optimizer, model_state_dict=sd, optim_state_dict=optim_sd, options=opts)
 
 
 def resolve_kernels(spec: str, rt: Runtime) -> kernels.Ops:
     try:
         ops = kernels.resolve(spec)
     except kernels.KernelSpecError as exc:
-        raise SystemExit(f"error: {exc}") from exc
+        checks.fail(f"error: {exc}")
     if rt.is_main:
         print(kernels.describe(ops))
     return ops
@@ -353,16 +382,61 @@ def load_tokenizer(path: str | None) -> Tokenizer:
     try:
         return Tokenizer.load(path)
     except ValueError as exc:
-        raise SystemExit(f"error: {exc}") from exc
+        checks.fail(f"error: {exc}")
 
 
 def build_config(preset: str, tokenizer: Tokenizer, **overrides: Any) -> MiniMindConfig:
     cfg = from_preset(preset, **overrides)
     if tokenizer.vocab_size > cfg.vocab_size:
-        raise SystemExit(
-            f"error: tokenizer has {tokenizer.vocab_size} tokens but the model's vocab is {cfg.vocab_size}"
-        )
+        checks.fail(f"error: tokenizer has {tokenizer.vocab_size} tokens but the model's vocab is {cfg.vocab_size}")
     return cfg
+
+
+def is_pth(from_weight: str) -> bool:
+    """Whether --from_weight names a MiniMind .pth state dict rather than a checkpoint folder."""
+    return Path(from_weight).suffix == ".pth"
+
+
+def read_pth(path: str | Path) -> tuple[MiniMindConfig, dict[str, torch.Tensor]]:
+    """A MiniMind .pth (the plain state dict MiniMind's trainers torch.save, HF-Llama names, fp16) -> (its config read
+    off the tensor shapes, the fp32 state dict with the tied head). Read with weights_only=True: no code can run.
+
+    The shape -> config rule is checkpoint.infer_config (also behind `tools/export.py import-pth`): vocab, hidden size,
+    layers, KV heads, FFN width and experts from the shapes; 8 query heads and top-2 routing, as in every MiniMind2
+    model; the other fields MiniMind2's defaults. DDP ("module.") and torch.compile ("_orig_mod.") prefixes go."""
+    where = f"--from_weight {path}"
+    if not Path(path).is_file():
+        checks.fail(f"error: {where} does not exist (expected a MiniMind .pth state dict or a checkpoint folder)")
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # unpickling fails in many types, all meaning "not a plain state dict"
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        checks.fail(f"error: {where}: not a weights-only state dict ({first})")
+    if not isinstance(raw, dict):
+        checks.fail(f"error: {where}: holds a {type(raw).__name__}, expected a state dict (name -> tensor)")
+    try:
+        sd = ckpt.clean_state_keys(raw)
+        cfg = ckpt.infer_config(sd)
+    except ckpt.StateDictError as exc:
+        checks.fail(f"error: {where}: {exc}")
+    except (KeyError, ValueError) as exc:  # a tensor the shapes are read from is missing
+        checks.fail(f"error: {where}: not a MiniMind state dict ({exc!r} missing; expected model.layers.N.* tensors)")
+    sd = {k: v.float() for k, v in sd.items()}
+    sd.setdefault(ckpt.TIED_KEY, sd["model.embed_tokens.weight"])
+    return cfg, sd
+
+
+def _load_pth_state(model: MiniMind, sd: dict[str, torch.Tensor], path: str | Path) -> None:
+    try:
+        missing, unexpected = model.load_state_dict(sd, strict=False)
+    except RuntimeError as exc:  # a size mismatch; the message is one line per tensor
+        first = str(exc).strip().splitlines()[-1].strip()
+        checks.fail(f"error: --from_weight {path}: its tensors do not fit the model ({first})")
+    if missing or unexpected:
+        checks.fail(
+            f"error: --from_weight {path}: not a MiniMind2 state dict (missing {missing[:3]}, "
+            f"unexpected {unexpected[:3]}; expected exactly the model's parameter names)"
+        )
 
 
 def load_init_weights(model: MiniMind, from_weight: str) -> None:
@@ -370,16 +444,24 @@ def load_init_weights(model: MiniMind, from_weight: str) -> None:
     if from_weight in ("", "none"):
         return
     path = Path(from_weight)
-    if path.suffix == ".pth":
-        ckpt.load_minimind_pth(model, path)
+    if is_pth(from_weight):
+        cfg, sd = read_pth(path)
+        if _arch(cfg) != _arch(model.config):
+            here = {k: v for k, v in _arch(model.config).items() if _arch(cfg)[k] != v}
+            there = {k: _arch(cfg)[k] for k in here}
+            checks.fail(
+                f"error: --from_weight {path} holds {there}, the configured model has {here} "
+                "(choose the matching --preset / --use_moe)"
+            )
+        _load_pth_state(model, sd, path)
         return
     try:
         ckpt.verify_checkpoint(path)
         cfg, _ = ckpt.load_config(path)
     except ckpt.CheckpointError as exc:
-        raise SystemExit(f"error: --from_weight: {exc}") from exc
+        checks.fail(f"error: --from_weight: {exc}")
     if _arch(cfg) != _arch(model.config):
-        raise SystemExit(f"error: --from_weight {path} holds a different architecture than the one configured")
+        checks.fail(f"error: --from_weight {path} holds a different architecture than the one configured")
     ckpt.load_model_weights(model, path)
 
 
@@ -473,6 +555,29 @@ class MetricsLog:
             t.finish()
 
 
+def trim_metrics(path: Path, step: int) -> int:
+    """Drop the records of steps after `step` from a metrics file (a resumed run logs those steps again, so each
+    step appears once) and any line a kill cut short; rewritten atomically. -> the number of lines dropped."""
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            dropped += 1
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] > step:
+            dropped += 1
+            continue
+        kept.append(line + "\n")
+    if dropped:
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, path)
+    return dropped
+
+
 def open_trackers(wandb: bool, swanlab: bool, project: str, name: str, config: dict[str, Any]) -> list:
     """Start the experiment trackers asked for (--wandb / --swanlab). A tracker that is not installed is an error
     before any compute, with the install command; the local JSONL metrics and loss PNG are always written."""
@@ -480,14 +585,14 @@ def open_trackers(wandb: bool, swanlab: bool, project: str, name: str, config: d
     if wandb:
         try:
             import wandb as wb
-        except ImportError as exc:
-            raise SystemExit("error: --wandb needs the wandb package: pip install wandb") from exc
+        except ImportError:
+            checks.fail("error: --wandb needs the wandb package: pip install wandb")
         trackers.append(wb.init(project=project, name=name, config=config))
     if swanlab:
         try:
             import swanlab as sl
-        except ImportError as exc:
-            raise SystemExit("error: --swanlab needs the swanlab package: pip install swanlab") from exc
+        except ImportError:
+            checks.fail("error: --swanlab needs the swanlab package: pip install swanlab")
         sl.init(project=project, experiment_name=name, config=config)
         trackers.append(sl)
     return trackers
@@ -517,11 +622,128 @@ def plot_loss_curve(metrics_path: Path, png_path: Path, title: str) -> Path | No
 
 
 # ------------------------------------------------------------------------------------------------ checkpoints/resume
-_STEP_DIR = re.compile(r"^step_(\d+)$")
+# A resume folder holds the step_N folders of one run or more (step_N-<run> when step_N already holds another run's
+# checkpoint: one run never overwrites another's). Each records its run: an instance id, drawn when a run starts
+# fresh and kept across its resumes, which decides what pruning may delete; and the run's identity (run_identity),
+# which decides what --from_resume may continue.
+_STEP_DIR = re.compile(r"^step_(\d+)(?:-[0-9a-f]{8})?$")
+# Config fields that do not change what the weights are (training knobs, inference-time switches).
+_NOT_IDENTITY = ("dropout", "aux_loss_alpha", "seq_aux", "inference_rope_scaling", "rope_scaling")
+_WHOLE_FILE, _MIB, _BLOCK = 4 << 20, 1 << 20, 64 << 10
 
 
 def resume_dir(out_dir: str | Path, save_weight: str) -> Path:
     return Path(out_dir) / f"{save_weight}_resume"
+
+
+def stage_name(args: Any) -> str:
+    """The stage a run's Args belong to: the script that defines them (train/sft.py -> sft), also as __main__."""
+    return Path(inspect.getfile(type(args))).stem
+
+
+def data_fingerprint(path: str | Path | None) -> dict[str, Any] | None:
+    """{"bytes", "sha256"} of a data file, cheap at any size: up to 4 MiB the whole file is hashed, above that its
+    first and last MiB and 16 evenly spaced 64 KiB blocks (about 3 MiB read for 1.6 GB of text). Unlike a path or an
+    mtime it survives a copy, a move or a touch. None when there is no such file."""
+    import hashlib
+
+    if path is None or not Path(path).is_file():
+        return None
+    size = Path(path).stat().st_size
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        if size <= _WHOLE_FILE:
+            h.update(f.read())
+        else:
+            spans = [(0, _MIB), (size - _MIB, _MIB)] + [(i * (size - _BLOCK) // 15, _BLOCK) for i in range(16)]
+            for offset, n in spans:
+                f.seek(offset)
+                h.update(f.read(n))
+    return {"bytes": size, "sha256": h.hexdigest()}
+
+
+def run_identity(args: Any, config: MiniMindConfig, tokenizer: Tokenizer, rows_per_step: int) -> dict[str, Any]:
+    """What a run's checkpoints must share with the run that continues them: the stage, the model architecture,
+    the tokenizer, the data, the batch geometry (rows per optimizer step over all ranks, and max_seq_len) and the
+    seed. The number of ranks is not part of it (the same global batch may be split another way), nor the schedule's
+    length or the learning rate (changing them is how a run is extended or a diverging one tamed). JSON-normalised,
+    so it compares equal to the copy read back from a checkpoint."""
+    identity = {
+        "stage": stage_name(args),
+        "model": {k: v for k, v in config.to_dict().items() if k not in _NOT_IDENTITY},
+        "tokenizer": ckpt.tokenizer_record(tokenizer)["fingerprint"],
+        "data": data_fingerprint(getattr(args, "data_path", None)),
+        "rows_per_step": rows_per_step,
+        "max_seq_len": getattr(args, "max_seq_len", None),
+        "seed": getattr(args, "seed", None),
+    }
+    return json.loads(json.dumps(identity, default=str))
+
+
+def _run_record(args: Any, identity: dict[str, Any], instance: str, rt: Runtime) -> dict[str, Any]:
+    """The record each checkpoint of a run carries (in train_state.pt, and in config.json's meta): its instance,
+    identity, and in words where the identity came from (data path, batch split), for messages."""
+    split = f"batch {getattr(args, 'batch_size', '?')} x accum {getattr(args, 'accumulation_steps', '?')}"
+    split += f" x {rt.world_size} rank{'s' * (rt.world_size > 1)}"
+    data_path = str(getattr(args, "data_path", ""))
+    return {"instance": instance, "identity": identity, "data_path": data_path, "split": split}
+
+
+def _new_instance(rt: Runtime) -> str:
+    """A fresh run's instance id, the same on every rank (rank 0 draws it)."""
+    import secrets
+
+    box = [secrets.token_hex(6)]
+    if rt.world_size > 1 and dist.is_available() and dist.is_initialized():
+        dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def checkpoint_run(folder: Path) -> dict[str, Any] | None:
+    """The run record of a resume checkpoint (config.json's or adapter_config.json's meta, else train_state.pt,
+    memory-mapped so that a large optimizer state is not read); None when it records none or cannot be read."""
+    for name in (ckpt.CONFIG_FILE, "adapter_config.json"):
+        try:
+            run = json.loads((folder / name).read_text()).get("meta", {}).get("run")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(run, dict) and "instance" in run:
+            return run
+    try:
+        state = torch.load(folder / ckpt.STATE_FILE, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # missing, torn or not a train state: no run is known
+        return None
+    run = state.get("run") if isinstance(state, dict) else None
+    return run if isinstance(run, dict) and "instance" in run else None
+
+
+def _instance_of(folder: Path) -> str | None:
+    return (checkpoint_run(folder) or {}).get("instance")
+
+
+def _written(folder: Path) -> tuple[int, int]:
+    """Sort key of a step folder: when it was written (its manifest's mtime), then its step."""
+    try:
+        t = (folder / ckpt.MANIFEST_FILE).stat().st_mtime_ns
+    except OSError:
+        t = 0
+    return t, int(_STEP_DIR.match(folder.name)[1])
+
+
+def step_dirs(rdir: Path) -> list[Path]:
+    """The step folders of a resume folder, oldest written first."""
+    if not rdir.is_dir():
+        return []
+    return sorted((p for p in rdir.iterdir() if _STEP_DIR.match(p.name) and p.is_dir()), key=_written)
+
+
+def step_folder(rdir: Path, step: int, run: dict[str, Any] | None) -> Path:
+    """Where run writes its checkpoint of step `step`: step_N, unless step_N holds another run's checkpoint (or one
+    whose run cannot be read), which is never overwritten: then step_N-<first 8 characters of the instance>."""
+    plain = rdir / f"step_{step:08d}"
+    if run is None or not plain.exists() or _instance_of(plain) == run["instance"]:
+        return plain
+    return rdir / f"step_{step:08d}-{run['instance'][:8]}"
 
 
 def save_resume(
@@ -536,16 +758,16 @@ def save_resume(
     model_sd: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write the model (as {out_dir}/{save_weight}) and a resumable copy with the training state
-    ({out_dir}/{save_weight}_resume/step_N), keeping the last keep_last resume folders. model_sd: the full state dict
-    when the model is sharded (see full_state); by default model.state_dict()."""
+    ({out_dir}/{save_weight}_resume/step_N), keeping the last keep_last resume folders of this run (state["run"]).
+    model_sd: the full state dict when the model is sharded (see full_state); by default model.state_dict()."""
     args_d = dataclasses.asdict(args)
-    meta = {"step": step}
+    meta = {"step": step, "run": state.get("run")}
     ckpt.save_checkpoint(
         Path(out_dir) / save_weight, model, model.config, tokenizer, args_d, meta=meta, state_dict=model_sd
     )
     rdir = resume_dir(out_dir, save_weight)
     folder = ckpt.save_checkpoint(
-        rdir / f"step_{step:08d}",
+        step_folder(rdir, step, state.get("run")),
         model,
         model.config,
         tokenizer,
@@ -554,23 +776,30 @@ def save_resume(
         meta=meta,
         state_dict=model_sd,
     )
-    prune_resume(rdir, keep_last)
+    prune_resume(rdir, keep_last, folder)
     return folder
 
 
-def prune_resume(rdir: Path, keep_last: int) -> None:
-    """Delete all but the newest keep_last step_N folders of a resume folder (keep_last <= 0 keeps all)."""
-    old = sorted(p for p in rdir.iterdir() if _STEP_DIR.match(p.name))[:-keep_last] if keep_last > 0 else []
+def prune_resume(rdir: Path, keep_last: int, current: Path) -> list[Path]:
+    """Delete the oldest checkpoints of the run of `current` (the folder just written) so that keep_last of them
+    remain (keep_last <= 0 keeps all). Never `current`, never another run's, never one whose run cannot be read.
+    -> the folders deleted."""
+    instance = _instance_of(Path(current))
+    if keep_last <= 0 or instance is None:
+        return []
+    mine = [p for p in step_dirs(rdir) if p.name != Path(current).name and _instance_of(p) == instance]
+    old = mine[: max(len(mine) - (keep_last - 1), 0)]
     for p in old:
         shutil.rmtree(p, ignore_errors=True)
+    return old
 
 
-def latest_resume(out_dir: str | Path, save_weight: str) -> Path | None:
-    """The newest complete resume folder; torn or corrupt ones are reported and passed over."""
-    rdir = resume_dir(out_dir, save_weight)
-    if not rdir.is_dir():
-        return None
-    for p in sorted((p for p in rdir.iterdir() if _STEP_DIR.match(p.name)), reverse=True):
+def latest_resume(out_dir: str | Path, save_weight: str, instance: str | None = None) -> Path | None:
+    """The newest complete resume folder (of run `instance` when given); torn or corrupt ones are reported and
+    passed over."""
+    for p in reversed(step_dirs(resume_dir(out_dir, save_weight))):
+        if instance is not None and _instance_of(p) != instance:
+            continue
         try:
             ckpt.verify_checkpoint(p)
             return p
@@ -591,10 +820,15 @@ def save_step(
     write: Any = None,
 ) -> None:
     """The checkpoint after optimizer step `step`, called by every rank (gathering a sharded state is collective;
-    rank 0 writes, the others wait). The train state records the data position in rows (rows_seen) and the world
-    size, so a run may resume on another number of ranks. extra: more train-state entries (SPO's tracker, PPO's
-    critic). write(step, state): a stage's own writer instead of save_resume (LoRA's adapter folders; it gets no
-    gathered model state)."""
+    rank 0 writes, the others wait). The train state records the data position in rows (rows_seen), the world
+    size, so a run may resume on another number of ranks, and the run (see restore_resume). extra: more train-state
+    entries (SPO's tracker, PPO's critic). write(step, state) -> folder: a stage's own writer instead of save_resume
+    (LoRA's adapter folders; it gets no gathered model state; it names its folder with step_folder and prunes with
+    prune_resume)."""
+    run = getattr(args, "_run", None)
+    if run is None:  # a caller that did not go through restore_resume: a run of its own, from here on
+        identity = run_identity(args, model.config, tokenizer, rows_per_step)
+        run = args._run = _run_record(args, identity, _new_instance(rt), rt)
     model_sd, optim_sd = full_state(model, optimizer, rt, with_model=write is None)
     state = {
         "step": step,
@@ -602,6 +836,7 @@ def save_step(
         "world_size": rt.world_size,
         "optimizer": optim_sd,
         "rng": rng_state(),
+        "run": run,
         **(extra or {}),
     }
     if rt.is_main:
@@ -612,35 +847,199 @@ def save_step(
     barrier(rt)
 
 
+def _first_nonfinite(obj: Any, where: str = "") -> str | None:
+    """The path of the first floating-point tensor holding NaN or inf in nested dicts and lists, else None."""
+    if isinstance(obj, torch.Tensor):
+        return where if obj.is_floating_point() and not bool(torch.isfinite(obj).all()) else None
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+    for k, v in items:
+        bad = _first_nonfinite(v, f"{where}.{k}" if where else str(k))
+        if bad is not None:
+            return bad
+    return None
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """model.hidden_size-style keys; the data fingerprint stays whole (it reads as one thing)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k != "data":
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def _show(key: str, value: Any, run: dict[str, Any]) -> str:
+    if value is None:
+        return "none"
+    if key == "tokenizer":
+        return f"fingerprint {value[:16]}"
+    if key == "data":
+        return f"{run.get('data_path', '?')} ({value['bytes']} bytes, sha256 {value['sha256'][:12]})"
+    if key == "rows_per_step":
+        return f"{value} ({run.get('split', '?')})"
+    return str(value)
+
+
+def identity_diff(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """The fields where two run identities differ (flattened names, sorted)."""
+    a, b = _flat(saved), _flat(now)
+    return [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
+def _describe(keys: list[str], saved: dict[str, Any], now: dict[str, Any]) -> str:
+    """'max_seq_len: checkpoint 128, this run 64; ...' for the differing fields of two run records."""
+    a, b = _flat(saved["identity"]), _flat(now["identity"])
+    return "; ".join(f"{k}: checkpoint {_show(k, a.get(k), saved)}, this run {_show(k, b.get(k), now)}" for k in keys)
+
+
+def _why(exc: ckpt.CheckpointError, folder: Path) -> str:
+    """A CheckpointError's message without the folder's path (the caller names the folder)."""
+    text = str(exc)
+    for prefix in (f"checkpoint {folder}: ", f"checkpoint {folder} "):
+        text = text.replace(prefix, "")
+    return text
+
+
+def _refuse(message: str) -> typing.NoReturn:
+
+    checks.fail(message)
+
+
+def check_tokenizer(args: Any, tokenizer: Tokenizer, config: MiniMindConfig, start: str | None) -> None:
+    """The tokenizer a stage trains with must be the one the checkpoint it starts from (--from_weight) was trained
+    with, and must fit its embedding: with another, every token id means another token and training goes on silently
+    on scrambled text. The checkpoint's tokenizer is known from its folder (recorded fingerprint, or its saved
+    tokenizer.json); a .pth carries none, so there only the vocabulary size is compared. --allow_tokenizer_change 1
+    turns the refusal into a warning."""
+    if start in (None, "", "none"):
+        return
+    mine = ckpt.tokenizer_record(tokenizer)
+    problems = []
+    saved = ckpt.saved_tokenizer(start) if Path(start).is_dir() else None
+    if saved is not None and saved["fingerprint"] != mine["fingerprint"]:
+        problems.append(
+            f"it is not the tokenizer {start} was trained with (that one: fingerprint {saved['fingerprint'][:16]}, "
+            f"{saved['vocab_size']} tokens; this one: fingerprint {mine['fingerprint'][:16]}, {mine['vocab_size']} "
+            "tokens)"
+        )
+    if mine["vocab_size"] != config.vocab_size:
+        problems.append(f"it has {mine['vocab_size']} tokens, the model's embedding {config.vocab_size} rows")
+    if not problems:
+        return
+    what = f"--tokenizer {args.tokenizer}" if args.tokenizer else f"--tokenizer (default: {tokenizer.source})"
+    if getattr(args, "allow_tokenizer_change", False):
+        print(f"warning: {what}: {'; '.join(problems)}; training with it as --allow_tokenizer_change 1 asks")
+        return
+    _refuse(
+        f"error: {what}: {'; '.join(problems)} (expected the tokenizer saved with the checkpoint: omit --tokenizer "
+        f"or pass --tokenizer {start}; --allow_tokenizer_change 1 trains with this one anyway)"
+    )
+
+
+def _pick_resume(rdir: Path, now: dict[str, Any], args: Any, rt: Runtime) -> tuple[Path, dict[str, Any], dict]:
+    """The checkpoint --from_resume continues -> (folder, its run record, its train state): the most recently
+    written one that is intact (manifest, hashes, finite weights and optimizer state) and belongs to a run with this
+    run's identity (other fields allowed by --force_resume, another tokenizer by --allow_tokenizer_change). None
+    qualifies: refused, naming every step folder found and what is wrong with it."""
+    found = step_dirs(rdir)
+    if not found:
+        why = "the folder does not exist" if not rdir.is_dir() else "it holds no step_N folders"
+        _refuse(
+            f"error: --from_resume 1: no resume checkpoint under {rdir} ({why}; expected the step_N folders of an "
+            f"earlier run with --out_dir {args.out_dir} --save_weight {args.save_weight}, or drop --from_resume to "
+            "start fresh)"
+        )
+    force, allow_tok = getattr(args, "force_resume", False), getattr(args, "allow_tokenizer_change", False)
+    problems, hints = [], set()
+    for p in reversed(found):
+        try:
+            ckpt.verify_checkpoint(p)
+        except ckpt.CheckpointError as exc:
+            problems.append(f"{p.name}: {_why(exc, p)}")
+            continue
+        saved = checkpoint_run(p)
+        if saved is None and not force:
+            problems.append(f"{p.name}: records no run (written by an older version)")
+            hints.add("--force_resume 1 continues another run's checkpoint")
+            continue
+        diffs = identity_diff(saved["identity"], now["identity"]) if saved is not None else []
+        blocking = [k for k in diffs if not (allow_tok if k == "tokenizer" else force)]
+        if blocking:
+            problems.append(f"{p.name}: a run with other settings ({_describe(blocking, saved, now)})")
+            if "tokenizer" in blocking:
+                hints.add("--allow_tokenizer_change 1 continues with another tokenizer")
+            if blocking != ["tokenizer"]:
+                hints.add("--force_resume 1 continues another run's checkpoint")
+            continue
+        try:
+            state = ckpt.load_train_state(p)
+        except Exception as exc:  # verified bytes that still do not load: not a train state of ours
+            problems.append(f"{p.name}: {ckpt.STATE_FILE} does not load ({str(exc).strip().splitlines()[0]})")
+            continue
+        bad = _first_nonfinite(state.get("optimizer"))
+        if bad is not None:
+            problems.append(f"{p.name}: {ckpt.STATE_FILE} holds non-finite optimizer state (first: {bad})")
+            continue
+        if rt.is_main:
+            for msg in problems:
+                print(f"warning: --from_resume: passing over {msg}")
+            if saved is None or diffs:
+                what = "records no run" if saved is None else f"differs: {_describe(diffs, saved, now)}"
+                print(f"warning: --from_resume: continuing {p.name}, whose run {what}")
+        return p, saved or {}, state
+    hint = "; ".join(sorted(hints) + ["drop --from_resume to start fresh"])
+    _refuse(f"error: --from_resume 1: no checkpoint under {rdir} can continue this run: {'; '.join(problems)} ({hint})")
+
+
 def restore_resume(
     args: Any,
     rt: Runtime,
     rows_per_step: int,
     model: torch.nn.Module | None = None,
     optimizer: torch.optim.Optimizer | None = None,
+    *,
+    tokenizer: Tokenizer,
+    config: MiniMindConfig | None = None,
+    start: str | None = None,
 ) -> tuple[int, dict[str, Any]]:
-    """--from_resume 1: load the newest complete resume checkpoint -> (step to continue from, its train state with
-    "folder" added); (0, {}) when starting fresh. The model and optimizer are loaded from full state dicts (so into
-    a sharded model too; model None: the caller loads them from state["folder"]) and the RNG is restored. The step
-    is the rows seen divided by this run's rows per step: on another number of ranks the position is rounded down,
-    replaying at most one step's rows."""
+    """The run's identity, checked before any step: -> (step to continue from, train state with "folder" added),
+    (0, {}) for a fresh run. Called by every stage (with or without --from_resume), on every rank.
+
+    First the tokenizer is checked against the checkpoint the model starts from (check_tokenizer; start: that
+    checkpoint, default --from_weight; "none" for a model built from scratch). A fresh run draws a new instance id and
+    leaves other runs' checkpoints in the resume folder alone. --from_resume 1 continues the checkpoint _pick_resume
+    chooses, or refuses with exit status 2 (nothing written). The model and optimizer are loaded from full state dicts
+    (so into a sharded model too; model None: the caller loads them from state["folder"], and passes config, the
+    model's config) and the RNG is restored. The step is the rows seen divided by this run's rows per step: on
+    another number of ranks the position is rounded down, replaying at most one step's rows."""
+    cfg = config if config is not None else model.config
+    check_tokenizer(args, tokenizer, cfg, getattr(args, "from_weight", None) if start is None else start)
+    identity = run_identity(args, cfg, tokenizer, rows_per_step)
+    rdir = resume_dir(args.out_dir, args.save_weight)
     if not args.from_resume:
+        args._run = _run_record(args, identity, _new_instance(rt), rt)
+        others = step_dirs(rdir)
+        if others and rt.is_main:
+            print(
+                f"note: {rdir} holds {len(others)} checkpoint(s) of earlier runs ({', '.join(p.name for p in others)});"
+                f" this fresh run ({args._run['instance']}) keeps them and prunes only its own"
+            )
         return 0, {}
-    folder = latest_resume(args.out_dir, args.save_weight)
-    if folder is None:
-        if rt.is_main:
-            print(f"no resume checkpoint under {resume_dir(args.out_dir, args.save_weight)}: starting fresh")
-        return 0, {}
-    state = ckpt.load_train_state(folder)
+    now = _run_record(args, identity, "", rt)
+    folder, saved, state = _pick_resume(rdir, now, args, rt)
+    now["instance"] = saved.get("instance") or _new_instance(rt)
+    args._run = now
     if model is not None:
         load_full_state(model, optimizer, ckpt.load_model_state(folder), state["optimizer"])
     set_rng_state(state["rng"])
-    start = int(state["rows_seen"]) // rows_per_step if "rows_seen" in state else int(state["step"])
+    start_step = int(state["rows_seen"]) // rows_per_step if "rows_seen" in state else int(state["step"])
     if rt.is_main:
         was = state.get("world_size", 1)
         moved = f" (saved by {was} ranks, now {rt.world_size})" if was != rt.world_size else ""
-        print(f"resumed from {folder} at step {start}{moved}")
-    return start, {**state, "folder": folder}
+        print(f"resumed run {now['instance']} from {folder} at step {start_step}{moved}")
+    return start_step, {**state, "folder": folder}
 
 
 def rng_state() -> dict[str, torch.Tensor]:
@@ -690,23 +1089,34 @@ def _in_main_thread() -> bool:
 class NonFiniteGuard:
     """Decides whether an optimizer step may be taken: a NaN/inf gradient norm skips it (weights and optimizer state
     stay as they were) and is counted; max_bad_steps in a row stop the run, naming the last checkpoint written (it
-    holds the weights from before the streak). The norm is the all-reduced one, so every rank decides alike."""
+    holds the weights from before the streak). The norm is the all-reduced one, so every rank decides alike.
+
+    With skip_zero (the stages whose loss covers labelled tokens only: sft, lora, distill, distill_reason), a norm of
+    exactly 0 skips the step too, counted in .empty: no token of the step had a label (every conversation cut before
+    its answer, see train/checks.report_dataset), and AdamW would still move the weights by weight decay and stale
+    momentum. The RL stages keep their steps: there a zero gradient is a legitimate outcome (equal rewards)."""
 
     def __init__(self, args: Any, rt: Runtime, metrics: MetricsLog):
         self.args, self.rt, self.metrics = args, rt, metrics
-        self.skipped, self.streak = 0, 0
+        self.skipped, self.streak, self.empty = 0, 0, 0
 
-    def ok(self, grad_norm: torch.Tensor, step: int) -> bool:
+    def ok(self, grad_norm: torch.Tensor, step: int, skip_zero: bool = False) -> bool:
         if bool(torch.isfinite(grad_norm).all()):
             self.streak = 0
+            if skip_zero and bool((grad_norm == 0).all()):
+                self.empty += 1
+                if self.rt.is_main and self.empty & (self.empty - 1) == 0:  # the 1st, 2nd, 4th, 8th, ... one
+                    tqdm.write(f"step {step}: zero gradient (no labelled token), step skipped ({self.empty} so far)")
+                return False
             return True
         self.skipped, self.streak = self.skipped + 1, self.streak + 1
         if self.rt.is_main:
             tqdm.write(f"step {step}: non-finite loss or gradient, step skipped ({self.skipped} so far)")
         if self.streak >= self.args.max_bad_steps:
             self.metrics.write({"step": step, "skipped_steps": self.skipped, "stopped": "non-finite"})
-            last = latest_resume(self.args.out_dir, self.args.save_weight)
-            raise SystemExit(
+            run = getattr(self.args, "_run", None) or {}
+            last = latest_resume(self.args.out_dir, self.args.save_weight, instance=run.get("instance"))
+            raise SystemExit(  # a failed run, not a bad setting: exit status 1
                 f"error: {self.streak} non-finite steps in a row; stopping. Last good checkpoint: "
                 f"{last if last is not None else 'none written yet'}"
             )
@@ -715,12 +1125,15 @@ class NonFiniteGuard:
 
 def start_run(args: Any, rt: Runtime, start_step: int, summary: str) -> tuple[MetricsLog, NonFiniteGuard]:
     """Print the run's start-up summary (rank 0) and open its metrics, {out_dir}/{save_weight}_metrics.jsonl (written
-    by rank 0 only, appended to when resuming) with the trackers asked for (--wandb / --swanlab), and its
-    NonFiniteGuard."""
+    by rank 0 only; when resuming at step S, the records of steps after S, which the run is about to log again, are
+    dropped first) with the trackers asked for (--wandb / --swanlab), and its NonFiniteGuard."""
     if rt.is_main:
         print(summary)
-    trackers = open_trackers(args.wandb, args.swanlab, "minimind", args.save_weight, vars(args)) if rt.is_main else []
+    flags = {k: v for k, v in vars(args).items() if not k.startswith("_")}  # not the run record restore_resume adds
+    trackers = open_trackers(args.wandb, args.swanlab, "minimind", args.save_weight, flags) if rt.is_main else []
     path = Path(args.out_dir) / f"{args.save_weight}_metrics.jsonl"
+    if rt.is_main and start_step > 0:
+        trim_metrics(path, start_step)
     metrics = MetricsLog(path, enabled=rt.is_main, append=start_step > 0, trackers=trackers)
     return metrics, NonFiniteGuard(args, rt, metrics)
 
@@ -766,20 +1179,30 @@ class Timer:
 
 # ------------------------------------------------------------------------------------------ models and batches (SFT+)
 def load_base_model(from_weight: str, ops: kernels.Ops, device: torch.device, **overrides: Any) -> MiniMind:
-    """Build the model a post-training stage starts from: config and weights from a checkpoint folder.
+    """Build the model a post-training stage starts from: config and weights from a checkpoint folder, or from a
+    MiniMind .pth state dict with the config read off its tensor shapes (read_pth).
 
     overrides change config fields that do not alter the weights (e.g. dropout, aux_loss_alpha)."""
     if from_weight in ("", "none"):
-        raise SystemExit("error: this stage needs --from_weight (a checkpoint folder, e.g. out/pretrain)")
-    try:
-        ckpt.verify_checkpoint(from_weight)
-        cfg, _ = ckpt.load_config(from_weight)
-    except ckpt.CheckpointError as exc:
-        raise SystemExit(f"error: --from_weight: {exc}") from exc
+        checks.fail(
+            "error: this stage needs --from_weight (a checkpoint folder, e.g. out/pretrain, or a MiniMind .pth)"
+        )
+    sd = None
+    if is_pth(from_weight):
+        cfg, sd = read_pth(from_weight)
+    else:
+        try:
+            ckpt.verify_checkpoint(from_weight)
+            cfg, _ = ckpt.load_config(from_weight)
+        except ckpt.CheckpointError as exc:
+            checks.fail(f"error: --from_weight: {exc}")
     for k, v in overrides.items():
         setattr(cfg, k, v)
     model = MiniMind(cfg, ops=ops)
-    ckpt.load_model_weights(model, from_weight)
+    if sd is None:
+        ckpt.load_model_weights(model, from_weight)
+    else:
+        _load_pth_state(model, sd, from_weight)
     return model.to(device)
 
 
@@ -804,25 +1227,34 @@ def frozen_model(folder: str, ops: kernels.Ops, rt: Runtime) -> MiniMind:
 
 
 def stage_tokenizer(path: str | None, from_weight: str) -> Tokenizer:
-    """--tokenizer, else the tokenizer saved with the starting checkpoint, else the shipped one."""
+    """--tokenizer, else the tokenizer saved with the starting checkpoint, else the shipped one. A tokenizer keeps
+    its own chat template, so the checkpoints a stage writes carry the template it trained with."""
     if path is None and (Path(from_weight) / "tokenizer.json").is_file():
         path = from_weight
+    if path is None and is_pth(from_weight) and os.environ.get("RANK", "0") == "0":
+        # A .pth holds weights only; MiniMind's releases were trained with MiniMind's tokenizer, not ours.
+        print(
+            f"note: --from_weight {from_weight} holds no tokenizer, using the shipped one; give --tokenizer DIR "
+            "for the one those weights were trained with (e.g. MiniMind's model/ folder)"
+        )
     return load_tokenizer(path)
 
 
 def open_dataset(cls: type, args: Any, tokenizer: Tokenizer, rt: Runtime) -> Any:
     """cls(--data_path, tokenizer, --max_seq_len) with --skip_bad_lines; a DataError or a missing file ends the run
-    with its message, and skipped lines are reported (rank 0)."""
+    with its message (exit status 2, see train/checks.py), and skipped lines and conversations cut before their
+    answer are reported (rank 0)."""
     from minimind_fast.data import DataError
 
     try:
         data = cls(args.data_path, tokenizer, args.max_seq_len, skip_bad_lines=args.skip_bad_lines)
     except (DataError, FileNotFoundError) as exc:
-        raise SystemExit(f"error: {exc}") from exc
+        checks.data_error(exc)
     if data.bad_lines and rt.is_main:
         print(
             f"warning: skipped {data.bad_lines} malformed lines in {args.data_path}; first: {data.bad_line_reasons[0]}"
         )
+    checks.report_dataset(data, args, rt.is_main)
     return data
 
 
@@ -831,7 +1263,7 @@ def plan_steps(n_rows: int, rows_per_step: int, args: Any, rt: Runtime, what: st
     ranks); --max_steps caps the total. Too few rows for one step is an error that says what to lower."""
     steps_per_epoch = n_rows // rows_per_step
     if steps_per_epoch == 0:
-        raise SystemExit(
+        checks.fail(
             f"error: {args.data_path} has {n_rows} {what}, fewer than one optimizer step needs ({rows_per_step} over "
             f"{rt.world_size} rank{'s' * (rt.world_size > 1)}); lower --batch_size"
         )

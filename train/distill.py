@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from minimind_fast.data import IGNORE_INDEX, SFTDataset, collate_sft, tokenizer_fingerprint
 from minimind_fast.model import MiniMind, compute_dtype
 from minimind_fast.tokenizer import Tokenizer
-from train import common
+from train import checks, common
 from train.common import arg
 from train.losses import chunked_distill_kl
 
@@ -87,11 +87,11 @@ def check_same_vocab(student: MiniMind, teacher: MiniMind, tok: Tokenizer, teach
     """Distillation compares distributions token by token: both models must index the same vocabulary."""
     vs, vt = student.config.vocab_size, teacher.config.vocab_size
     if vs != vt:
-        raise SystemExit(f"error: student vocab {vs} != teacher vocab {vt}: they must share the tokenizer")
+        checks.fail(f"error: student vocab {vs} != teacher vocab {vt}: they must share the tokenizer")
     if (Path(teacher_folder) / "tokenizer.json").is_file():
         t_tok = Tokenizer.load(teacher_folder)
         if tokenizer_fingerprint(t_tok) != tokenizer_fingerprint(tok):
-            raise SystemExit(
+            checks.fail(
                 f"error: the teacher's tokenizer ({teacher_folder}) differs from the student's ({tok.source}); "
                 "distillation needs both models to use the same tokenizer"
             )
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> dict:
     rt = common.setup_runtime(args.device, args.dtype, args.seed, args.dist_timeout)
     args = common.resolve_auto(args, rt.is_cuda, _AUTO)
     if not 0.0 <= args.alpha <= 1.0 or args.temperature <= 0:
-        raise SystemExit(f"error: need 0 <= --alpha <= 1 and --temperature > 0 (got {args.alpha}, {args.temperature})")
+        checks.fail(f"error: need 0 <= --alpha <= 1 and --temperature > 0 (got {args.alpha}, {args.temperature})")
     ops = common.resolve_kernels(args.kernels, rt)
     tok_path = args.tokenizer
     if tok_path is None:
@@ -127,7 +127,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     wrapped = common.wrap_model(student, rt, fsdp=args.fsdp)
     optimizer = common.build_optimizer(student, args.learning_rate, args.weight_decay)
-    start_step, _ = common.restore_resume(args, rt, rows_per_step, student, optimizer)
+    start_step, _ = common.restore_resume(
+        args, rt, rows_per_step, student, optimizer, tokenizer=tok, start="none" if args.student_preset else None
+    )
     train_model = torch.compile(wrapped) if args.compile else wrapped
     teacher_fwd = torch.compile(teacher) if args.compile else teacher
     summary = (
@@ -182,7 +184,7 @@ def main(argv: list[str] | None = None) -> dict:
                 count += 1
                 tokens_since += int(mask_N.sum())
             grad_norm = common.clip_grad_norm(student, args.grad_clip)
-            if guard.ok(grad_norm, step + 1):
+            if guard.ok(grad_norm, step + 1, skip_zero=True):  # a step without a label is skipped
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 

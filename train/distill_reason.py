@@ -36,7 +36,7 @@ import torch
 
 from minimind_fast.data import IGNORE_INDEX, SFTDataset, collate_sft
 from minimind_fast.tokenizer import Tokenizer
-from train import common
+from train import checks, common
 from train.common import arg
 from train.losses import tag_weights
 
@@ -64,7 +64,7 @@ def tag_id_sequences(tokenizer: Tokenizer, tags: list[str]) -> list[list[int]]:
     seqs = [tokenizer.encode(t) for t in tags]
     for t, s in zip(tags, seqs):
         if not s:
-            raise SystemExit(f"error: tag {t!r} encodes to no tokens")
+            checks.fail(f"error: tag {t!r} encodes to no tokens")
     return seqs
 
 
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     wrapped = common.wrap_model(model, rt, fsdp=args.fsdp)
     optimizer = common.build_optimizer(model, args.learning_rate, args.weight_decay)
-    start_step, _ = common.restore_resume(args, rt, rows_per_step, model, optimizer)
+    start_step, _ = common.restore_resume(args, rt, rows_per_step, model, optimizer, tokenizer=tok)
     train_model = torch.compile(wrapped) if args.compile else wrapped
     summary = (
         f"distill_reason: {model.num_params():,} params from {args.from_weight} on "
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> dict:
                 tokens_since += int((labels != IGNORE_INDEX).sum())
                 tags_since += int((weight != 1).sum())
             grad_norm = common.clip_grad_norm(model, args.grad_clip)
-            if guard.ok(grad_norm, step + 1):
+            if guard.ok(grad_norm, step + 1, skip_zero=True):  # a step without a label is skipped
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 

@@ -45,7 +45,7 @@ if __package__ in (None, ""):  # run as `python train/dpo.py`
 import torch
 
 from minimind_fast.data import DPODataset, collate_dpo
-from train import common
+from train import checks, common
 from train.common import arg
 from train.losses import dpo_loss, sequence_logp
 
@@ -118,12 +118,12 @@ def main(argv: list[str] | None = None) -> dict:
     rt = common.setup_runtime(args.device, args.dtype, args.seed, args.dist_timeout)
     args = common.resolve_auto(args, rt.is_cuda, _AUTO)
     if not 0.0 <= args.eval_fraction < 1.0:
-        raise SystemExit(f"error: --eval_fraction must be in [0, 1), got {args.eval_fraction}")
+        checks.fail(f"error: --eval_fraction must be in [0, 1), got {args.eval_fraction}")
     tok = common.stage_tokenizer(args.tokenizer, args.from_weight)
     ops = common.resolve_kernels(args.kernels, rt)
     model = common.load_base_model(args.from_weight, ops, rt.device)
     if tok.vocab_size > model.config.vocab_size:
-        raise SystemExit(f"error: tokenizer has {tok.vocab_size} tokens, the model's vocab {model.config.vocab_size}")
+        checks.fail(f"error: tokenizer has {tok.vocab_size} tokens, the model's vocab {model.config.vocab_size}")
     ref = common.frozen_model(args.from_weight, ops, rt)
 
     data = common.open_dataset(DPODataset, args, tok, rt)
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     wrapped = common.wrap_model(model, rt, fsdp=args.fsdp)
     optimizer = common.build_optimizer(model, args.learning_rate, args.weight_decay)
-    start_step, _ = common.restore_resume(args, rt, pairs_per_step, model, optimizer)
+    start_step, _ = common.restore_resume(args, rt, pairs_per_step, model, optimizer, tokenizer=tok)
     train_model = torch.compile(wrapped) if args.compile else wrapped
     ref_model = torch.compile(ref) if args.compile else ref
     summary = (

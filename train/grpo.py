@@ -46,7 +46,7 @@ if __package__ in (None, ""):  # run as `python train/grpo.py`
 
 import torch
 
-from train import common, rollout
+from train import checks, common, rollout
 from train import losses as L
 from train.common import arg
 
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = common.parse_args(Args, argv, __doc__.split("\n\n")[0])
     rt = common.setup_runtime(args.device, args.dtype, args.seed, args.dist_timeout)
     if args.num_generations < 2:
-        raise SystemExit("error: --num_generations must be >= 2 (advantages are relative to the group)")
+        checks.fail("error: --num_generations must be >= 2 (advantages are relative to the group)")
     reward_fn, tok, _, policy, ref, data = rollout.start_stage(args, rt, _AUTO)
     # One step = accumulation_steps rollouts of batch_size prompts on each of world_size ranks.
     prompts_per_step = args.batch_size * args.accumulation_steps * rt.world_size
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     wrapped = common.wrap_model(policy, rt, fsdp=args.fsdp)
     optimizer = common.build_optimizer(policy, args.learning_rate, args.weight_decay)
-    start_step, _ = common.restore_resume(args, rt, prompts_per_step, policy, optimizer)
+    start_step, _ = common.restore_resume(args, rt, prompts_per_step, policy, optimizer, tokenizer=tok)
     train_fwd = torch.compile(wrapped, dynamic=True) if args.compile else wrapped
     g = args.num_generations
     summary = (

@@ -41,7 +41,7 @@ import torch
 
 from minimind_fast import lora
 from minimind_fast.data import SFTDataset, collate_sft
-from train import common
+from train import checks, common
 from train.common import arg
 
 # Defaults that depend on the machine: (CPU, CUDA). CUDA = MiniMind's LoRA row (identity data: 50 epochs, batch 32,
@@ -80,18 +80,19 @@ def save_resume(args: Args, model: torch.nn.Module, step: int, state: dict) -> P
     """The adapter as {out_dir}/{save_weight} and a resumable copy {save_weight}_resume/step_N (with train_state.pt),
     keeping the last --keep_last: common.save_resume's layout, with adapter folders instead of model folders."""
     run = asdict(args)
-    meta = {"step": step}
+    meta = {"step": step, "run": state.get("run")}
     lora.save_adapter(Path(args.out_dir) / args.save_weight, model, args.from_weight, run, meta=meta)
     rdir = common.resume_dir(args.out_dir, args.save_weight)
-    folder = lora.save_adapter(rdir / f"step_{step:08d}", model, args.from_weight, run, train_state=state, meta=meta)
-    common.prune_resume(rdir, args.keep_last)
+    target = common.step_folder(rdir, step, state.get("run"))
+    folder = lora.save_adapter(target, model, args.from_weight, run, train_state=state, meta=meta)
+    common.prune_resume(rdir, args.keep_last, folder)
     return folder
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = common.parse_args(Args, argv, __doc__.split("\n\n")[0])
     if args.fsdp:
-        raise SystemExit(
+        checks.fail(
             "error: --fsdp is not supported for LoRA (the adapters are tiny; run under torchrun without --fsdp for DDP)"
         )
     rt = common.setup_runtime(args.device, args.dtype, args.seed, args.dist_timeout)
@@ -100,7 +101,7 @@ def main(argv: list[str] | None = None) -> dict:
     ops = common.resolve_kernels(args.kernels, rt)
     model = common.load_base_model(args.from_weight, ops, rt.device)
     if tok.vocab_size > model.config.vocab_size:
-        raise SystemExit(f"error: tokenizer has {tok.vocab_size} tokens, the model's vocab {model.config.vocab_size}")
+        checks.fail(f"error: tokenizer has {tok.vocab_size} tokens, the model's vocab {model.config.vocab_size}")
     try:
         # A generator of its own: the adapter init does not depend on how much global RNG the setup consumed, and
         # every rank draws the same adapters.
@@ -112,7 +113,7 @@ def main(argv: list[str] | None = None) -> dict:
             generator=torch.Generator().manual_seed(args.seed),
         )
     except lora.AdapterError as exc:
-        raise SystemExit(f"error: {exc}") from exc
+        checks.fail(f"error: {exc}")
 
     data = common.open_dataset(SFTDataset, args, tok, rt)
     # One optimizer step = accumulation_steps micro-batches of batch_size conversations on each of world_size ranks.
@@ -121,12 +122,12 @@ def main(argv: list[str] | None = None) -> dict:
 
     wrapped = common.wrap_model(model, rt)  # DDP all-reduces only the trainable (adapter) gradients
     optimizer = common.build_optimizer(model, args.learning_rate, args.weight_decay)
-    start_step, state = common.restore_resume(args, rt, rows_per_step)
+    start_step, state = common.restore_resume(args, rt, rows_per_step, tokenizer=tok, config=model.config)
     if state:
         try:
             lora.load_adapter(model, state["folder"], trainable=True)
         except lora.AdapterError as exc:
-            raise SystemExit(f"error: --from_resume: {exc}") from exc
+            checks.fail(f"error: --from_resume: {exc}")
         common.load_full_state(model, optimizer, None, state["optimizer"])
 
     n_train = lora.num_lora_params(model)
@@ -163,7 +164,7 @@ def main(argv: list[str] | None = None) -> dict:
                 loss_sum += loss.detach()
                 loss_count += 1
             grad_norm = common.clip_grad_norm(model, args.grad_clip)
-            if guard.ok(grad_norm, step + 1):
+            if guard.ok(grad_norm, step + 1, skip_zero=True):  # a step without a label is skipped
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 

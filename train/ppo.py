@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> dict:
     critic_wrapped = common.wrap_model(critic, rt, fsdp=args.fsdp)
     actor_opt = common.build_optimizer(actor, args.learning_rate, args.weight_decay)
     critic_opt = common.build_optimizer(critic, args.critic_learning_rate, args.weight_decay)
-    start_step, state = common.restore_resume(args, rt, prompts_per_step, actor, actor_opt)
+    start_step, state = common.restore_resume(args, rt, prompts_per_step, actor, actor_opt, tokenizer=tok)
     if state:
         common.load_full_state(critic, critic_opt, state["critic"], state["critic_optimizer"])
     train_fwd = torch.compile(actor_wrapped, dynamic=True) if args.compile else actor_wrapped

@@ -30,7 +30,7 @@ import torch
 
 from minimind_fast.data import PretrainDataset
 from minimind_fast.model import MiniMind
-from train import common
+from train import checks, common
 from train.common import arg
 
 # Defaults that depend on the machine: (CPU, CUDA). On a CPU the run must finish in minutes on 2 cores; batch 4 at
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> dict:
     overrides = {"use_moe": True} if args.use_moe else {}
     cfg = common.build_config(args.preset, tok, aux_loss_alpha=args.aux_loss_alpha, **overrides)
     if args.max_seq_len > cfg.max_position_embeddings:
-        raise SystemExit(
+        checks.fail(
             f"error: --max_seq_len {args.max_seq_len} exceeds the rotary table ({cfg.max_position_embeddings} "
             "positions); YaRN scaling is an inference-time switch, not for training"
         )
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> dict:
     wrapped = common.wrap_model(model, rt, fsdp=args.fsdp)
     optimizer = common.build_optimizer(model, args.learning_rate, args.weight_decay)
     # The data position is counted in rows, so a run may resume on a different number of ranks.
-    start_step, _ = common.restore_resume(args, rt, rows_per_step, model, optimizer)
+    start_step, _ = common.restore_resume(args, rt, rows_per_step, model, optimizer, tokenizer=tok)
 
     n_active = model.num_active_params()
     flops_tok = common.flops_per_token(cfg, n_active, args.max_seq_len)

@@ -258,4 +258,6 @@ def build_rewards(
             rm = RewardModel(reward_model_path, device=device, batch_size=batch_size, **model_kw)
         return Rewards(kinds, rm, reasoning)
     except RewardError as exc:
-        raise SystemExit(f"error: {exc}") from exc
+        from train import checks  # one line on stderr, exit status 2, like every bad setting
+
+        checks.fail(f"error: {exc}")

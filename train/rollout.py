@@ -25,6 +25,7 @@ Shape legend: N rows (prompts x samples), P padded prompt width, R completion wi
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -366,18 +367,13 @@ def start_stage(
 
 
 def load_prompts(args: Any, tokenizer: Any, kinds: Sequence[str], rt: common.Runtime) -> Any:
-    """The prompt data set, checked up front: a DataError or a missing "answer" for --reward rule stops the run."""
+    """The prompt data set, checked up front: a DataError, or a record without "answer" for --reward rule, stops the
+    run naming path:lineno (--skip_bad_lines skips such records). Every record is checked, in the one validation pass
+    that indexes the file."""
     from minimind_fast.data import RLPromptDataset
 
-    data = common.open_dataset(RLPromptDataset, args, tokenizer, rt)
-    if "rule" in kinds:
-        missing = [i for i in range(min(len(data), 256)) if "answer" not in data.index.record(i)]
-        if missing:
-            raise SystemExit(
-                f'error: --reward rule needs an "answer" field in every record of {args.data_path}; '
-                f"{data.index.where(missing[0])} has none"
-            )
-    return data
+    require = {"answer": "--reward rule compares each reply with it"} if "rule" in kinds else {}
+    return common.open_dataset(functools.partial(RLPromptDataset, require=require), args, tokenizer, rt)
 
 
 def prompt_batch(data: Any, order: torch.Tensor, batch_index: int, batch_size: int) -> dict[str, list]:

@@ -1,6 +1,8 @@
 """Full supervised fine-tuning (SFT): every weight trained on conversations, loss on the assistant's tokens only.
 
     python train/sft.py                                        # CPU: out/pretrain -> out/full_sft on data/sample
+    python train/sft.py --out_dir runs/a                       # runs/a/pretrain -> runs/a/full_sft
+    python train/sft.py --from_weight MiniMind2.pth            # a MiniMind .pth (config read off its shapes)
     python train/sft.py --compile                              # CUDA: bf16, Triton kernels, MiniMind's defaults
     python train/sft.py --data_path sft_mini_512.jsonl --from_weight out/pretrain --max_seq_len 512
     python train/sft.py --from_resume 1                        # continue from the newest checkpoint
@@ -44,7 +46,7 @@ import numpy as np
 import torch
 
 from minimind_fast.data import SFTDataset, collate_sft
-from train import common
+from train import checks, common
 from train.common import arg
 
 # Defaults that depend on the machine: (CPU, CUDA). CUDA = MiniMind's full-SFT row. CPU: sized so that the sample
@@ -63,7 +65,9 @@ _AUTO = {
 class Args(common.StageArgs):
     data_path: str = arg("data/sample/sft.jsonl", "SFT JSONL ({'conversations': [{'role', 'content'}, ...]} per line)")
     save_weight: str = arg("full_sft", "name of the checkpoint folder under --out_dir")
-    from_weight: str = arg("out/pretrain", "checkpoint folder to start from (the pretrain stage's output)")
+    from_weight: str | None = arg(
+        None, "checkpoint folder or MiniMind .pth to start from (default: {out_dir}/pretrain, else out/pretrain)"
+    )
     epochs: int | None = arg(None, "passes over the data (default: 2)")
     batch_size: int | None = arg(None, "conversations per micro-batch and rank (default: 16)")
     learning_rate: float | None = arg(None, "peak learning rate (default: 1e-3 on CPU for tiny, 5e-6 on CUDA)")
@@ -94,6 +98,19 @@ def length_grouped_order(lengths: np.ndarray, batch_size: int, seed: int, epoch:
     return torch.cat([body, grouped[n_batches * batch_size :]])
 
 
+def default_start(out_dir: str) -> str:
+    """Where SFT starts when --from_weight is not given: the pretrain stage's output under --out_dir, else under
+    out/ (the pretrain stage's default --out_dir)."""
+    candidates = list(dict.fromkeys([str(Path(out_dir) / "pretrain"), str(Path("out") / "pretrain")]))
+    found = next((c for c in candidates if Path(c).is_dir()), None)
+    if found is None:
+        checks.fail(
+            f"error: --from_weight not given and no pretrain checkpoint at {' or '.join(candidates)} "
+            "(run train/pretrain.py first, or pass --from_weight FOLDER or FILE.pth)"
+        )
+    return found
+
+
 def sft_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(mean cross-entropy over the batch's labelled (assistant) tokens, MoE aux loss or None).
 
@@ -107,14 +124,16 @@ def main(argv: list[str] | None = None) -> dict:
     args = common.parse_args(Args, argv, __doc__.split("\n\n")[0])
     rt = common.setup_runtime(args.device, args.dtype, args.seed, args.dist_timeout)
     args = common.resolve_auto(args, rt.is_cuda, _AUTO)
+    if args.from_weight is None:
+        args.from_weight = default_start(args.out_dir)
     tok = common.stage_tokenizer(args.tokenizer, args.from_weight)
     ops = common.resolve_kernels(args.kernels, rt)
     model = common.load_base_model(args.from_weight, ops, rt.device, aux_loss_alpha=args.aux_loss_alpha)
     cfg = model.config
     if tok.vocab_size > cfg.vocab_size:
-        raise SystemExit(f"error: tokenizer has {tok.vocab_size} tokens, the model's vocab {cfg.vocab_size}")
+        checks.fail(f"error: tokenizer has {tok.vocab_size} tokens, the model's vocab {cfg.vocab_size}")
     if args.max_seq_len > cfg.max_position_embeddings:
-        raise SystemExit(
+        checks.fail(
             f"error: --max_seq_len {args.max_seq_len} exceeds the rotary table "
             f"({cfg.max_position_embeddings} positions)"
         )
@@ -131,7 +150,7 @@ def main(argv: list[str] | None = None) -> dict:
     wrapped = common.wrap_model(model, rt, fsdp=args.fsdp)
     optimizer = common.build_optimizer(model, args.learning_rate, args.weight_decay)
     # The data position is counted in conversations, so a run may resume on another number of ranks.
-    start_step, _ = common.restore_resume(args, rt, rows_per_step, model, optimizer)
+    start_step, _ = common.restore_resume(args, rt, rows_per_step, model, optimizer, tokenizer=tok)
 
     n_active = model.num_active_params()
     peak = common.peak_flops(rt.device)
@@ -176,7 +195,7 @@ def main(argv: list[str] | None = None) -> dict:
                 loss_sum += total.detach()
                 loss_count += 1
             grad_norm = common.clip_grad_norm(model, args.grad_clip)
-            if guard.ok(grad_norm, step + 1):
+            if guard.ok(grad_norm, step + 1, skip_zero=True):  # a step without a label is skipped
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 

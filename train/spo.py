@@ -48,7 +48,7 @@ if __package__ in (None, ""):  # run as `python train/spo.py`
 
 import torch
 
-from train import common, rewards, rollout
+from train import checks, common, rewards, rollout
 from train import losses as L
 from train.common import arg
 
@@ -131,14 +131,14 @@ def main(argv: list[str] | None = None) -> dict:
             args.reward_min, args.reward_max, args.d_half, args.rho_min, args.rho_max, args.rho_first
         )
     except ValueError as exc:
-        raise SystemExit(f"error: {exc}") from exc
+        checks.fail(f"error: {exc}")
     # One step = accumulation_steps rollouts of batch_size prompts on each of world_size ranks.
     prompts_per_step = args.batch_size * args.accumulation_steps * rt.world_size
     steps_per_epoch, total_steps = common.plan_steps(len(data), prompts_per_step, args, rt, "prompts")
 
     wrapped = common.wrap_model(policy, rt, fsdp=args.fsdp)
     optimizer = common.build_optimizer(policy, args.learning_rate, args.weight_decay)
-    start_step, state = common.restore_resume(args, rt, prompts_per_step, policy, optimizer)
+    start_step, state = common.restore_resume(args, rt, prompts_per_step, policy, optimizer, tokenizer=tok)
     if state:
         tracker.load_state_dict(state["tracker"])
         if rt.is_main:

@@ -23,6 +23,7 @@ Shape legend: T sequence length (<= max_seq_len), B batch, P padded prompt lengt
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -91,7 +92,41 @@ def parse_line(raw: bytes, path: str | Path, lineno: int) -> dict:
         ) from exc
     if not isinstance(obj, dict):
         raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+    # JSON may escape a lone UTF-16 surrogate ("\ud800"); Python decodes it into a str that no UTF-8 encoder (the
+    # tokenizer's included) accepts, so the line would crash the run when first tokenized. Only a line holding a
+    # \uD8xx-\uDFxx escape can carry one, and a byte search for it is far cheaper than walking every string.
+    if b"\\ud" in raw or b"\\uD" in raw:
+        field = _lone_surrogate(obj, "")
+        if field is not None:
+            raise DataError(
+                f"{path}:{lineno}: {field} holds a lone UTF-16 surrogate escape (\\uD800-\\uDFFF without its "
+                "pair), which is not Unicode text; expected valid UTF-8 text (astral characters as a surrogate pair)"
+            )
     return obj
+
+
+def _lone_surrogate(value: Any, where: str) -> str | None:
+    """Where in a parsed JSON value a string (or key) holds an unpaired surrogate: 'conversations[1].content', or
+    None. Paired surrogates were already joined into one character by the JSON decoder."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return where or "the value"
+        return None
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if _lone_surrogate(k, "key") is not None:
+                return f"a key of {where}" if where else "a key"
+            found = _lone_surrogate(v, f"{where}.{k}" if where else k)
+            if found:
+                return found
+    if isinstance(value, list):
+        for i, v in enumerate(value):
+            found = _lone_surrogate(v, f"{where}[{i}]")
+            if found:
+                return found
+    return None
 
 
 def iter_numbered_lines(path: str | Path) -> Iterator[tuple[int, bytes]]:
@@ -241,6 +276,14 @@ def check_dpo(obj: dict, where: str) -> tuple[list[dict], list[dict]]:
     return check_messages(obj, "chosen", where), check_messages(obj, "rejected", where)
 
 
+def check_prompt(obj: dict, where: str, require: Sequence[tuple[str, str]] = ()) -> list[dict]:
+    """prompt_messages, after checking that obj has each required top-level field: require = ((field, why), ...)."""
+    for field, why in require:
+        if field not in obj:
+            raise DataError(f'{where}: missing field "{field}" ({why})')
+    return prompt_messages(obj, where)
+
+
 def prompt_messages(obj: dict, where: str) -> list[dict]:
     """The conversation minus its final assistant turn (if it ends with one): what the policy is asked."""
     messages = check_messages(obj, "conversations", where, need_assistant=False)
@@ -297,6 +340,17 @@ def encode_pretrain_chunk(
     return encode_documents(texts, tokenizer), len(texts), errors
 
 
+def first_id_at_least(tokens: np.ndarray, limit: int, chunk: int = 1 << 24) -> tuple[int, int] | None:
+    """(position, id) of the first token id >= limit, or None. Scans in chunks (32 MiB of uint16), so a memory-mapped
+    file of any size is read once at memory speed without a full-size temporary."""
+    for start in range(0, len(tokens), chunk):
+        part = np.asarray(tokens[start : start + chunk])
+        if int(part.max()) >= limit:
+            i = int(np.argmax(part >= limit))
+            return start + i, int(part[i])
+    return None
+
+
 def token_file_meta_path(bin_path: str | Path) -> Path:
     """The JSON sidecar of a token file: `x.bin` -> `x.bin.json`."""
     p = Path(bin_path)
@@ -333,15 +387,9 @@ def assistant_mask_from_ids(ids: list[int], header_ids: list[int], end_ids: list
 
 
 def assistant_char_spans(tokenizer: Tokenizer, messages: Sequence[dict]) -> tuple[str, list[tuple[int, int]]]:
-    """Rendered conversation and the character spans [start, end) the loss covers (assistant content + turn end)."""
-    text, spans = "", []
-    for m in messages:
-        piece = tokenizer.apply_chat_template([m])
-        if m["role"] == "assistant":
-            header = piece.index("\n") + 1  # after "<|im_start|>assistant\n"
-            spans.append((len(text) + header, len(text) + len(piece)))
-        text += piece
-    return text, spans
+    """Rendered conversation and the character spans [start, end) the loss covers (assistant content + turn end).
+    The template renders more than the messages (a default system turn, tool blocks), so the renderer says where."""
+    return tokenizer.assistant_spans(messages)
 
 
 def assistant_mask_from_offsets(offsets: Sequence[tuple[int, int]], spans: Sequence[tuple[int, int]]) -> np.ndarray:
@@ -391,6 +439,60 @@ class ChatEncoder:
         mask_T = torch.from_numpy(mask[: self.max_seq_len])
         labels_T = torch.where(mask_T, ids_T, torch.full_like(ids_T, IGNORE_INDEX))
         return ids_T, labels_T
+
+
+class LabelProbe:
+    """Counts, while a data set is indexed, the records whose conversation keeps no assistant token once cut to
+    max_seq_len (they train nothing: every label is -100). A record with several conversations (a DPO pair) counts
+    once if any of them loses its labels.
+
+    Labels start at the first token after the first `<|im_start|>assistant\\n`, so a conversation is label-less when
+    its text up to there takes max_seq_len tokens or more. Tokenizing every record at load would cost about as much as
+    an epoch of tokenization; instead, since a byte-level BPE token covers at least one byte, a prefix shorter in UTF-8
+    bytes than max_seq_len surely fits, and only the remaining prefixes are tokenized, in batches. (A tokenizer whose
+    tokens could be shorter than a byte would only be under-counted: never a false alarm.)
+    """
+
+    BATCH = 512  # prefixes per encode_batch call
+
+    def __init__(self, tokenizer: Tokenizer, max_seq_len: int):
+        self.tokenizer, self.max_seq_len = tokenizer, max_seq_len
+        self.count = 0
+        self.first: str | None = None  # path:lineno of the first label-less record
+        self.fewest: int | None = None  # fewest tokens before a reply among label-less records
+        self._pending: list[tuple[str, str]] = []  # (where, prefix) awaiting tokenization, in file order
+        self._last: str | None = None  # the last record counted (a pair's two conversations count once)
+
+    def add(self, messages: Sequence[dict], where: str) -> None:
+        text = self.tokenizer.apply_chat_template(messages)
+        at = text.find(ASSISTANT_HEADER)
+        if at >= 0:
+            end = at + len(ASSISTANT_HEADER)
+        else:  # a template whose assistant header differs: its renderer says where the first reply starts
+            _, spans = assistant_char_spans(self.tokenizer, messages)
+            if not spans:
+                return
+            end = spans[0][0]
+        prefix = text[:end]
+        if len(prefix.encode("utf-8")) < self.max_seq_len:
+            return
+        self._pending.append((where, prefix))
+        if len(self._pending) >= self.BATCH:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._pending:
+            return
+        lengths = [len(ids) for ids in self.tokenizer.encode_batch([p for _, p in self._pending])]
+        for (where, _), n in zip(self._pending, lengths):
+            if n < self.max_seq_len:
+                continue
+            self.fewest = n if self.fewest is None else min(self.fewest, n)
+            if where != self._last:
+                self.count += 1
+                self.first = self.first or where
+                self._last = where
+        self._pending.clear()
 
 
 def _require_records(n: int, path: str | Path, bad: BadLines) -> None:
@@ -479,6 +581,10 @@ class PretrainDataset(Dataset):
             meta = json.loads(meta_path.read_text())
         except json.JSONDecodeError as exc:
             raise DataError(f"{meta_path}: malformed JSON ({exc.msg})") from exc
+        if not isinstance(meta, dict):
+            raise DataError(
+                f"{meta_path}: expected a JSON object (as tools/prepare_data.py writes), got {type(meta).__name__}"
+            )
         n_bytes = os.path.getsize(self.path)
         expected = {
             "dtype": np.dtype(TOKEN_DTYPE).name,
@@ -494,6 +600,15 @@ class PretrainDataset(Dataset):
                 )
         if n_bytes % np.dtype(TOKEN_DTYPE).itemsize:
             raise DataError(f"{self.path}: size {n_bytes} bytes is not a whole number of uint16 tokens")
+        # The sidecar vouches for the tokenizer, not for every id: a file written by another tool, or damaged, can hold
+        # an id past the vocabulary, which the embedding lookup would only hit (IndexError) somewhere mid-run.
+        if expected["tokens"]:
+            at = first_id_at_least(np.memmap(self.path, dtype=TOKEN_DTYPE, mode="r"), tokenizer.vocab_size)
+            if at is not None:
+                raise DataError(
+                    f"{self.path}: token {at[0]:,} (counting from 0) is id {at[1]}, past the {tokenizer.vocab_size} "
+                    f"ids of tokenizer {tokenizer.source}; re-run tools/prepare_data.py with this tokenizer"
+                )
         self._bad.count = int(meta.get("bad_lines", 0))  # skipped when the file was written
         self._bad.reasons = list(meta.get("bad_line_reasons", []))
         return expected["tokens"], int(meta.get("documents", 0))
@@ -519,14 +634,40 @@ class _IndexedJsonl(Dataset):
     validate=True (default) parses and checks every record while indexing (about 90 MiB/s: 13 s for a 1.2 GB file),
     so bad lines surface, or are skipped, before training. validate=False only records offsets (about 500 MiB/s); a
     bad record then raises its DataError (path:lineno) when it is first read, and skip_bad_lines has no effect.
+
+    probe(checked fields, where) is called for every valid record while validating (see LabelProbe): label_less is
+    then the number of records that keep no label at this max_seq_len (None when not validated or not probed).
     """
 
-    def __init__(self, path: str | Path, check: Callable[[dict, str], Any], skip_bad_lines: bool, validate: bool):
+    def __init__(
+        self,
+        path: str | Path,
+        check: Callable[[dict, str], Any],
+        skip_bad_lines: bool,
+        validate: bool,
+        probe: LabelProbe | None = None,
+        probe_fields: Callable[[Any], Sequence[Sequence[dict]]] = lambda fields: (fields,),
+    ):
         self.path = str(path)
         self._check = check
         self._bad = BadLines(skip_bad_lines)
-        self.index = JsonlIndex(path, validate=check if validate else None, bad=self._bad)
+        self.label_probe = probe if validate else None
+        on_record = check
+        if self.label_probe is not None:
+
+            def on_record(obj: dict, where: str) -> None:
+                for messages in probe_fields(check(obj, where)):
+                    probe.add(messages, where)
+
+        self.index = JsonlIndex(path, validate=on_record if validate else None, bad=self._bad)
+        if self.label_probe is not None:
+            self.label_probe.flush()
         _require_records(len(self.index), path, self._bad)
+
+    @property
+    def label_less(self) -> int | None:
+        """Records whose conversation(s) keep no assistant token at this max_seq_len (None: not counted)."""
+        return None if self.label_probe is None else self.label_probe.count
 
     @property
     def bad_lines(self) -> int:
@@ -561,8 +702,8 @@ class SFTDataset(_IndexedJsonl):
         skip_bad_lines: bool = False,
         validate: bool = True,
     ):
-        super().__init__(path, check_sft, skip_bad_lines, validate)
         self.encoder = ChatEncoder(tokenizer, max_seq_len)
+        super().__init__(path, check_sft, skip_bad_lines, validate, LabelProbe(tokenizer, max_seq_len))
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         _, messages = self._record(i)
@@ -582,8 +723,10 @@ class DPODataset(_IndexedJsonl):
         skip_bad_lines: bool = False,
         validate: bool = True,
     ):
-        super().__init__(path, check_dpo, skip_bad_lines, validate)
         self.encoder = ChatEncoder(tokenizer, max_seq_len)
+        # A pair whose chosen or rejected answer is cut away compares a log-prob of 0 (no tokens) with the other one.
+        probe = LabelProbe(tokenizer, max_seq_len)
+        super().__init__(path, check_dpo, skip_bad_lines, validate, probe, probe_fields=lambda pair: pair)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         _, (chosen, rejected) = self._record(i)
@@ -605,6 +748,9 @@ class RLPromptDataset(_IndexedJsonl):
     "prompt_text": str, "record": dict} where record is the raw JSON object (extra fields such as "answer" stay
     reachable for rewards). A prompt longer than max_prompt_len keeps its LAST tokens (the generation prompt must
     survive); prompt_text is then the decoding of the kept tokens.
+
+    require: {field: why} top-level fields every record must have (e.g. {"answer": "--reward rule compares each
+    reply with it"}); a record without one is a bad line (path:lineno), found in the same single pass as the rest.
     """
 
     def __init__(
@@ -614,10 +760,12 @@ class RLPromptDataset(_IndexedJsonl):
         max_prompt_len: int,
         skip_bad_lines: bool = False,
         validate: bool = True,
+        require: dict[str, str] | None = None,
     ):
         if max_prompt_len < 1:
             raise ValueError(f"max_prompt_len must be >= 1, got {max_prompt_len}")
-        super().__init__(path, prompt_messages, skip_bad_lines, validate)
+        check = functools.partial(check_prompt, require=tuple((require or {}).items()))
+        super().__init__(path, check, skip_bad_lines, validate)
         self.tokenizer, self.max_prompt_len = tokenizer, max_prompt_len
 
     def __getitem__(self, i: int) -> dict[str, Any]:

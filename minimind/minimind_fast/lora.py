@@ -33,9 +33,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -45,6 +42,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from minimind_fast import checkpoint as ckpt
 from minimind_fast.config import MiniMindConfig
 
 ADAPTER_FILE, ADAPTER_CONFIG_FILE, STATE_FILE, MANIFEST_FILE = (
@@ -296,14 +294,6 @@ def remove_lora(model: nn.Module, merge: bool = True) -> None:
 
 
 # ------------------------------------------------------------------------------------------------- adapter folders
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def save_adapter(
     folder: str | Path,
     model: nn.Module,
@@ -316,31 +306,21 @@ def save_adapter(
     meta), optional train_state.pt, and manifest.json (size and sha256 of every file) last. Replaces any previous
     folder at that path. Only A and B are written, so saving a merged model saves the same adapter."""
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
     cfg = adapter_config_of(model, base_checkpoint)
     tensors = lora_state_dict(model)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    # The same temporary-folder, manifest and publish steps as model checkpoints: every kill point leaves a complete
+    # folder (or one the next save recovers), and a dead writer's leftovers are cleaned.
+    tmp, tag = ckpt.new_temp_folder(folder)
     try:
         save_file(tensors, str(tmp / ADAPTER_FILE), metadata={"format": "pt", "rank": str(cfg.rank)})
         payload = {"adapter": asdict(cfg), "args": args or {}, "meta": meta or {}}
         (tmp / ADAPTER_CONFIG_FILE).write_text(json.dumps(payload, indent=2, default=str) + "\n")
         if train_state is not None:
             torch.save(train_state, tmp / STATE_FILE)
-        files = sorted(p.name for p in tmp.iterdir())
-        manifest = {n: {"bytes": (tmp / n).stat().st_size, "sha256": _sha256(tmp / n)} for n in files}
-        with open(tmp / MANIFEST_FILE, "w") as f:
-            json.dump(manifest, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        if folder.exists():
-            old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
-            os.replace(folder, old)
-            os.replace(tmp, folder)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, folder)
+        ckpt.write_manifest(tmp)
+        ckpt.publish(tmp, folder, tag)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        ckpt.discard(tmp, tag)
         raise
     return folder
 

@@ -14,7 +14,9 @@ Dh head_dim, E routed experts, K experts per token, F FFN width, N = B*T tokens,
 
 from __future__ import annotations
 
+import contextlib
 import math
+import re
 from dataclasses import dataclass
 
 import torch
@@ -139,14 +141,16 @@ class ExpertBank(nn.Module):
     """The routed experts' weights, stacked for grouped GEMMs: gate/up [E, F, D], down [E, D, F].
 
     In a state dict they appear under MiniMind's per-expert names (experts.{e}.gate_proj.weight, ...), so checkpoints
-    interchange with MiniMind2-MoE and with implementations that keep one Linear per expert.
+    interchange with MiniMind2-MoE and with implementations that keep one Linear per expert. Those names are not
+    attribute paths: code that maps state-dict keys back to parameters (torch.distributed.checkpoint.state_dict walks
+    every key with getattr and shards or gathers a value under its parameter's own name) must run inside
+    stacked_expert_names(model) and convert at the file boundary with split_expert_state / stack_expert_state.
     """
-
-    _NAMES = (("w_gate", "gate_proj"), ("w_up", "up_proj"), ("w_down", "down_proj"))
 
     def __init__(self, n_experts: int, hidden: int, ffn: int):
         super().__init__()
         self.n_experts = n_experts
+        self.per_expert_names = True
         self.w_gate = nn.Parameter(torch.empty(n_experts, ffn, hidden))
         self.w_up = nn.Parameter(torch.empty(n_experts, ffn, hidden))
         self.w_down = nn.Parameter(torch.empty(n_experts, hidden, ffn))
@@ -155,17 +159,77 @@ class ExpertBank(nn.Module):
 
     @staticmethod
     def _split_state_dict(module, state_dict, prefix, local_metadata):
-        for stacked, name in ExpertBank._NAMES:
-            w = state_dict.pop(prefix + stacked)
-            for e in range(module.n_experts):
-                state_dict[f"{prefix}{e}.{name}.weight"] = w[e].detach().clone() if not w.requires_grad else w[e]
+        if module.per_expert_names:
+            _split_bank(state_dict, prefix, module.n_experts)
 
     @staticmethod
     def _stack_state_dict(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors):
-        for stacked, name in ExpertBank._NAMES:
-            keys = [f"{prefix}{e}.{name}.weight" for e in range(module.n_experts)]
-            if all(k in state_dict for k in keys):
-                state_dict[prefix + stacked] = torch.stack([state_dict.pop(k) for k in keys])
+        _stack_bank(state_dict, prefix, module.n_experts)
+
+
+# ExpertBank parameter -> MiniMind's per-expert Linear name.
+_BANK_NAMES = (("w_gate", "gate_proj"), ("w_up", "up_proj"), ("w_down", "down_proj"))
+# "<prefix>experts.w_gate" (not shared_experts): a bank's stacked key, as torch.distributed.checkpoint names it.
+_STACKED_KEY = re.compile(r"^(?P<prefix>(?:.*\.)?experts\.)(?:w_gate|w_up|w_down)$")
+_PER_EXPERT_KEY = re.compile(r"^(?P<prefix>(?:.*\.)?experts\.)(?P<e>\d+)\.(?:gate|up|down)_proj\.weight$")
+
+
+def _split_bank(state_dict: dict, prefix: str, n_experts: int) -> None:
+    """In place: prefix+w_gate [E, ...] -> prefix+{e}.gate_proj.weight for e < E (likewise up, down)."""
+    for stacked, name in _BANK_NAMES:
+        if prefix + stacked not in state_dict:
+            continue
+        w = state_dict.pop(prefix + stacked)
+        for e in range(n_experts):
+            # A state dict without keep_vars holds detached tensors: clone so that no entry pins the whole stack.
+            state_dict[f"{prefix}{e}.{name}.weight"] = w[e] if w.requires_grad else w[e].detach().clone()
+
+
+def _stack_bank(state_dict: dict, prefix: str, n_experts: int) -> None:
+    """In place, the inverse of _split_bank, for each projection whose E per-expert keys are all present."""
+    for stacked, name in _BANK_NAMES:
+        keys = [f"{prefix}{e}.{name}.weight" for e in range(n_experts)]
+        if all(k in state_dict for k in keys):
+            state_dict[prefix + stacked] = torch.stack([state_dict.pop(k) for k in keys])
+
+
+def split_expert_state(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A copy of a full state dict taken inside stacked_expert_names, with every bank under MiniMind's per-expert
+    names (what model.state_dict() gives): what a checkpoint file stores."""
+    out = dict(state_dict)
+    for key, value in state_dict.items():
+        m = _STACKED_KEY.match(key)
+        if m:
+            _split_bank(out, m["prefix"], value.shape[0])
+    return out
+
+
+def stack_expert_state(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A copy of a full state dict with per-expert keys stacked back under the banks' parameter names: what
+    torch.distributed.checkpoint.state_dict's loaders match against the model's parameters."""
+    out = dict(state_dict)
+    counts: dict[str, int] = {}
+    for key in state_dict:
+        m = _PER_EXPERT_KEY.match(key)
+        if m:
+            counts[m["prefix"]] = max(counts.get(m["prefix"], 0), int(m["e"]) + 1)
+    for prefix, n_experts in counts.items():
+        _stack_bank(out, prefix, n_experts)
+    return out
+
+
+@contextlib.contextmanager
+def stacked_expert_names(model: nn.Module):
+    """Within the block, every ExpertBank in model (plain, DDP-, FSDP2- or compile-wrapped) states its parameters
+    under their own names (experts.w_gate [E, F, D], ...), so each state-dict key is an attribute path."""
+    banks = [m for m in model.modules() if isinstance(m, ExpertBank)]
+    for bank in banks:
+        bank.per_expert_names = False
+    try:
+        yield model
+    finally:
+        for bank in banks:
+            bank.per_expert_names = True
 
 
 class MoEFeedForward(nn.Module):

@@ -46,8 +46,17 @@ def write_lines(path, lines) -> str:
     return str(path)
 
 
+# MiniMind2's template opens a conversation without a system message with this system turn.
+DEFAULT_SYSTEM = {"role": "system", "content": "You are a helpful assistant"}
+
+
+def with_system(messages):
+    return messages if messages[0]["role"] == "system" else [DEFAULT_SYSTEM, *messages]
+
+
 def expected_from_pieces(tokenizer, messages):
     """ids and mask built by encoding the three pieces of every turn on their own."""
+    messages = with_system(messages)
     ids, mask = [], []
     for m in messages:
         head = tokenizer.encode(f"<|im_start|>{m['role']}\n")
@@ -344,7 +353,7 @@ def test_rl_prompts_drop_last_assistant_and_left_pad(tokenizer, tmp_path):
     items = [ds[i] for i in range(3)]
     prompts = [CONVERSATION[:4], records[1]["conversations"][:1], records[2]["conversations"]]
     for item, messages, record in zip(items, prompts, records):
-        want = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+        want = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in with_system(messages))
         want += "<|im_start|>assistant\n"
         assert item["prompt_text"] == want
         assert item["prompt_ids"].tolist() == tokenizer.encode(want)

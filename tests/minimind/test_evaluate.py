@@ -85,7 +85,8 @@ def test_perplexity_of_sft_data_scores_only_the_assistant_reply(tmp_path, tokeni
     got = ev.perplexity(model, tokenizer, path, batch_size=2)
     total, count = 0.0, 0
     for q, a in convs:
-        prompt = tokenizer.encode(f"<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n")
+        system = "<|im_start|>system\nYou are a helpful assistant<|im_end|>\n"  # the template's default system turn
+        prompt = tokenizer.encode(f"{system}<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n")
         reply = tokenizer.encode(f"{a}<|im_end|>\n")
         ids = prompt + reply
         assert ids == tokenizer.encode(

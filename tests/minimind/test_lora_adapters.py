@@ -192,3 +192,35 @@ def test_loading_onto_the_wrong_base_or_a_damaged_file_is_a_clear_error(tmp_path
     ckpt.save_checkpoint(tmp_path / "full", _model(), _model().config)
     with pytest.raises(lora.AdapterError, match="model checkpoint, not an adapter"):
         lora.load_adapter(_model(), tmp_path / "full")
+
+
+def test_adapter_save_replaces_in_place_and_cleans_a_dead_writers_leftovers(tmp_path, monkeypatch):
+    """Adapter folders go through checkpoint.py's temporary-folder and publish steps: a second save replaces the first
+    whole, a temporary folder left by a killed writer (its pid gone) is removed, and an exception mid-write leaves
+    the published folder as it was and no temporary behind."""
+    import socket
+
+    model = _model()
+    lora.apply_lora(model, rank=4)
+    _randomise_adapters(model, seed=1)
+    folder = lora.save_adapter(tmp_path / "ad", model)
+    first = (folder / "adapter.safetensors").read_bytes()
+    dead = tmp_path / f".ad.tmp-{socket.gethostname()}-{2**22 + 12345}-deadbeef"  # above Linux's default pid_max
+    dead.mkdir()
+    (dead / "adapter.safetensors").write_bytes(b"half written")
+
+    _randomise_adapters(model, seed=2)
+    lora.save_adapter(tmp_path / "ad", model)
+    second = (folder / "adapter.safetensors").read_bytes()
+    assert second != first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ad"]
+    ckpt.verify_checkpoint(folder)
+
+    def torn(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(lora.torch, "save", torn)
+    with pytest.raises(OSError, match="disk full"):
+        lora.save_adapter(tmp_path / "ad", model, train_state={"step": 1})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ad"]
+    assert (folder / "adapter.safetensors").read_bytes() == second

@@ -3,16 +3,19 @@
 Round trips on varied text, the special ids, ChatML rendering checked against a string written out by hand, the
 saved folder read back by transformers with the same ids and chat template, and a tokenizer.json in MiniMind's own
 layout loading unchanged. The shipped files must also be exactly what tools/train_tokenizer.py makes from data/sample.
+Where the chat template of a loaded folder comes from is checked here; what the template renders, against MiniMind2's
+own, in test_template_fidelity.py.
 """
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from minimind_fast.tokenizer import CHAT_TEMPLATE, Tokenizer, TokenizerError
+from minimind_fast.tokenizer import ASSETS, CHAT_TEMPLATE, Tokenizer, TokenizerError
 from tools import train_tokenizer
 
 REPO = Path(__file__).resolve().parents[2]
@@ -93,11 +96,54 @@ def test_chat_template(tokenizer):
         [{"role": "bot", "content": "hi"}],
         [{"role": "user", "content": "hi"}, {"content": "no role"}],
         [{"role": "user", "content": 3}],
+        [{"role": "user", "content": ["a", "list"]}],
+        [{"role": "system", "content": None}, {"role": "user", "content": "hi"}],
+        [{"role": "assistant", "content": "", "tool_calls": [{"arguments": {}}]}],
+        [{"role": "assistant", "content": "", "tool_calls": [{"name": "f"}]}],
+        [{"role": "assistant", "content": "", "tool_calls": {"name": "f", "arguments": {}}}],
+        "not a list of messages",
     ],
 )
 def test_bad_messages_raise(tokenizer, messages):
+    """The template would drop an unknown role or render other content as empty text; a training record like that is
+    refused instead."""
     with pytest.raises(TokenizerError):
         tokenizer.apply_chat_template(messages)
+
+
+def test_bad_tools_raise(tokenizer):
+    with pytest.raises(TokenizerError, match=r"tools\[1\] must be a JSON-schema object"):
+        tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tools=[{"name": "f"}, len])
+    with pytest.raises(TokenizerError, match=r"tools\[0\] is not JSON-serialisable"):
+        tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tools=[{"f": {1, 2}}])
+
+
+def test_template_source_of_a_loaded_folder(tmp_path):
+    """chat_template.jinja, else tokenizer_config.json's chat_template (a string, or transformers' named list), else
+    ours; also when the tokenizer.json file itself is named. A template that cannot render names the tokenizer."""
+    shutil.copy(ASSETS / "tokenizer.json", tmp_path / "tokenizer.json")
+    config = tmp_path / "tokenizer_config.json"
+    assert Tokenizer.load(tmp_path).chat_template == CHAT_TEMPLATE
+    x = [{"role": "user", "content": "x"}]
+    config.write_text(json.dumps({"chat_template": "{{ messages[0].content }}|cfg"}))
+    assert Tokenizer.load(tmp_path / "tokenizer.json").apply_chat_template(x) == "x|cfg"
+    (tmp_path / "chat_template.jinja").write_text("{{ messages[0].content }}|file")
+    assert Tokenizer.load(tmp_path).apply_chat_template(x) == "x|file"
+    (tmp_path / "chat_template.jinja").unlink()
+    named = [{"name": "default", "template": "plain"}, {"name": "tool_use", "template": "{{ tools | length }} tools"}]
+    config.write_text(json.dumps({"chat_template": named}))
+    tok = Tokenizer.load(tmp_path)
+    assert tok.apply_chat_template([]) == "plain" and tok.apply_chat_template([], tools=[{}, {}]) == "2 tools"
+    assert json.loads((tok.save(tmp_path / "saved") / "tokenizer_config.json").read_text())["chat_template"] == named
+    config.write_text(json.dumps({"chat_template": "{{ raise_exception('no such thing') }}"}))
+    with pytest.raises(TokenizerError, match="chat template: no such thing"):
+        Tokenizer.load(tmp_path).apply_chat_template([])
+    config.write_text(json.dumps({"chat_template": "{% if %}"}))
+    with pytest.raises(TokenizerError, match=r"tokenizer\.json: its chat template failed \(TemplateSyntaxError"):
+        Tokenizer.load(tmp_path).apply_chat_template([])
+    config.write_text("{not json")
+    with pytest.raises(TokenizerError, match=r"tokenizer_config\.json: not readable JSON"):
+        Tokenizer.load(tmp_path)
 
 
 def test_save_load_round_trip(tokenizer, tmp_path):

@@ -87,7 +87,8 @@ def test_clear_forgets_history_and_pretrain_mode_continues_raw_text(checkpoint, 
     assert chat.main(["--load", str(checkpoint), "--history", "3", "--show_prompt", "--max_new_tokens", "3"]) == 0
     out = capsys.readouterr().out
     assert "(history cleared)" in out
-    assert "[prompt] '<|im_start|>user\\nbeta<|im_end|>\\n<|im_start|>assistant\\n'" in out
+    system = "<|im_start|>system\\nYou are a helpful assistant<|im_end|>\\n"  # the template's default system turn
+    assert f"[prompt] '{system}<|im_start|>user\\nbeta<|im_end|>\\n<|im_start|>assistant\\n'" in out
 
     monkeypatch.setattr(sys, "stdin", io.StringIO("The sea\nThe sky\n"))
     args = ["--load", str(checkpoint), "--mode", "pretrain", "--history", "3", "--show_prompt", "--max_new_tokens", "3"]
