@@ -35,6 +35,7 @@ if str(REPO_ROOT) not in sys.path:  # `python train/x.py`: train/ is on sys.path
 import minimind_kernels as kernels  # noqa: E402
 from minimind_fast import checkpoint as ckpt  # noqa: E402
 from minimind_fast.config import MiniMindConfig, from_preset  # noqa: E402
+from minimind_fast.lora import arch_of  # noqa: E402
 from minimind_fast.model import MiniMind, split_expert_state, stack_expert_state, stacked_expert_names  # noqa: E402
 from minimind_fast.tokenizer import Tokenizer  # noqa: E402
 from train import checks  # noqa: E402
@@ -446,9 +447,9 @@ def load_init_weights(model: MiniMind, from_weight: str) -> None:
     path = Path(from_weight)
     if is_pth(from_weight):
         cfg, sd = read_pth(path)
-        if _arch(cfg) != _arch(model.config):
-            here = {k: v for k, v in _arch(model.config).items() if _arch(cfg)[k] != v}
-            there = {k: _arch(cfg)[k] for k in here}
+        if arch_of(cfg) != arch_of(model.config):
+            here = {k: v for k, v in arch_of(model.config).items() if arch_of(cfg)[k] != v}
+            there = {k: arch_of(cfg)[k] for k in here}
             checks.fail(
                 f"error: --from_weight {path} holds {there}, the configured model has {here} "
                 "(choose the matching --preset / --use_moe)"
@@ -460,24 +461,9 @@ def load_init_weights(model: MiniMind, from_weight: str) -> None:
         cfg, _ = ckpt.load_config(path)
     except ckpt.CheckpointError as exc:
         checks.fail(f"error: --from_weight: {exc}")
-    if _arch(cfg) != _arch(model.config):
+    if arch_of(cfg) != arch_of(model.config):
         checks.fail(f"error: --from_weight {path} holds a different architecture than the one configured")
     ckpt.load_model_weights(model, path)
-
-
-def _arch(cfg: MiniMindConfig) -> dict[str, Any]:
-    keys = (
-        "hidden_size",
-        "num_hidden_layers",
-        "num_attention_heads",
-        "num_key_value_heads",
-        "intermediate_size",
-        "vocab_size",
-        "use_moe",
-        "n_routed_experts",
-        "n_shared_experts",
-    )
-    return {k: getattr(cfg, k) for k in keys}
 
 
 # ---------------------------------------------------------------------------------------------- optimizer + schedule
