@@ -455,6 +455,10 @@ class MiniMind(nn.Module):
             out.logits = F.linear(h, self.lm_head.weight)
         if labels is not None:
             out.loss = self._loss(hidden_BTD, labels, loss_reduction, token_weight, ignore_index)
+            if aux_total is not None:
+                # A batch without one labelled target trains nothing, the routers' balance included: a step made of
+                # such batches then has a zero gradient, which the SFT-type stages skip. A tensor factor, no sync.
+                out.aux_loss = aux_total * (labels[:, 1:] != ignore_index).any()
         return out
 
     def _loss(self, hidden_BTD, labels_BT, reduction, token_weight_BT, ignore_index):

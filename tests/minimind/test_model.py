@@ -208,3 +208,23 @@ def test_left_padding_with_attention_mask_matches_unpadded():
 def test_impossible_configs_fail_with_a_reason(kw, msg):
     with pytest.raises(ConfigError, match=msg):
         MiniMindConfig(**kw)
+
+
+def test_moe_batch_without_labels_trains_nothing():
+    """The balance loss of a batch with no labelled target is zero (with its gradient), so a label-less SFT step has a
+    zero gradient and is skipped; with labels it is the balance loss the model computes without them."""
+    torch.manual_seed(0)
+    model = MiniMind(from_preset("tiny", use_moe=True, aux_loss_alpha=0.1))
+    model.train()
+    ids = torch.randint(3, 200, (2, 12))
+    free = model(ids).aux_loss
+    assert free is not None and float(free) > 0
+    with_labels = model(ids, labels=ids)
+    assert torch.equal(with_labels.aux_loss, free)
+    none = model(ids, labels=torch.full_like(ids, -100))
+    assert float(none.aux_loss) == 0.0
+    none.aux_loss.backward()
+    assert all(p.grad is None or not p.grad.any() for p in model.parameters())
+    last_only = torch.full_like(ids, -100)
+    last_only[:, -1] = ids[:, -1]  # one labelled target per row: the balance loss counts again
+    assert torch.equal(model(ids, labels=last_only).aux_loss, free)
