@@ -571,10 +571,12 @@ def _pth_shapes(
             f"not a weights-only PyTorch state dict ({why.group(1) if why else one_line(exc)})",
             MODEL_SOURCE,
         )
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+    try:  # DDP ("module.") and torch.compile ("_orig_mod.") prefixes dropped, as when the .pth is loaded
+        if not isinstance(sd, dict):
+            raise ckpt.StateDictError("not a dict")
+        sd = ckpt.clean_state_keys(sd)
+    except ckpt.StateDictError:
         bad(flag, value, f"holds a {type(sd).__name__}, not a state dict of tensors", MODEL_SOURCE)
-    # DDP ("module.") and torch.compile ("_orig_mod.") prefixes, as tools/export.py import-pth drops them.
-    sd = {re.sub(r"^(module\.|_orig_mod\.)+", "", k).replace("._orig_mod.", "."): v for k, v in sd.items()}
     if want is not None:
         return {k: tuple(v.shape) for k, v in sd.items()}, want
     try:
