@@ -888,11 +888,6 @@ def _why(exc: ckpt.CheckpointError, folder: Path) -> str:
     return text
 
 
-def _refuse(message: str) -> typing.NoReturn:
-
-    checks.fail(message)
-
-
 def check_tokenizer(args: Any, tokenizer: Tokenizer, config: MiniMindConfig, start: str | None) -> None:
     """The tokenizer a stage trains with must be the one the checkpoint it starts from (--from_weight) was trained
     with, and must fit its embedding: with another, every token id means another token and training goes on silently
@@ -918,7 +913,7 @@ def check_tokenizer(args: Any, tokenizer: Tokenizer, config: MiniMindConfig, sta
     if getattr(args, "allow_tokenizer_change", False):
         print(f"warning: {what}: {'; '.join(problems)}; training with it as --allow_tokenizer_change 1 asks")
         return
-    _refuse(
+    checks.fail(
         f"error: {what}: {'; '.join(problems)} (expected the tokenizer saved with the checkpoint: omit --tokenizer "
         f"or pass --tokenizer {start}; --allow_tokenizer_change 1 trains with this one anyway)"
     )
@@ -932,7 +927,7 @@ def _pick_resume(rdir: Path, now: dict[str, Any], args: Any, rt: Runtime) -> tup
     found = step_dirs(rdir)
     if not found:
         why = "the folder does not exist" if not rdir.is_dir() else "it holds no step_N folders"
-        _refuse(
+        checks.fail(
             f"error: --from_resume 1: no resume checkpoint under {rdir} ({why}; expected the step_N folders of an "
             f"earlier run with --out_dir {args.out_dir} --save_weight {args.save_weight}, or drop --from_resume to "
             "start fresh)"
@@ -976,7 +971,9 @@ def _pick_resume(rdir: Path, now: dict[str, Any], args: Any, rt: Runtime) -> tup
                 print(f"warning: --from_resume: continuing {p.name}, whose run {what}")
         return p, saved or {}, state
     hint = "; ".join(sorted(hints) + ["drop --from_resume to start fresh"])
-    _refuse(f"error: --from_resume 1: no checkpoint under {rdir} can continue this run: {'; '.join(problems)} ({hint})")
+    checks.fail(
+        f"error: --from_resume 1: no checkpoint under {rdir} can continue this run: {'; '.join(problems)} ({hint})"
+    )
 
 
 def restore_resume(
