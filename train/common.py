@@ -12,7 +12,6 @@ import datetime
 import functools
 import inspect
 import json
-import math
 import os
 import re
 import shutil
@@ -38,7 +37,7 @@ from minimind_fast.config import MiniMindConfig, from_preset  # noqa: E402
 from minimind_fast.lora import arch_of  # noqa: E402
 from minimind_fast.model import MiniMind, split_expert_state, stack_expert_state, stacked_expert_names  # noqa: E402
 from minimind_fast.tokenizer import Tokenizer  # noqa: E402
-from train import checks  # noqa: E402
+from train import checks, step  # noqa: E402
 
 
 # ----------------------------------------------------------------------------------------------------------- arguments
@@ -272,13 +271,6 @@ def wrap_model(model: torch.nn.Module, rt: Runtime, fsdp: bool = False) -> torch
     return DistributedDataParallel(model, device_ids=[rt.device.index] if rt.is_cuda else None)
 
 
-def clip_grad_norm(model: torch.nn.Module, max_norm: float) -> torch.Tensor:
-    """Clip the global gradient norm (0 = measure only); returns the norm before clipping as a plain tensor, also
-    when FSDP2 gradients are sharded DTensors."""
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm if max_norm > 0 else float("inf"))
-    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-
-
 def any_rank(flag: bool, rt: Runtime) -> bool:
     """True on every rank if it is true on any (so all ranks stop, or save, at the same step)."""
     if rt.world_size == 1:
@@ -464,40 +456,6 @@ def load_init_weights(model: MiniMind, from_weight: str) -> None:
     if arch_of(cfg) != arch_of(model.config):
         checks.fail(f"error: --from_weight {path} holds a different architecture than the one configured")
     ckpt.load_model_weights(model, path)
-
-
-# ---------------------------------------------------------------------------------------------- optimizer + schedule
-def build_optimizer(
-    model: torch.nn.Module, lr: float, weight_decay: float = 0.01, betas: tuple[float, float] = (0.9, 0.999)
-) -> torch.optim.AdamW:
-    """AdamW; weight decay on matrices only (norm gains are not decayed). Fused on CUDA."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
-    on_cuda = any(p.is_cuda for p in params)
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=on_cuda or None)
-
-
-def lr_at(step: int, total_steps: int, lr: float, warmup_steps: int = 0) -> float:
-    """MiniMind's schedule: lr * (0.1 + 0.45 * (1 + cos(pi * t / T))), cosine from lr down to 0.1 * lr,
-    after an optional linear warmup over warmup_steps."""
-    if step < warmup_steps:
-        return lr * (step + 1) / warmup_steps
-    t, T = step - warmup_steps, max(total_steps - warmup_steps, 1)
-    return lr * (0.1 + 0.45 * (1 + math.cos(math.pi * min(t, T) / T)))
-
-
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    for g in optimizer.param_groups:
-        g["lr"] = lr
-
-
-def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
-    """The sample order of one epoch: a permutation that depends only on (seed, epoch), so resume replays it."""
-    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return torch.randperm(n, generator=g)
 
 
 # -------------------------------------------------------------------------------------------------------- throughput
@@ -1069,44 +1027,7 @@ def _in_main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
-class NonFiniteGuard:
-    """Decides whether an optimizer step may be taken: a NaN/inf gradient norm skips it (weights and optimizer state
-    stay as they were) and is counted; max_bad_steps in a row stop the run, naming the last checkpoint written (it
-    holds the weights from before the streak). The norm is the all-reduced one, so every rank decides alike.
-
-    With skip_zero (the stages whose loss covers labelled tokens only: sft, lora, distill, distill_reason), a norm of
-    exactly 0 skips the step too, counted in .empty: no token of the step had a label (every conversation cut before
-    its answer, see train/checks.report_dataset), and AdamW would still move the weights by weight decay and stale
-    momentum. The RL stages keep their steps: there a zero gradient is a legitimate outcome (equal rewards)."""
-
-    def __init__(self, args: Any, rt: Runtime, metrics: MetricsLog):
-        self.args, self.rt, self.metrics = args, rt, metrics
-        self.skipped, self.streak, self.empty = 0, 0, 0
-
-    def ok(self, grad_norm: torch.Tensor, step: int, skip_zero: bool = False) -> bool:
-        if bool(torch.isfinite(grad_norm).all()):
-            self.streak = 0
-            if skip_zero and bool((grad_norm == 0).all()):
-                self.empty += 1
-                if self.rt.is_main and self.empty & (self.empty - 1) == 0:  # the 1st, 2nd, 4th, 8th, ... one
-                    tqdm.write(f"step {step}: zero gradient (no labelled token), step skipped ({self.empty} so far)")
-                return False
-            return True
-        self.skipped, self.streak = self.skipped + 1, self.streak + 1
-        if self.rt.is_main:
-            tqdm.write(f"step {step}: non-finite loss or gradient, step skipped ({self.skipped} so far)")
-        if self.streak >= self.args.max_bad_steps:
-            self.metrics.write({"step": step, "skipped_steps": self.skipped, "stopped": "non-finite"})
-            run = getattr(self.args, "_run", None) or {}
-            last = latest_resume(self.args.out_dir, self.args.save_weight, instance=run.get("instance"))
-            raise SystemExit(  # a failed run, not a bad setting: exit status 1
-                f"error: {self.streak} non-finite steps in a row; stopping. Last good checkpoint: "
-                f"{last if last is not None else 'none written yet'}"
-            )
-        return False
-
-
-def start_run(args: Any, rt: Runtime, start_step: int, summary: str) -> tuple[MetricsLog, NonFiniteGuard]:
+def start_run(args: Any, rt: Runtime, start_step: int, summary: str) -> tuple[MetricsLog, step.NonFiniteGuard]:
     """Print the run's start-up summary (rank 0) and open its metrics, {out_dir}/{save_weight}_metrics.jsonl (written
     by rank 0 only; when resuming at step S, the records of steps after S, which the run is about to log again, are
     dropped first) with the trackers asked for (--wandb / --swanlab), and its NonFiniteGuard."""
@@ -1118,7 +1039,12 @@ def start_run(args: Any, rt: Runtime, start_step: int, summary: str) -> tuple[Me
     if rt.is_main and start_step > 0:
         trim_metrics(path, start_step)
     metrics = MetricsLog(path, enabled=rt.is_main, append=start_step > 0, trackers=trackers)
-    return metrics, NonFiniteGuard(args, rt, metrics)
+
+    def last_good() -> Path | None:  # the newest checkpoint of this run: its weights are from before a streak
+        run = getattr(args, "_run", None) or {}
+        return latest_resume(args.out_dir, args.save_weight, instance=run.get("instance"))
+
+    return metrics, step.NonFiniteGuard(args.max_bad_steps, metrics, rt.is_main, last_good)
 
 
 def progress(start: int, total: int, desc: str, rt: Runtime) -> tqdm:
@@ -1239,39 +1165,3 @@ def open_dataset(cls: type, args: Any, tokenizer: Tokenizer, rt: Runtime) -> Any
         )
     checks.report_dataset(data, args, rt.is_main)
     return data
-
-
-def plan_steps(n_rows: int, rows_per_step: int, args: Any, rt: Runtime, what: str) -> tuple[int, int]:
-    """(optimizer steps per epoch, total steps) for n_rows rows of which one step reads rows_per_step (over all
-    ranks); --max_steps caps the total. Too few rows for one step is an error that says what to lower."""
-    steps_per_epoch = n_rows // rows_per_step
-    if steps_per_epoch == 0:
-        checks.fail(
-            f"error: {args.data_path} has {n_rows} {what}, fewer than one optimizer step needs ({rows_per_step} over "
-            f"{rt.world_size} rank{'s' * (rt.world_size > 1)}); lower --batch_size"
-        )
-    total = steps_per_epoch * args.epochs
-    return steps_per_epoch, min(total, args.max_steps) if args.max_steps else total
-
-
-def batch_index(within: int, micro: int, args: Any, rt: Runtime) -> int:
-    """Which batch_size-row slice of the epoch order this rank reads at micro-batch `micro` of step `within` (of the
-    epoch). Rank r takes the r-th slice of each micro-batch, so the ranks together read exactly the rows that one
-    process with a world_size times larger batch would."""
-    return (within * args.accumulation_steps + micro) * rt.world_size + rt.rank
-
-
-def rank_rows(order: torch.Tensor, within: int, micro: int, args: Any, rt: Runtime) -> list[int]:
-    """The data indices of this rank's micro-batch (see batch_index)."""
-    b = batch_index(within, micro, args, rt)
-    return order[b * args.batch_size : (b + 1) * args.batch_size].tolist()
-
-
-def iterate_batches(dataset: Any, collate: Any, batch_size: int, seed: int, epoch: int, start_batch: int = 0) -> Any:
-    """Yield (batch_index, collated batch) for one epoch in the (seed, epoch) order, from start_batch on.
-
-    The last partial batch is dropped so every optimizer step sees the same number of sequences."""
-    order = epoch_order(len(dataset), seed, epoch)
-    for b in range(start_batch, len(dataset) // batch_size):
-        idx = order[b * batch_size : (b + 1) * batch_size]
-        yield b, collate([dataset[int(i)] for i in idx])

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from minimind_fast.data import IGNORE_INDEX, SFTDataset, collate_sft, tokenizer_fingerprint
 from minimind_fast.model import MiniMind, compute_dtype
 from minimind_fast.tokenizer import Tokenizer
-from train import checks, common
+from train import checks, common, step
 from train.common import arg
 from train.losses import chunked_distill_kl
 
@@ -121,14 +121,12 @@ def main(argv: list[str] | None = None) -> dict:
     check_same_vocab(student, teacher, tok, args.teacher)
 
     data = common.open_dataset(SFTDataset, args, tok, rt)
-    # One optimizer step = accumulation_steps micro-batches of batch_size conversations on each of world_size ranks.
-    rows_per_step = args.batch_size * args.accumulation_steps * rt.world_size
-    steps_per_epoch, total_steps = common.plan_steps(len(data), rows_per_step, args, rt, "conversations")
+    plan = step.Plan.of(args, len(data), rt, "conversations")
 
     wrapped = common.wrap_model(student, rt, fsdp=args.fsdp)
-    optimizer = common.build_optimizer(student, args.learning_rate, args.weight_decay)
+    optimizer = step.build_optimizer(student, args.learning_rate, args.weight_decay)
     start_step, _ = common.restore_resume(
-        args, rt, rows_per_step, student, optimizer, tokenizer=tok, start="none" if args.student_preset else None
+        args, rt, plan.rows_per_step, student, optimizer, tokenizer=tok, start="none" if args.student_preset else None
     )
     train_model = torch.compile(wrapped) if args.compile else wrapped
     teacher_fwd = torch.compile(teacher) if args.compile else teacher
@@ -136,88 +134,89 @@ def main(argv: list[str] | None = None) -> dict:
         f"distill: student {source}, {student.num_params():,} params; teacher {args.teacher}, "
         f"{teacher.num_params():,} params ({teacher.config.hidden_size} x {teacher.config.num_hidden_layers}); "
         f"on {common.describe_runtime(rt, args)}; {len(data)} conversations; batch {args.batch_size} x accum "
-        f"{args.accumulation_steps}; {total_steps} steps, lr {args.learning_rate:g}, alpha {args.alpha:g}, "
+        f"{args.accumulation_steps}; {plan.total_steps} steps, lr {args.learning_rate:g}, alpha {args.alpha:g}, "
         f"T {args.temperature:g}"
     )
     metrics, guard = common.start_run(args, rt, start_step, summary)
-    student.train()
+    # A step without a labelled token has a zero gradient and is skipped (skip_zero).
+    stepper = step.Stepper(student, wrapped, optimizer, rt, guard, args.accumulation_steps, args.grad_clip, True)
     t2 = args.temperature**2
-    order, order_epoch = None, -1
-    sums, count = torch.zeros(3, device=rt.device), 0  # loss, ce, kl summed over this rank's micro-batches
-    last_loss, tokens_since = float("nan"), 0
-    timer = common.Timer(rt.device)
-    bar = common.progress(start_step, total_steps, "distill", rt)
-    with common.StopFlag() as stop:
-        for step in bar:
-            epoch, within = divmod(step, steps_per_epoch)
-            if epoch != order_epoch:
-                order, order_epoch = common.epoch_order(len(data), args.seed, epoch), epoch
-            lr = common.lr_at(step, total_steps, args.learning_rate, args.warmup_steps)
-            common.set_lr(optimizer, lr)
-            for micro in range(args.accumulation_steps):
-                batch = collate_sft([data[i] for i in common.rank_rows(order, within, micro, args, rt)], tok.pad_id)
-                ids = batch["input_ids"].to(rt.device, non_blocking=True)
-                labels = batch["labels"].to(rt.device, non_blocking=True)
-                # Row t predicts labels[t + 1]: the KL counts on the rows whose next token is trained.
-                mask_N = F.pad(labels[:, 1:] != IGNORE_INDEX, (0, 1), value=False).reshape(-1)
-                with common.no_sync(wrapped, sync=micro == args.accumulation_steps - 1), rt.autocast():
-                    with torch.no_grad():
-                        t_hidden = teacher_fwd(ids, return_logits=False, return_hidden=True).hidden
-                    out = train_model(ids, labels=labels, return_hidden=True)
-                    dt = compute_dtype(out.hidden)
-                    # The head's weight is read after the forward: under FSDP2 the root (embedding = tied head)
-                    # stays gathered until its backward, so this is the full matrix.
-                    kl = chunked_distill_kl(
-                        out.hidden.reshape(-1, out.hidden.shape[-1]).to(dt),
-                        student.lm_head.weight.to(dt),
-                        t_hidden.reshape(-1, t_hidden.shape[-1]),
-                        teacher.lm_head.weight,
-                        args.temperature,
-                        mask_N,
-                        args.kl_chunk,
-                    )
-                    loss = args.alpha * out.loss + (1 - args.alpha) * t2 * kl
-                    if out.aux_loss is not None:
-                        loss = loss + out.aux_loss
-                    (loss / args.accumulation_steps).backward()
-                sums += torch.stack([loss.detach(), out.loss.detach(), kl.detach()]).float()
-                count += 1
-                tokens_since += int(mask_N.sum())
-            grad_norm = common.clip_grad_norm(student, args.grad_clip)
-            if guard.ok(grad_norm, step + 1, skip_zero=True):  # a step without a label is skipped
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+    sums = torch.zeros(3, device=rt.device)  # loss, ce, kl summed over this rank's micro-batches
+    counts = {"micro": 0, "tokens": 0}
 
-            done = step + 1
-            if done % args.log_interval == 0 or done == total_steps:
+    def micro_batches(s: int):
+        for rows in plan.micro_rows(s):
+            batch = collate_sft([data[i] for i in rows], tok.pad_id)
+            counts["micro"] += 1
+            counts["tokens"] += (batch["labels"][:, 1:] != IGNORE_INDEX).sum()  # on the CPU: no device sync
+            yield batch["input_ids"].to(rt.device, non_blocking=True), batch["labels"].to(rt.device, non_blocking=True)
+
+    def loss_fn(batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        nonlocal sums
+        ids, labels = batch
+        # Row t predicts labels[t + 1]: the KL counts on the rows whose next token is trained.
+        mask_N = F.pad(labels[:, 1:] != IGNORE_INDEX, (0, 1), value=False).reshape(-1)
+        with torch.no_grad():
+            t_hidden = teacher_fwd(ids, return_logits=False, return_hidden=True).hidden
+        out = train_model(ids, labels=labels, return_hidden=True)
+        dt = compute_dtype(out.hidden)
+        # The head's weight is read after the forward: under FSDP2 the root (embedding = tied head) stays gathered
+        # until its backward, so this is the full matrix.
+        kl = chunked_distill_kl(
+            out.hidden.reshape(-1, out.hidden.shape[-1]).to(dt),
+            student.lm_head.weight.to(dt),
+            t_hidden.reshape(-1, t_hidden.shape[-1]),
+            teacher.lm_head.weight,
+            args.temperature,
+            mask_N,
+            args.kl_chunk,
+        )
+        loss = args.alpha * out.loss + (1 - args.alpha) * t2 * kl
+        if out.aux_loss is not None:
+            loss = loss + out.aux_loss
+        sums += torch.stack([loss.detach(), out.loss.detach(), kl.detach()]).float()
+        return loss
+
+    student.train()
+    last_loss = float("nan")
+    timer = common.Timer(rt.device)
+    bar = common.progress(start_step, plan.total_steps, "distill", rt)
+    with common.StopFlag() as stop:
+        for s in bar:
+            lr = plan.set_lr(optimizer, s)
+            _, grad_norm = step.train_step(stepper, micro_batches(s), loss_fn)
+            done = s + 1
+            if plan.logs(done):
+                guard.read(done)
                 dt_s = timer.lap()
                 # The mean of the ranks' losses, each the token mean over its own conversations.
-                loss_m, ce_m, kl_m = common.all_reduce_mean(sums / max(count, 1), rt).tolist()
+                loss_m, ce_m, kl_m = common.all_reduce_mean(sums / max(counts["micro"], 1), rt).tolist()
                 last_loss = loss_m
                 metrics.write(
                     {
                         "step": done,
-                        "epoch": epoch,
+                        "epoch": plan.epoch(s),
                         "loss": round(loss_m, 5),
                         "ce": round(ce_m, 5),
                         "kl": round(kl_m, 5),
                         "lr": lr,
                         "grad_norm": round(float(grad_norm), 4),
-                        "trained_tokens_per_s": round(tokens_since * rt.world_size / dt_s, 1),
+                        "trained_tokens_per_s": round(int(counts["tokens"]) * rt.world_size / dt_s, 1),
                         "skipped_steps": guard.skipped,
                     }
                 )
                 bar.set_postfix(loss=f"{loss_m:.3f}", ce=f"{ce_m:.3f}", kl=f"{kl_m:.3f}", lr=f"{lr:.1e}")
                 sums.zero_()
-                count, tokens_since = 0, 0
-            stopping = common.any_rank(stop.requested, rt)
-            if done % args.save_interval == 0 or done == total_steps or stopping:
-                common.save_step(args, rt, done, rows_per_step, student, optimizer, tok)
+                counts.update(micro=0, tokens=0)
+            stopping = plan.stopping(stop.requested, done, rt)
+            if plan.saves(done) or stopping:
+                guard.read(done)
+                common.save_step(args, rt, done, plan.rows_per_step, student, optimizer, tok)
             if stopping:
                 break
     bar.close()
     common.finish(args, rt, metrics, "distillation", last_loss)
-    return {"loss": last_loss, "steps": total_steps, "out": str(Path(args.out_dir) / args.save_weight)}
+    return {"loss": last_loss, "steps": plan.total_steps, "out": str(Path(args.out_dir) / args.save_weight)}
 
 
 if __name__ == "__main__":

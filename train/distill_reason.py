@@ -36,7 +36,7 @@ import torch
 
 from minimind_fast.data import IGNORE_INDEX, SFTDataset, collate_sft
 from minimind_fast.tokenizer import Tokenizer
-from train import checks, common
+from train import checks, common, step
 from train.common import arg
 from train.losses import tag_weights
 
@@ -79,9 +79,7 @@ def main(argv: list[str] | None = None) -> dict:
     tag_seqs = tag_id_sequences(tok, tags)
 
     data = common.open_dataset(SFTDataset, args, tok, rt)
-    # One optimizer step = accumulation_steps micro-batches of batch_size conversations on each of world_size ranks.
-    rows_per_step = args.batch_size * args.accumulation_steps * rt.world_size
-    steps_per_epoch, total_steps = common.plan_steps(len(data), rows_per_step, args, rt, "conversations")
+    plan = step.Plan.of(args, len(data), rt, "conversations")
     # A tokenizer that merges a tag with its neighbours would silently leave every weight at 1: say so up front.
     scan = collate_sft([data[i] for i in range(min(_TAG_SCAN, len(data)))])["labels"]
     found = int((tag_weights(scan, tag_seqs, 2.0) > 1).sum())
@@ -97,74 +95,75 @@ def main(argv: list[str] | None = None) -> dict:
             )
 
     wrapped = common.wrap_model(model, rt, fsdp=args.fsdp)
-    optimizer = common.build_optimizer(model, args.learning_rate, args.weight_decay)
-    start_step, _ = common.restore_resume(args, rt, rows_per_step, model, optimizer, tokenizer=tok)
+    optimizer = step.build_optimizer(model, args.learning_rate, args.weight_decay)
+    start_step, _ = common.restore_resume(args, rt, plan.rows_per_step, model, optimizer, tokenizer=tok)
     train_model = torch.compile(wrapped) if args.compile else wrapped
     summary = (
         f"distill_reason: {model.num_params():,} params from {args.from_weight} on "
         f"{common.describe_runtime(rt, args)}; {len(data)} conversations; batch {args.batch_size} x accum "
-        f"{args.accumulation_steps}; {total_steps} steps, lr {args.learning_rate:g}, tag weight {args.tag_weight:g}"
+        f"{args.accumulation_steps}; {plan.total_steps} steps, lr {args.learning_rate:g}, "
+        f"tag weight {args.tag_weight:g}"
     )
     metrics, guard = common.start_run(args, rt, start_step, summary)
+    # A step without a labelled token has a zero gradient and is skipped (skip_zero).
+    stepper = step.Stepper(model, wrapped, optimizer, rt, guard, args.accumulation_steps, args.grad_clip, True)
+    counts = {"tokens": 0, "tags": 0}  # CPU tensors, read at log steps
+
+    def micro_batches(s: int):
+        for rows in plan.micro_rows(s):
+            batch = collate_sft([data[i] for i in rows], tok.pad_id)
+            weight = tag_weights(batch["labels"], tag_seqs, args.tag_weight)  # on the CPU: no device sync
+            counts["tokens"] += (batch["labels"] != IGNORE_INDEX).sum()
+            counts["tags"] += (weight != 1).sum()
+            yield tuple(t.to(rt.device, non_blocking=True) for t in (batch["input_ids"], batch["labels"], weight))
+
+    def loss_fn(batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        ids, labels, weight = batch
+        out = train_model(ids, labels=labels, token_weight=weight)
+        return out.loss if out.aux_loss is None else out.loss + out.aux_loss
+
     model.train()
-    order, order_epoch = None, -1
-    loss_sum, count, tokens_since, tags_since = torch.zeros((), device=rt.device), 0, 0, 0
+    loss_sum, steps_since = torch.zeros((), device=rt.device), 0
     last_loss = float("nan")
     timer = common.Timer(rt.device)
-    bar = common.progress(start_step, total_steps, "reason", rt)
+    bar = common.progress(start_step, plan.total_steps, "reason", rt)
     with common.StopFlag() as stop:
-        for step in bar:
-            epoch, within = divmod(step, steps_per_epoch)
-            if epoch != order_epoch:
-                order, order_epoch = common.epoch_order(len(data), args.seed, epoch), epoch
-            lr = common.lr_at(step, total_steps, args.learning_rate, args.warmup_steps)
-            common.set_lr(optimizer, lr)
-            for micro in range(args.accumulation_steps):
-                batch = collate_sft([data[i] for i in common.rank_rows(order, within, micro, args, rt)], tok.pad_id)
-                ids = batch["input_ids"].to(rt.device, non_blocking=True)
-                labels = batch["labels"].to(rt.device, non_blocking=True)
-                weight = tag_weights(labels, tag_seqs, args.tag_weight)
-                with common.no_sync(wrapped, sync=micro == args.accumulation_steps - 1), rt.autocast():
-                    out = train_model(ids, labels=labels, token_weight=weight)
-                    loss = out.loss if out.aux_loss is None else out.loss + out.aux_loss
-                    (loss / args.accumulation_steps).backward()
-                loss_sum += loss.detach()
-                count += 1
-                tokens_since += int((labels != IGNORE_INDEX).sum())
-                tags_since += int((weight != 1).sum())
-            grad_norm = common.clip_grad_norm(model, args.grad_clip)
-            if guard.ok(grad_norm, step + 1, skip_zero=True):  # a step without a label is skipped
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
-            done = step + 1
-            if done % args.log_interval == 0 or done == total_steps:
+        for s in bar:
+            lr = plan.set_lr(optimizer, s)
+            loss, grad_norm = step.train_step(stepper, micro_batches(s), loss_fn)
+            loss_sum += loss
+            steps_since += 1
+            done = s + 1
+            if plan.logs(done):
+                guard.read(done)
                 dt = timer.lap()
-                last_loss = common.all_reduce_mean(loss_sum / max(count, 1), rt).item()
-                counts = common.all_reduce_sum(torch.tensor([tokens_since, tags_since]), rt).tolist()
+                last_loss = common.all_reduce_mean(loss_sum / steps_since, rt).item()
+                both = common.all_reduce_sum(torch.tensor([int(counts["tokens"]), int(counts["tags"])]), rt).tolist()
                 metrics.write(
                     {
                         "step": done,
-                        "epoch": epoch,
+                        "epoch": plan.epoch(s),
                         "loss": round(last_loss, 5),
-                        "tag_token_fraction": round(counts[1] / max(counts[0], 1), 4),
+                        "tag_token_fraction": round(both[1] / max(both[0], 1), 4),
                         "lr": lr,
                         "grad_norm": round(float(grad_norm), 4),
-                        "trained_tokens_per_s": round(counts[0] / dt, 1),
+                        "trained_tokens_per_s": round(both[0] / dt, 1),
                         "skipped_steps": guard.skipped,
                     }
                 )
                 bar.set_postfix(loss=f"{last_loss:.3f}", lr=f"{lr:.1e}")
                 loss_sum.zero_()
-                count, tokens_since, tags_since = 0, 0, 0
-            stopping = common.any_rank(stop.requested, rt)
-            if done % args.save_interval == 0 or done == total_steps or stopping:
-                common.save_step(args, rt, done, rows_per_step, model, optimizer, tok)
+                steps_since = 0
+                counts.update(tokens=0, tags=0)
+            stopping = plan.stopping(stop.requested, done, rt)
+            if plan.saves(done) or stopping:
+                guard.read(done)
+                common.save_step(args, rt, done, plan.rows_per_step, model, optimizer, tok)
             if stopping:
                 break
     bar.close()
     common.finish(args, rt, metrics, "reasoning SFT", last_loss)
-    return {"loss": last_loss, "steps": total_steps, "out": str(Path(args.out_dir) / args.save_weight)}
+    return {"loss": last_loss, "steps": plan.total_steps, "out": str(Path(args.out_dir) / args.save_weight)}
 
 
 if __name__ == "__main__":

@@ -45,7 +45,7 @@ if __package__ in (None, ""):  # run as `python train/dpo.py`
 import torch
 
 from minimind_fast.data import DPODataset, collate_dpo
-from train import checks, common
+from train import checks, common, step
 from train.common import arg
 from train.losses import dpo_loss, sequence_logp
 
@@ -130,19 +130,17 @@ def main(argv: list[str] | None = None) -> dict:
     n_eval = min(int(len(data) * args.eval_fraction), args.eval_max_pairs)
     n_train = len(data) - n_eval
     eval_idx = range(n_train, len(data))  # the file's last pairs: never in a training batch
-    # One optimizer step = accumulation_steps micro-batches of batch_size pairs on each of world_size ranks.
-    pairs_per_step = args.batch_size * args.accumulation_steps * rt.world_size
-    steps_per_epoch, total_steps = common.plan_steps(n_train, pairs_per_step, args, rt, "training pairs")
+    plan = step.Plan.of(args, n_train, rt, "training pairs")
 
     wrapped = common.wrap_model(model, rt, fsdp=args.fsdp)
-    optimizer = common.build_optimizer(model, args.learning_rate, args.weight_decay)
-    start_step, _ = common.restore_resume(args, rt, pairs_per_step, model, optimizer, tokenizer=tok)
+    optimizer = step.build_optimizer(model, args.learning_rate, args.weight_decay)
+    start_step, _ = common.restore_resume(args, rt, plan.rows_per_step, model, optimizer, tokenizer=tok)
     train_model = torch.compile(wrapped) if args.compile else wrapped
     ref_model = torch.compile(ref) if args.compile else ref
     summary = (
         f"dpo: {model.num_params():,} params from {args.from_weight} on {common.describe_runtime(rt, args)}"
         f"{', bf16 reference' if rt.amp_dtype else ''}; {n_train} training pairs, {n_eval} held out; batch "
-        f"{args.batch_size} x accum {args.accumulation_steps}; {total_steps} steps, lr {args.learning_rate:g}, "
+        f"{args.batch_size} x accum {args.accumulation_steps}; {plan.total_steps} steps, lr {args.learning_rate:g}, "
         f"beta {args.beta:g}{', length-normalised log-probs' if args.length_norm else ''}"
     )
     metrics, guard = common.start_run(args, rt, start_step, summary)
@@ -153,38 +151,34 @@ def main(argv: list[str] | None = None) -> dict:
         if rt.is_main:
             print("eval before: " + ", ".join(f"{k} {v}" for k, v in eval_before.items()))
 
-    model.train()
-    order, order_epoch = None, -1
+    stepper = step.Stepper(model, wrapped, optimizer, rt, guard, args.accumulation_steps, args.grad_clip)
     sums = torch.zeros(5, device=rt.device)  # this rank's sums over pairs: loss, chosen/rejected reward, won; pairs
+
+    def micro_batches(s: int):
+        return (collate_dpo([data[i] for i in rows]) for rows in plan.micro_rows(s))
+
+    def loss_fn(batch: dict) -> torch.Tensor:
+        nonlocal sums
+        with torch.no_grad():
+            ref_logp, _ = pair_logps(ref_model, batch, rt, args.length_norm)
+        logp, aux = pair_logps(train_model, batch, rt, args.length_norm)
+        b = logp.shape[0] // 2
+        loss, cr, rr = dpo_loss(logp[:b], logp[b:], ref_logp[:b], ref_logp[b:], args.beta)
+        won = (cr > rr).sum()
+        sums += torch.stack([loss.detach() * b, cr.detach().sum(), rr.detach().sum(), won, won.new_tensor(b)]).float()
+        return loss if aux is None else loss + aux
+
+    model.train()
     last_loss, done = float("nan"), start_step
     timer = common.Timer(rt.device)
-    bar = common.progress(start_step, total_steps, "dpo", rt)
+    bar = common.progress(start_step, plan.total_steps, "dpo", rt)
     with common.StopFlag() as stop:
-        for step in bar:
-            epoch, within = divmod(step, steps_per_epoch)
-            if epoch != order_epoch:
-                order, order_epoch = common.epoch_order(n_train, args.seed, epoch), epoch
-            lr = common.lr_at(step, total_steps, args.learning_rate, args.warmup_steps)
-            common.set_lr(optimizer, lr)
-            for micro in range(args.accumulation_steps):
-                batch = collate_dpo([data[i] for i in common.rank_rows(order, within, micro, args, rt)])
-                with torch.no_grad():
-                    ref_logp, _ = pair_logps(ref_model, batch, rt, args.length_norm)
-                with common.no_sync(wrapped, sync=micro == args.accumulation_steps - 1):
-                    logp, aux = pair_logps(train_model, batch, rt, args.length_norm)
-                    b = logp.shape[0] // 2
-                    loss, cr, rr = dpo_loss(logp[:b], logp[b:], ref_logp[:b], ref_logp[b:], args.beta)
-                    total = loss if aux is None else loss + aux
-                    (total / args.accumulation_steps).backward()
-                won = (cr > rr).sum()
-                sums += torch.stack([loss.detach() * b, cr.sum(), rr.sum(), won, won.new_tensor(b)]).float()
-            grad_norm = common.clip_grad_norm(model, args.grad_clip)
-            if guard.ok(grad_norm, step + 1):
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
-            done = step + 1
-            if done % args.log_interval == 0 or done == total_steps:
+        for s in bar:
+            lr = plan.set_lr(optimizer, s)
+            _, grad_norm = step.train_step(stepper, micro_batches(s), loss_fn)
+            done = s + 1
+            if plan.logs(done):
+                guard.read(done)
                 dt = timer.lap()
                 # Means over the pairs of all ranks (each rank's loss is the mean over its own, equally many, pairs).
                 totals = common.all_reduce_sum(sums, rt)
@@ -193,7 +187,7 @@ def main(argv: list[str] | None = None) -> dict:
                 metrics.write(
                     {
                         "step": done,
-                        "epoch": epoch,
+                        "epoch": plan.epoch(s),
                         "loss": round(loss_s, 5),
                         "chosen_reward": round(cr_s, 5),
                         "rejected_reward": round(rr_s, 5),
@@ -207,9 +201,10 @@ def main(argv: list[str] | None = None) -> dict:
                 )
                 bar.set_postfix(loss=f"{loss_s:.4f}", acc=f"{acc_s:.2f}", margin=f"{cr_s - rr_s:.3f}", lr=f"{lr:.1e}")
                 sums.zero_()
-            stopping = common.any_rank(stop.requested, rt)
-            if done % args.save_interval == 0 or done == total_steps or stopping:
-                common.save_step(args, rt, done, pairs_per_step, model, optimizer, tok)
+            stopping = plan.stopping(stop.requested, done, rt)
+            if plan.saves(done) or stopping:
+                guard.read(done)
+                common.save_step(args, rt, done, plan.rows_per_step, model, optimizer, tok)
             if stopping:
                 break
     bar.close()
@@ -222,7 +217,7 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.out_dir) / args.save_weight
     return {
         "loss": last_loss,
-        "steps": total_steps,
+        "steps": plan.total_steps,
         "out": str(out),
         "eval_before": eval_before,
         "eval_after": eval_after,

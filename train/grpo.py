@@ -46,7 +46,7 @@ if __package__ in (None, ""):  # run as `python train/grpo.py`
 
 import torch
 
-from train import checks, common, rollout
+from train import checks, common, rollout, step
 from train import losses as L
 from train.common import arg
 
@@ -107,37 +107,32 @@ def main(argv: list[str] | None = None) -> dict:
         checks.fail("error: --num_generations must be >= 2 (advantages are relative to the group)")
     reward_fn, tok, _, policy, ref, data = rollout.start_stage(args, rt, _AUTO)
     # One step = accumulation_steps rollouts of batch_size prompts on each of world_size ranks.
-    prompts_per_step = args.batch_size * args.accumulation_steps * rt.world_size
-    steps_per_epoch, total_steps = common.plan_steps(len(data), prompts_per_step, args, rt, "prompts")
+    plan = step.Plan.of(args, len(data), rt, "prompts")
 
     wrapped = common.wrap_model(policy, rt, fsdp=args.fsdp)
-    optimizer = common.build_optimizer(policy, args.learning_rate, args.weight_decay)
-    start_step, _ = common.restore_resume(args, rt, prompts_per_step, policy, optimizer, tokenizer=tok)
+    optimizer = step.build_optimizer(policy, args.learning_rate, args.weight_decay)
+    start_step, _ = common.restore_resume(args, rt, plan.rows_per_step, policy, optimizer, tokenizer=tok)
     train_fwd = torch.compile(wrapped, dynamic=True) if args.compile else wrapped
     g = args.num_generations
     summary = (
         f"grpo: {args.from_weight} ({policy.num_params():,} params) on {common.describe_runtime(rt, args)}; "
         f"{len(data):,} prompts; {args.batch_size} prompts x {g} samples x accum {args.accumulation_steps}; "
-        f"reward {args.reward}; {total_steps} steps ({steps_per_epoch} per epoch), lr {args.learning_rate:g}"
+        f"reward {args.reward}; {plan.total_steps} steps ({plan.steps_per_epoch} per epoch), lr {args.learning_rate:g}"
     )
     metrics, guard = common.start_run(args, rt, start_step, summary)
     policy.train()
-    order, order_epoch, history = None, -1, []
+    history = []
     timer = common.Timer(rt.device)
-    bar = common.progress(start_step, total_steps, "grpo", rt)
+    bar = common.progress(start_step, plan.total_steps, "grpo", rt)
     with common.StopFlag() as stop:
-        for step in bar:
-            epoch = step // steps_per_epoch
-            if epoch != order_epoch:
-                order, order_epoch = common.epoch_order(len(data), args.seed, epoch), epoch
-            lr = common.lr_at(step, total_steps, args.learning_rate, args.warmup_steps)
-            common.set_lr(optimizer, lr)
+        for s in bar:
+            lr = plan.set_lr(optimizer, s)
 
             # 1. This rank's rollouts (sample, rewards, then reference log-probs; old log-probs only when mu > 1).
             rollouts, advs = [], []
             for micro in range(args.accumulation_steps):
                 ro = rollout.rank_rollout(
-                    args, rt, data, order, step, micro, args.accumulation_steps, policy, ref, reward_fn, tok,
+                    args, rt, data, plan, s, micro, policy, ref, reward_fn, tok,
                     num_samples=g, with_old_logp=args.num_iterations > 1, train_forward=train_fwd,
                 )  # fmt: skip
                 rollouts.append(ro)
@@ -149,12 +144,10 @@ def main(argv: list[str] | None = None) -> dict:
                     train_on_rollout(wrapped, train_fwd, ro, adv, args, rt, 1.0 / len(rollouts), j == len(rollouts) - 1)
                     for j, (ro, adv) in enumerate(zip(rollouts, advs))
                 ]
-                grad_norm = common.clip_grad_norm(policy, args.grad_clip)
-                if guard.ok(grad_norm, step + 1):
-                    optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+                grad_norm = step.optimizer_step([(policy, optimizer)], args.grad_clip, guard)
 
-            done = step + 1
+            done = s + 1
+            guard.read(done)  # every step: an RL step waits on the host anyway (sampling)
             keys = ("loss", "kl_sum", "clip_sum", "tokens")
             sums = common.all_reduce_sum(
                 torch.tensor([sum(p[k] for p in parts) for k in keys], dtype=torch.float64), rt
@@ -162,7 +155,7 @@ def main(argv: list[str] | None = None) -> dict:
             group_std = torch.cat([ro.rewards.view(-1, g).std(1, unbiased=False) for ro in rollouts]).mean()
             record = {
                 "step": done,
-                "epoch": epoch,
+                "epoch": plan.epoch(s),
                 **rollout.reward_stats(rollouts, rt),
                 "group_std": round(float(common.all_reduce_mean(group_std, rt)), 5),
                 "kl": round(float(sums[1] / sums[3].clamp(min=1)), 6),
@@ -173,20 +166,20 @@ def main(argv: list[str] | None = None) -> dict:
                 "skipped_steps": guard.skipped,
             }
             history.append(record["reward"])
-            if done % args.log_interval == 0 or done == total_steps:
+            if plan.logs(done):
                 record["seconds"] = round(timer.lap(), 3)
                 metrics.write(record)
                 bar.set_postfix(
                     reward=f"{record['reward']:.3f}", kl=f"{record['kl']:.4f}", len=record["completion_len"]
                 )
-            stopping = common.any_rank(stop.requested, rt)
-            if done % args.save_interval == 0 or done == total_steps or stopping:
-                common.save_step(args, rt, done, prompts_per_step, policy, optimizer, tok)
+            stopping = plan.stopping(stop.requested, done, rt)
+            if plan.saves(done) or stopping:
+                common.save_step(args, rt, done, plan.rows_per_step, policy, optimizer, tok)
             if stopping:
                 break
     bar.close()
     rollout.finish_stage(args, rt, metrics, "GRPO", ("reward", "kl"))
-    return {"rewards": history, "steps": total_steps, "out": str(Path(args.out_dir) / args.save_weight)}
+    return {"rewards": history, "steps": plan.total_steps, "out": str(Path(args.out_dir) / args.save_weight)}
 
 
 if __name__ == "__main__":

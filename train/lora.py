@@ -41,7 +41,7 @@ import torch
 
 from minimind_fast import lora
 from minimind_fast.data import SFTDataset, collate_sft
-from train import checks, common
+from train import checks, common, step
 from train.common import arg
 
 # Defaults that depend on the machine: (CPU, CUDA). CUDA = MiniMind's LoRA row (identity data: 50 epochs, batch 32,
@@ -116,13 +116,11 @@ def main(argv: list[str] | None = None) -> dict:
         checks.fail(f"error: {exc}")
 
     data = common.open_dataset(SFTDataset, args, tok, rt)
-    # One optimizer step = accumulation_steps micro-batches of batch_size conversations on each of world_size ranks.
-    rows_per_step = args.batch_size * args.accumulation_steps * rt.world_size
-    steps_per_epoch, total_steps = common.plan_steps(len(data), rows_per_step, args, rt, "conversations")
+    plan = step.Plan.of(args, len(data), rt, "conversations")
 
     wrapped = common.wrap_model(model, rt)  # DDP all-reduces only the trainable (adapter) gradients
-    optimizer = common.build_optimizer(model, args.learning_rate, args.weight_decay)
-    start_step, state = common.restore_resume(args, rt, rows_per_step, tokenizer=tok, config=model.config)
+    optimizer = step.build_optimizer(model, args.learning_rate, args.weight_decay)
+    start_step, state = common.restore_resume(args, rt, plan.rows_per_step, tokenizer=tok, config=model.config)
     if state:
         try:
             lora.load_adapter(model, state["folder"], trainable=True)
@@ -136,66 +134,67 @@ def main(argv: list[str] | None = None) -> dict:
         f"lora: rank {args.lora_rank}, alpha {args.lora_alpha or args.lora_rank:g} on {len(names)} layers "
         f"({', '.join(sorted({n.rsplit('.', 1)[-1] for n in names}))}); {n_train:,} trainable of "
         f"{model.num_params():,} params; base {args.from_weight} on {common.describe_runtime(rt, args)}; "
-        f"{len(data):,} conversations; batch {args.batch_size} x accum {args.accumulation_steps}; {total_steps} "
-        f"steps ({steps_per_epoch} per epoch), lr {args.learning_rate:g}"
+        f"{len(data):,} conversations; batch {args.batch_size} x accum {args.accumulation_steps}; "
+        f"{plan.total_steps} steps ({plan.steps_per_epoch} per epoch), lr {args.learning_rate:g}"
     )
     metrics, guard = common.start_run(args, rt, start_step, summary)
-    model.train()
-    order, order_epoch = None, -1
-    loss_sum = torch.zeros((), device=rt.device)
-    loss_count, tokens_since, last_loss = 0, 0, float("nan")
-    timer = common.Timer(rt.device)
-    bar = common.progress(start_step, total_steps, "lora", rt)
-    with common.StopFlag() as stop:
-        for step in bar:
-            epoch, within = divmod(step, steps_per_epoch)
-            if epoch != order_epoch:
-                order, order_epoch = common.epoch_order(len(data), args.seed, epoch), epoch
-            lr = common.lr_at(step, total_steps, args.learning_rate, args.warmup_steps)
-            common.set_lr(optimizer, lr)
-            for micro in range(args.accumulation_steps):
-                batch = collate_sft([data[i] for i in common.rank_rows(order, within, micro, args, rt)], tok.pad_id)
-                tokens_since += int(batch["attention_mask"].sum())
-                ids, labels = batch["input_ids"].to(rt.device), batch["labels"].to(rt.device)
-                with common.no_sync(wrapped, sync=micro == args.accumulation_steps - 1), rt.autocast():
-                    out = train_model(ids, labels=labels)
-                    loss = out.loss if out.aux_loss is None else out.loss + out.aux_loss
-                    (loss / args.accumulation_steps).backward()
-                loss_sum += loss.detach()
-                loss_count += 1
-            grad_norm = common.clip_grad_norm(model, args.grad_clip)
-            if guard.ok(grad_norm, step + 1, skip_zero=True):  # a step without a label is skipped
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+    # A step without a labelled token has a zero gradient and is skipped (skip_zero).
+    stepper = step.Stepper(
+        model, wrapped, optimizer, rt, guard, args.accumulation_steps, args.grad_clip, skip_zero=True
+    )
+    counts = {"tokens": 0}  # CPU tensors, read at log steps
 
-            done = step + 1
-            if done % args.log_interval == 0 or done == total_steps:
+    def micro_batches(s: int):
+        for rows in plan.micro_rows(s):
+            batch = collate_sft([data[i] for i in rows], tok.pad_id)
+            counts["tokens"] += batch["attention_mask"].sum()
+            yield batch["input_ids"].to(rt.device), batch["labels"].to(rt.device)
+
+    def loss_fn(batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        out = train_model(batch[0], labels=batch[1])
+        return out.loss if out.aux_loss is None else out.loss + out.aux_loss
+
+    model.train()
+    loss_sum = torch.zeros((), device=rt.device)
+    steps_since, last_loss = 0, float("nan")
+    timer = common.Timer(rt.device)
+    bar = common.progress(start_step, plan.total_steps, "lora", rt)
+    with common.StopFlag() as stop:
+        for s in bar:
+            lr = plan.set_lr(optimizer, s)
+            loss, grad_norm = step.train_step(stepper, micro_batches(s), loss_fn)
+            loss_sum += loss
+            steps_since += 1
+            done = s + 1
+            if plan.logs(done):
+                guard.read(done)
                 dt = timer.lap()
-                last_loss = common.all_reduce_mean(loss_sum / max(loss_count, 1), rt).item()
+                last_loss = common.all_reduce_mean(loss_sum / steps_since, rt).item()
                 metrics.write(
                     {
                         "step": done,
-                        "epoch": epoch,
+                        "epoch": plan.epoch(s),
                         "loss": round(last_loss, 5),
                         "lr": lr,
                         "grad_norm": round(float(grad_norm), 4),
-                        "tokens_per_s": round(tokens_since * rt.world_size / dt, 1),
+                        "tokens_per_s": round(int(counts["tokens"]) * rt.world_size / dt, 1),
                         "skipped_steps": guard.skipped,
                     }
                 )
                 bar.set_postfix(loss=f"{last_loss:.3f}", lr=f"{lr:.2e}")
                 loss_sum.zero_()
-                loss_count, tokens_since = 0, 0
-            stopping = common.any_rank(stop.requested, rt)
-            if done % args.save_interval == 0 or done == total_steps or stopping:
+                steps_since, counts["tokens"] = 0, 0
+            stopping = plan.stopping(stop.requested, done, rt)
+            if plan.saves(done) or stopping:
+                guard.read(done)
                 write = functools.partial(save_resume, args, model)
-                common.save_step(args, rt, done, rows_per_step, model, optimizer, tok, write=write)
+                common.save_step(args, rt, done, plan.rows_per_step, model, optimizer, tok, write=write)
             if stopping:
                 break
     bar.close()
     common.finish(args, rt, metrics, "LoRA", last_loss)
     out_path = Path(args.out_dir) / args.save_weight
-    return {"loss": last_loss, "steps": total_steps, "out": str(out_path), "layers": names}
+    return {"loss": last_loss, "steps": plan.total_steps, "out": str(out_path), "layers": names}
 
 
 if __name__ == "__main__":

@@ -53,7 +53,7 @@ import torch
 import torch.nn as nn
 
 from minimind_fast.model import MiniMind
-from train import common, rollout
+from train import common, rollout, step
 from train import losses as L
 from train.common import arg
 
@@ -119,42 +119,39 @@ def main(argv: list[str] | None = None) -> dict:
     rt = common.setup_runtime(args.device, args.dtype, args.seed, args.dist_timeout)
     reward_fn, tok, ops, actor, ref, data = rollout.start_stage(args, rt, _AUTO)
     critic = ValueModel(common.load_base_model(args.from_weight, ops, rt.device)).to(rt.device)
-    # One step = one rollout of batch_size prompts on each of world_size ranks.
-    prompts_per_step = args.batch_size * rt.world_size
-    steps_per_epoch, total_steps = common.plan_steps(len(data), prompts_per_step, args, rt, "prompts")
+    # One step = one rollout of batch_size prompts on each of world_size ranks (--accumulation_steps counts
+    # minibatches per update here, not rollouts).
+    plan = step.Plan.of(args, len(data), rt, "prompts", rollouts_per_step=1)
 
     actor_wrapped = common.wrap_model(actor, rt, fsdp=args.fsdp)
     critic_wrapped = common.wrap_model(critic, rt, fsdp=args.fsdp)
-    actor_opt = common.build_optimizer(actor, args.learning_rate, args.weight_decay)
-    critic_opt = common.build_optimizer(critic, args.critic_learning_rate, args.weight_decay)
-    start_step, state = common.restore_resume(args, rt, prompts_per_step, actor, actor_opt, tokenizer=tok)
+    actor_opt = step.build_optimizer(actor, args.learning_rate, args.weight_decay)
+    critic_opt = step.build_optimizer(critic, args.critic_learning_rate, args.weight_decay)
+    start_step, state = common.restore_resume(args, rt, plan.rows_per_step, actor, actor_opt, tokenizer=tok)
     if state:
         common.load_full_state(critic, critic_opt, state["critic"], state["critic_optimizer"])
     train_fwd = torch.compile(actor_wrapped, dynamic=True) if args.compile else actor_wrapped
     summary = (
         f"ppo: {args.from_weight} ({actor.num_params():,} params; actor, reference, critic) on "
         f"{common.describe_runtime(rt, args)}; {len(data):,} prompts; {args.batch_size} prompts per rollout, "
-        f"minibatch {args.mini_batch_size} x {args.ppo_epochs} epochs; reward {args.reward}; {total_steps} steps, "
+        f"minibatch {args.mini_batch_size} x {args.ppo_epochs} epochs; reward {args.reward}; {plan.total_steps} steps, "
         f"lr {args.learning_rate:g} / critic {args.critic_learning_rate:g}"
     )
     metrics, guard = common.start_run(args, rt, start_step, summary)
     actor.train()
     critic.train()
-    order, order_epoch, history = None, -1, []
+    history = []
     timer = common.Timer(rt.device)
-    bar = common.progress(start_step, total_steps, "ppo", rt)
+    bar = common.progress(start_step, plan.total_steps, "ppo", rt)
+    pairs = [(actor, actor_opt), (critic, critic_opt)]  # stepped together, or skipped together
     with common.StopFlag() as stop:
-        for step in bar:
-            epoch = step // steps_per_epoch
-            if epoch != order_epoch:
-                order, order_epoch = common.epoch_order(len(data), args.seed, epoch), epoch
-            lr = common.lr_at(step, total_steps, args.learning_rate, args.warmup_steps)
-            common.set_lr(actor_opt, lr)
-            common.set_lr(critic_opt, common.lr_at(step, total_steps, args.critic_learning_rate, args.warmup_steps))
+        for s in bar:
+            lr = plan.set_lr(actor_opt, s)
+            step.set_lr(critic_opt, step.lr_at(s, plan.total_steps, args.critic_learning_rate, args.warmup_steps))
 
             # 1. Rollout: sample, rewards, then old/ref log-probs and values in mini_batch_size chunks.
             ro = rollout.rank_rollout(
-                args, rt, data, order, step, 0, 1, actor, ref, reward_fn, tok,
+                args, rt, data, plan, s, 0, actor, ref, reward_fn, tok,
                 num_samples=1, with_old_logp=True, train_forward=train_fwd, forward_batch=args.mini_batch_size,
             )  # fmt: skip
             n, mask = ro.input_ids.shape[0], ro.completion_mask
@@ -171,7 +168,7 @@ def main(argv: list[str] | None = None) -> dict:
             # 2. PPO epochs over fixed minibatch chunks in a seeded order (the same on every rank), stopping early on
             # a large approximate KL (averaged over ranks, so all ranks stop together). Every backward all-reduces:
             # an early stop may end an accumulation at any minibatch.
-            gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
+            gen = torch.Generator().manual_seed(args.seed * 1_000_003 + s)
             sums = {"loss": 0.0, "policy_loss": 0.0, "value_loss": 0.0, "clip_frac": 0.0, "approx_kl": 0.0}
             updates, micro, stopped, grad_norm = 0, 0, False, torch.zeros(())
             for _ in range(args.ppo_epochs):
@@ -199,19 +196,20 @@ def main(argv: list[str] | None = None) -> dict:
                     updates += 1
                     micro += 1
                     if micro % args.accumulation_steps == 0:
-                        grad_norm = _step(actor, critic, actor_opt, critic_opt, args.grad_clip, guard, step + 1)
+                        grad_norm = step.optimizer_step(pairs, args.grad_clip, guard)[0]
                 if stopped:
                     break
             if micro % args.accumulation_steps:
-                grad_norm = _step(actor, critic, actor_opt, critic_opt, args.grad_clip, guard, step + 1)
+                grad_norm = step.optimizer_step(pairs, args.grad_clip, guard)[0]
             actor_opt.zero_grad(set_to_none=True)
             critic_opt.zero_grad(set_to_none=True)
 
-            done = step + 1
+            done = s + 1
+            guard.read(done)  # every step: an RL step waits on the host anyway (sampling)
             means = common.all_reduce_mean(torch.tensor(list(sums.values()), dtype=torch.float64), rt)
             record = {
                 "step": done,
-                "epoch": epoch,
+                "epoch": plan.epoch(s),
                 **rollout.reward_stats([ro], rt),
                 "kl": round(float(rollout.global_masked_mean(ro.old_logp - ro.ref_logp, mask, rt)), 6),
                 **{k: round(float(v) / max(updates, 1), 6) for k, v in zip(sums, means)},
@@ -223,35 +221,20 @@ def main(argv: list[str] | None = None) -> dict:
                 "skipped_steps": guard.skipped,
             }
             history.append(record["reward"])
-            if done % args.log_interval == 0 or done == total_steps:
+            if plan.logs(done):
                 record["seconds"] = round(timer.lap(), 3)
                 metrics.write(record)
                 bar.set_postfix(reward=f"{record['reward']:.3f}", vloss=f"{record['value_loss']:.3f}")
-            stopping = common.any_rank(stop.requested, rt)
-            if done % args.save_interval == 0 or done == total_steps or stopping:
+            stopping = plan.stopping(stop.requested, done, rt)
+            if plan.saves(done) or stopping:
                 critic_sd, critic_opt_sd = common.full_state(critic, critic_opt, rt)
                 extra = {"critic": critic_sd, "critic_optimizer": critic_opt_sd}
-                common.save_step(args, rt, done, prompts_per_step, actor, actor_opt, tok, extra)
+                common.save_step(args, rt, done, plan.rows_per_step, actor, actor_opt, tok, extra)
             if stopping:
                 break
     bar.close()
     rollout.finish_stage(args, rt, metrics, "PPO", ("reward", "kl", "value_loss"))
-    return {"rewards": history, "steps": total_steps, "out": str(Path(args.out_dir) / args.save_weight)}
-
-
-def _step(actor, critic, actor_opt, critic_opt, grad_clip: float, guard: common.NonFiniteGuard, step: int):
-    """Clip both models' gradients and step both optimizers; a non-finite norm skips both (counted by the guard).
-    -> the actor's norm (NaN when skipped)."""
-    a = common.clip_grad_norm(actor, grad_clip)
-    c = common.clip_grad_norm(critic, grad_clip)
-    if guard.ok(torch.stack([a, c]), step):
-        actor_opt.step()
-        critic_opt.step()
-    else:
-        a = torch.tensor(float("nan"))
-    actor_opt.zero_grad(set_to_none=True)
-    critic_opt.zero_grad(set_to_none=True)
-    return a
+    return {"rewards": history, "steps": plan.total_steps, "out": str(Path(args.out_dir) / args.save_weight)}
 
 
 if __name__ == "__main__":

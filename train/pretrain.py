@@ -30,7 +30,7 @@ import torch
 
 from minimind_fast.data import PretrainDataset
 from minimind_fast.model import MiniMind
-from train import checks, common
+from train import checks, common, step
 from train.common import arg
 
 # Defaults that depend on the machine: (CPU, CUDA). On a CPU the run must finish in minutes on 2 cores; batch 4 at
@@ -86,15 +86,12 @@ def main(argv: list[str] | None = None) -> dict:
     model.to(rt.device)
 
     data = common.open_dataset(PretrainDataset, args, tok, rt)
-    # One optimizer step = accumulation_steps micro-batches of batch_size rows on each of world_size ranks.
-    rows_per_step = args.batch_size * args.accumulation_steps * rt.world_size
-    what = f"packed rows of {args.max_seq_len} tokens"
-    steps_per_epoch, total_steps = common.plan_steps(len(data), rows_per_step, args, rt, what)
+    plan = step.Plan.of(args, len(data), rt, f"packed rows of {args.max_seq_len} tokens")
 
     wrapped = common.wrap_model(model, rt, fsdp=args.fsdp)
-    optimizer = common.build_optimizer(model, args.learning_rate, args.weight_decay)
+    optimizer = step.build_optimizer(model, args.learning_rate, args.weight_decay)
     # The data position is counted in rows, so a run may resume on a different number of ranks.
-    start_step, _ = common.restore_resume(args, rt, rows_per_step, model, optimizer, tokenizer=tok)
+    start_step, _ = common.restore_resume(args, rt, plan.rows_per_step, model, optimizer, tokenizer=tok)
 
     n_active = model.num_active_params()
     flops_tok = common.flops_per_token(cfg, n_active, args.max_seq_len)
@@ -103,48 +100,41 @@ def main(argv: list[str] | None = None) -> dict:
     summary = (
         f"pretrain: preset {args.preset} ({model.num_params():,} params, {n_active:,} active) on "
         f"{common.describe_runtime(rt, args)}; {data.num_tokens:,} tokens -> {len(data):,} rows of "
-        f"{args.max_seq_len}; batch {args.batch_size} x accum {args.accumulation_steps}; {total_steps} steps "
-        f"({steps_per_epoch} per epoch), lr {args.learning_rate:g}"
+        f"{args.max_seq_len}; batch {args.batch_size} x accum {args.accumulation_steps}; {plan.total_steps} steps "
+        f"({plan.steps_per_epoch} per epoch), lr {args.learning_rate:g}"
     )
     metrics, guard = common.start_run(args, rt, start_step, summary)
-    model.train()
-    order, order_epoch = None, -1
-    loss_sum = torch.zeros((), device=rt.device)
-    loss_count, tokens_since, last_loss = 0, 0, float("nan")
-    timer = common.Timer(rt.device)
-    bar = common.progress(start_step, total_steps, "pretrain", rt)
-    with common.StopFlag() as stop:
-        for step in bar:
-            epoch, within = divmod(step, steps_per_epoch)
-            if epoch != order_epoch:
-                order, order_epoch = common.epoch_order(len(data), args.seed, epoch), epoch
-            lr = common.lr_at(step, total_steps, args.learning_rate, args.warmup_steps)
-            common.set_lr(optimizer, lr)
-            for micro in range(args.accumulation_steps):
-                # This rank's slice of the micro-batch: the same rows a single process with batch_size x world_size
-                # would take, so DDP reproduces a single-process run with the same global batch.
-                rows = common.rank_rows(order, within, micro, args, rt)
-                x = torch.stack([data[i] for i in rows]).to(rt.device, non_blocking=True)
-                with common.no_sync(wrapped, sync=micro == args.accumulation_steps - 1), rt.autocast():
-                    out = train_model(x, labels=x)
-                    loss = out.loss if out.aux_loss is None else out.loss + out.aux_loss
-                    (loss / args.accumulation_steps).backward()
-                loss_sum += loss.detach()
-                loss_count += 1
-                tokens_since += x.numel() * rt.world_size
-            grad_norm = common.clip_grad_norm(model, args.grad_clip)
-            if guard.ok(grad_norm, step + 1):
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+    stepper = step.Stepper(model, wrapped, optimizer, rt, guard, args.accumulation_steps, args.grad_clip)
 
-            done = step + 1
-            if done % args.log_interval == 0 or done == total_steps:
+    def micro_batches(s: int):  # this rank's rows of each micro-batch of step s
+        for rows in plan.micro_rows(s):
+            yield torch.stack([data[i] for i in rows]).to(rt.device, non_blocking=True)
+
+    def loss_fn(x: torch.Tensor) -> torch.Tensor:
+        out = train_model(x, labels=x)
+        return out.loss if out.aux_loss is None else out.loss + out.aux_loss
+
+    model.train()
+    loss_sum = torch.zeros((), device=rt.device)
+    steps_since, last_loss = 0, float("nan")
+    tokens_per_step = plan.rows_per_step * args.max_seq_len  # packed rows: every position is a token
+    timer = common.Timer(rt.device)
+    bar = common.progress(start_step, plan.total_steps, "pretrain", rt)
+    with common.StopFlag() as stop:
+        for s in bar:
+            lr = plan.set_lr(optimizer, s)
+            loss, grad_norm = step.train_step(stepper, micro_batches(s), loss_fn)
+            loss_sum += loss
+            steps_since += 1
+            done = s + 1
+            if plan.logs(done):
+                guard.read(done)
                 dt = timer.lap()
-                last_loss = common.all_reduce_mean(loss_sum / max(loss_count, 1), rt).item()
-                tok_s = tokens_since / dt
+                last_loss = common.all_reduce_mean(loss_sum / steps_since, rt).item()
+                tok_s = tokens_per_step * steps_since / dt
                 record = {
                     "step": done,
-                    "epoch": epoch,
+                    "epoch": plan.epoch(s),
                     "loss": round(last_loss, 5),
                     "lr": lr,
                     "grad_norm": round(float(grad_norm), 4),
@@ -156,16 +146,17 @@ def main(argv: list[str] | None = None) -> dict:
                 metrics.write(record)
                 bar.set_postfix(loss=f"{last_loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
                 loss_sum.zero_()
-                loss_count, tokens_since = 0, 0
-            stopping = common.any_rank(stop.requested, rt)
-            if done % args.save_interval == 0 or done == total_steps or stopping:
-                common.save_step(args, rt, done, rows_per_step, model, optimizer, tok)
+                steps_since = 0
+            stopping = plan.stopping(stop.requested, done, rt)
+            if plan.saves(done) or stopping:
+                guard.read(done)
+                common.save_step(args, rt, done, plan.rows_per_step, model, optimizer, tok)
             if stopping:
                 break
     bar.close()
     if not common.finish(args, rt, metrics, f"pretrain {args.preset}", last_loss):
-        return {"loss": last_loss, "steps": total_steps}
-    return {"loss": last_loss, "steps": total_steps, "out": str(Path(args.out_dir) / args.save_weight)}
+        return {"loss": last_loss, "steps": plan.total_steps}
+    return {"loss": last_loss, "steps": plan.total_steps, "out": str(Path(args.out_dir) / args.save_weight)}
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ import torch
 from minimind_fast.generate import generate
 from train import common
 from train.common import arg
+from train.step import Plan
 
 IGNORE_INDEX = -100
 
@@ -267,10 +268,9 @@ def rank_rollout(
     args: Any,
     rt: common.Runtime,
     data: Any,
-    order: torch.Tensor,
+    plan: Plan,
     step: int,
     micro: int,
-    per_step: int,
     policy: torch.nn.Module,
     ref: torch.nn.Module | None,
     reward_fn: Callable,
@@ -281,13 +281,12 @@ def rank_rollout(
     train_forward: Callable | None = None,
     forward_batch: int | None = None,
 ) -> Rollout:
-    """Rollout `micro` (of per_step rollouts per optimizer step) of this rank at optimizer step `step`: its own
-    batch_size prompts of the epoch order (rank r takes the r-th slice, so the ranks together read what one process
-    with a world_size times larger batch would) and its own sampling RNG, rollout number
-    (step * per_step + micro) * world_size + rank. The rest is collect() with the stage's flags."""
-    steps_per_epoch = len(data) // (args.batch_size * per_step * rt.world_size)
-    within = step % steps_per_epoch
-    batch = prompt_batch(data, order, (within * per_step + micro) * rt.world_size + rt.rank, args.batch_size)
+    """Rollout `micro` (of plan.accumulation_steps rollouts per optimizer step) of this rank at optimizer step `step`:
+    its own batch_size prompts of the epoch order (plan.rows: rank r takes the r-th slice, so the ranks together read
+    what one process with a world_size times larger batch would) and its own sampling RNG, rollout number
+    (step * accumulation_steps + micro) * world_size + rank. The rest is collect() with the stage's flags."""
+    per_step = plan.accumulation_steps
+    batch = prompt_batch(data, plan.order(step), plan.batch_index(step, micro), args.batch_size)
     return collect(
         policy,
         ref,

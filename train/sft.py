@@ -34,6 +34,7 @@ Outputs under --out_dir: {save_weight}/ (model folder), {save_weight}_resume/ste
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from dataclasses import dataclass
@@ -46,7 +47,7 @@ import numpy as np
 import torch
 
 from minimind_fast.data import SFTDataset, collate_sft
-from train import checks, common
+from train import checks, common, step
 from train.common import arg
 
 # Defaults that depend on the machine: (CPU, CUDA). CUDA = MiniMind's full-SFT row. CPU: sized so that the sample
@@ -84,7 +85,7 @@ def length_grouped_order(lengths: np.ndarray, batch_size: int, seed: int, epoch:
 
     Padding to each batch's longest row then wastes little compute (on the sample SFT data random batches are about
     60% padding). lengths are line sizes in bytes, a free proxy for token counts (no tokenization pass)."""
-    perm = common.epoch_order(len(lengths), seed, epoch)
+    perm = step.epoch_order(len(lengths), seed, epoch)
     span = group * batch_size
     chunks = []
     for start in range(0, len(perm), span):
@@ -93,7 +94,7 @@ def length_grouped_order(lengths: np.ndarray, batch_size: int, seed: int, epoch:
         chunks.append(part[torch.from_numpy(np.argsort(-lengths[part.numpy()], kind="stable"))])
     grouped = torch.cat(chunks)
     n_batches = len(grouped) // batch_size
-    batch_perm = common.epoch_order(n_batches, seed + 1, epoch)
+    batch_perm = step.epoch_order(n_batches, seed + 1, epoch)
     body = grouped[: n_batches * batch_size].view(n_batches, batch_size)[batch_perm].reshape(-1)
     return torch.cat([body, grouped[n_batches * batch_size :]])
 
@@ -139,18 +140,16 @@ def main(argv: list[str] | None = None) -> dict:
         )
 
     data = common.open_dataset(SFTDataset, args, tok, rt)
-    # One optimizer step = accumulation_steps micro-batches of batch_size conversations on each of world_size ranks.
-    rows_per_step = args.batch_size * args.accumulation_steps * rt.world_size
-    steps_per_epoch, total_steps = common.plan_steps(len(data), rows_per_step, args, rt, "conversations")
-
-    lengths = None
+    order_fn = None
     if args.group_by_length:
         ends = np.append(data.index.offsets[1:], os.path.getsize(args.data_path))
         lengths = ends - data.index.offsets  # bytes per record (blank or skipped lines add a little: harmless)
+        order_fn = functools.partial(length_grouped_order, lengths, args.batch_size * rt.world_size, args.seed)
+    plan = step.Plan.of(args, len(data), rt, "conversations", order_fn)
     wrapped = common.wrap_model(model, rt, fsdp=args.fsdp)
-    optimizer = common.build_optimizer(model, args.learning_rate, args.weight_decay)
+    optimizer = step.build_optimizer(model, args.learning_rate, args.weight_decay)
     # The data position is counted in conversations, so a run may resume on another number of ranks.
-    start_step, _ = common.restore_resume(args, rt, rows_per_step, model, optimizer, tokenizer=tok)
+    start_step, _ = common.restore_resume(args, rt, plan.rows_per_step, model, optimizer, tokenizer=tok)
 
     n_active = model.num_active_params()
     peak = common.peak_flops(rt.device)
@@ -159,79 +158,78 @@ def main(argv: list[str] | None = None) -> dict:
     summary = (
         f"sft: {args.from_weight} ({model.num_params():,} params) on {common.describe_runtime(rt, args)}; "
         f"{len(data):,} conversations (<= {args.max_seq_len} tokens); batch {args.batch_size} x accum "
-        f"{args.accumulation_steps}; {total_steps} steps ({steps_per_epoch} per epoch), lr {args.learning_rate:g}"
+        f"{args.accumulation_steps}; {plan.total_steps} steps ({plan.steps_per_epoch} per epoch), "
+        f"lr {args.learning_rate:g}"
     )
     metrics, guard = common.start_run(args, rt, start_step, summary)
-    model.train()
-    order, order_epoch = None, -1
-    loss_sum = torch.zeros((), device=rt.device)
-    loss_count, last_loss = 0, float("nan")
-    tokens_since, padded_since, label_since = 0, 0, 0
-    timer = common.Timer(rt.device)
-    bar = common.progress(start_step, total_steps, "sft", rt)
-    with common.StopFlag() as stop:
-        for step in bar:
-            epoch, within = divmod(step, steps_per_epoch)
-            if epoch != order_epoch:
-                if lengths is not None:
-                    order = length_grouped_order(lengths, args.batch_size * rt.world_size, args.seed, epoch)
-                else:
-                    order = common.epoch_order(len(data), args.seed, epoch)
-                order_epoch = epoch
-            lr = common.lr_at(step, total_steps, args.learning_rate, args.warmup_steps)
-            common.set_lr(optimizer, lr)
-            for micro in range(args.accumulation_steps):
-                # This rank's share of the micro-batch (with one rank and --group_by_length 0, exactly the batches of
-                # common.iterate_batches).
-                batch = collate_sft([data[i] for i in common.rank_rows(order, within, micro, args, rt)], tok.pad_id)
-                tokens_since += int(batch["attention_mask"].sum())
-                padded_since += batch["input_ids"].numel()
-                label_since += int((batch["labels"] != -100).sum())
-                batch = {k: v.to(rt.device, non_blocking=True) for k, v in batch.items()}
-                with common.no_sync(wrapped, sync=micro == args.accumulation_steps - 1), rt.autocast():
-                    loss, aux = sft_loss(train_model, batch)
-                    total = loss if aux is None else loss + aux
-                    (total / args.accumulation_steps).backward()
-                loss_sum += total.detach()
-                loss_count += 1
-            grad_norm = common.clip_grad_norm(model, args.grad_clip)
-            if guard.ok(grad_norm, step + 1, skip_zero=True):  # a step without a label is skipped
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+    # A step without a labelled token has a zero gradient and is skipped (skip_zero).
+    stepper = step.Stepper(
+        model, wrapped, optimizer, rt, guard, args.accumulation_steps, args.grad_clip, skip_zero=True
+    )
+    counts = {"tokens": 0, "padded": 0, "labels": 0}  # CPU tensors and ints, read at log steps
 
-            done = step + 1
-            if done % args.log_interval == 0 or done == total_steps:
+    def micro_batches(s: int):
+        # This rank's share of each micro-batch (with one rank and --group_by_length 0, exactly the batches of
+        # step.iterate_batches).
+        for rows in plan.micro_rows(s):
+            batch = collate_sft([data[i] for i in rows], tok.pad_id)
+            counts["tokens"] += batch["attention_mask"].sum()
+            counts["padded"] += batch["input_ids"].numel()
+            counts["labels"] += (batch["labels"] != -100).sum()
+            yield {k: v.to(rt.device, non_blocking=True) for k, v in batch.items()}
+
+    def loss_fn(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        loss, aux = sft_loss(train_model, batch)
+        return loss if aux is None else loss + aux
+
+    model.train()
+    loss_sum = torch.zeros((), device=rt.device)
+    steps_since, last_loss = 0, float("nan")
+    timer = common.Timer(rt.device)
+    bar = common.progress(start_step, plan.total_steps, "sft", rt)
+    with common.StopFlag() as stop:
+        for s in bar:
+            lr = plan.set_lr(optimizer, s)
+            loss, grad_norm = step.train_step(stepper, micro_batches(s), loss_fn)
+            loss_sum += loss
+            steps_since += 1
+            done = s + 1
+            if plan.logs(done):
+                guard.read(done)
                 dt = timer.lap()
-                last_loss = common.all_reduce_mean(loss_sum / max(loss_count, 1), rt).item()
-                tok_s = tokens_since * rt.world_size / dt
+                last_loss = common.all_reduce_mean(loss_sum / steps_since, rt).item()
+                tokens, padded = int(counts["tokens"]), counts["padded"]
+                tok_s = tokens * rt.world_size / dt
                 record = {
                     "step": done,
-                    "epoch": epoch,
+                    "epoch": plan.epoch(s),
                     "loss": round(last_loss, 5),
                     "lr": lr,
                     "grad_norm": round(float(grad_norm), 4),
                     "tokens_per_s": round(tok_s, 1),
-                    "label_tokens": label_since * rt.world_size,
-                    "pad_fraction": round(1 - tokens_since / max(padded_since, 1), 4),
+                    "label_tokens": int(counts["labels"]) * rt.world_size,
+                    "pad_fraction": round(1 - tokens / max(padded, 1), 4),
                     "skipped_steps": guard.skipped,
                 }
                 if peak:
-                    seq = padded_since / max(loss_count * args.batch_size, 1)
+                    seq = padded / max(steps_since * args.accumulation_steps * args.batch_size, 1)
                     flops = common.flops_per_token(cfg, n_active, int(seq))
                     record["mfu"] = round(tok_s * flops / (peak * rt.world_size), 4)
                 metrics.write(record)
                 bar.set_postfix(loss=f"{last_loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
                 loss_sum.zero_()
-                loss_count, tokens_since, padded_since, label_since = 0, 0, 0, 0
-            stopping = common.any_rank(stop.requested, rt)
-            if done % args.save_interval == 0 or done == total_steps or stopping:
-                common.save_step(args, rt, done, rows_per_step, model, optimizer, tok)
+                steps_since = 0
+                counts.update(tokens=0, padded=0, labels=0)
+            stopping = plan.stopping(stop.requested, done, rt)
+            if plan.saves(done) or stopping:
+                guard.read(done)
+                common.save_step(args, rt, done, plan.rows_per_step, model, optimizer, tok)
             if stopping:
                 break
     bar.close()
     if not common.finish(args, rt, metrics, "full SFT", last_loss):
-        return {"loss": last_loss, "steps": total_steps}
-    return {"loss": last_loss, "steps": total_steps, "out": str(Path(args.out_dir) / args.save_weight)}
+        return {"loss": last_loss, "steps": plan.total_steps}
+    return {"loss": last_loss, "steps": plan.total_steps, "out": str(Path(args.out_dir) / args.save_weight)}
 
 
 if __name__ == "__main__":

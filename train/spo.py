@@ -48,7 +48,7 @@ if __package__ in (None, ""):  # run as `python train/spo.py`
 
 import torch
 
-from train import checks, common, rewards, rollout
+from train import checks, common, rewards, rollout, step
 from train import losses as L
 from train.common import arg
 
@@ -133,12 +133,11 @@ def main(argv: list[str] | None = None) -> dict:
     except ValueError as exc:
         checks.fail(f"error: {exc}")
     # One step = accumulation_steps rollouts of batch_size prompts on each of world_size ranks.
-    prompts_per_step = args.batch_size * args.accumulation_steps * rt.world_size
-    steps_per_epoch, total_steps = common.plan_steps(len(data), prompts_per_step, args, rt, "prompts")
+    plan = step.Plan.of(args, len(data), rt, "prompts")
 
     wrapped = common.wrap_model(policy, rt, fsdp=args.fsdp)
-    optimizer = common.build_optimizer(policy, args.learning_rate, args.weight_decay)
-    start_step, state = common.restore_resume(args, rt, prompts_per_step, policy, optimizer, tokenizer=tok)
+    optimizer = step.build_optimizer(policy, args.learning_rate, args.weight_decay)
+    start_step, state = common.restore_resume(args, rt, plan.rows_per_step, policy, optimizer, tokenizer=tok)
     if state:
         tracker.load_state_dict(state["tracker"])
         if rt.is_main:
@@ -147,25 +146,21 @@ def main(argv: list[str] | None = None) -> dict:
     summary = (
         f"spo: {args.from_weight} ({policy.num_params():,} params) on {common.describe_runtime(rt, args)}; "
         f"{len(data):,} prompts; {args.batch_size} prompts x accum {args.accumulation_steps}; reward {args.reward} "
-        f"in [{args.reward_min:g}, {args.reward_max:g}]; {total_steps} steps, lr {args.learning_rate:g}"
+        f"in [{args.reward_min:g}, {args.reward_max:g}]; {plan.total_steps} steps, lr {args.learning_rate:g}"
     )
     metrics, guard = common.start_run(args, rt, start_step, summary)
     policy.train()
-    order, order_epoch, history = None, -1, []
+    history = []
     timer = common.Timer(rt.device)
-    bar = common.progress(start_step, total_steps, "spo", rt)
+    bar = common.progress(start_step, plan.total_steps, "spo", rt)
     with common.StopFlag() as stop:
-        for step in bar:
-            epoch = step // steps_per_epoch
-            if epoch != order_epoch:
-                order, order_epoch = common.epoch_order(len(data), args.seed, epoch), epoch
-            lr = common.lr_at(step, total_steps, args.learning_rate, args.warmup_steps)
-            common.set_lr(optimizer, lr)
+        for s in bar:
+            lr = plan.set_lr(optimizer, s)
             rollouts, baselines, advs, rhos = [], [], [], []
             sums = torch.zeros(3, dtype=torch.float64)  # this rank's loss (over its rollouts), KL sum, token count
             for micro in range(args.accumulation_steps):
                 ro = rollout.rank_rollout(
-                    args, rt, data, order, step, micro, args.accumulation_steps, policy, ref, reward_fn, tok,
+                    args, rt, data, plan, s, micro, policy, ref, reward_fn, tok,
                     num_samples=1, with_old_logp=False,
                 )  # fmt: skip
                 b = tracker.baseline()
@@ -195,16 +190,14 @@ def main(argv: list[str] | None = None) -> dict:
                 rollouts.append(ro)
                 baselines.append(b)
                 advs.append(common.all_gather_cat(adv, rt))
-            grad_norm = common.clip_grad_norm(policy, args.grad_clip)
-            if guard.ok(grad_norm, step + 1):
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            grad_norm = step.optimizer_step([(policy, optimizer)], args.grad_clip, guard)
 
-            done = step + 1
+            done = s + 1
+            guard.read(done)  # every step: an RL step waits on the host anyway (sampling)
             sums = common.all_reduce_sum(sums, rt)
             record = {
                 "step": done,
-                "epoch": epoch,
+                "epoch": plan.epoch(s),
                 **rollout.reward_stats(rollouts, rt),
                 "baseline": round(sum(baselines) / len(baselines), 5),
                 "advantage": round(float(torch.cat(advs).mean()), 5),
@@ -218,22 +211,22 @@ def main(argv: list[str] | None = None) -> dict:
                 "skipped_steps": guard.skipped,
             }
             history.append(record["reward"])
-            if done % args.log_interval == 0 or done == total_steps:
+            if plan.logs(done):
                 record["seconds"] = round(timer.lap(), 3)
                 metrics.write(record)
                 bar.set_postfix(
                     reward=f"{record['reward']:.3f}", base=f"{record['baseline']:.3f}", kl=f"{record['kl']:.4f}"
                 )
-            stopping = common.any_rank(stop.requested, rt)
-            if done % args.save_interval == 0 or done == total_steps or stopping:
+            stopping = plan.stopping(stop.requested, done, rt)
+            if plan.saves(done) or stopping:
                 extra = {"tracker": tracker.state_dict()}
-                common.save_step(args, rt, done, prompts_per_step, policy, optimizer, tok, extra)
+                common.save_step(args, rt, done, plan.rows_per_step, policy, optimizer, tok, extra)
             if stopping:
                 break
     bar.close()
     rollout.finish_stage(args, rt, metrics, "SPO", ("reward", "baseline", "kl"))
     out = Path(args.out_dir) / args.save_weight
-    return {"rewards": history, "steps": total_steps, "out": str(out), "tracker": tracker.state_dict()}
+    return {"rewards": history, "steps": plan.total_steps, "out": str(out), "tracker": tracker.state_dict()}
 
 
 if __name__ == "__main__":

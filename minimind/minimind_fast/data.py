@@ -796,8 +796,8 @@ def _pad(rows: Sequence[torch.Tensor], value: int, left: bool = False) -> torch.
 
 
 def _pad_pairs(ids: Sequence[torch.Tensor], labels: Sequence[torch.Tensor], pad_id: int) -> dict[str, torch.Tensor]:
-    lengths = torch.tensor([len(r) for r in ids])
-    width = int(lengths.max())
+    sizes = [len(r) for r in ids]
+    width, lengths = max(sizes), torch.tensor(sizes)
     return {
         "input_ids": _pad(ids, pad_id),
         "labels": _pad(labels, IGNORE_INDEX),
@@ -821,8 +821,8 @@ def collate_dpo(batch: Sequence[dict[str, torch.Tensor]], pad_id: int = 0) -> di
 def collate_prompts(batch: Sequence[dict[str, Any]], pad_id: int = 0) -> dict[str, Any]:
     """Left-pad prompts so every row ends where generation starts -> input_ids [B, P], attention_mask [B, P] (0 on
     the padding), plus prompt_text and record as lists of length B."""
-    lengths = torch.tensor([len(s["prompt_ids"]) for s in batch])
-    width = int(lengths.max())
+    sizes = [len(s["prompt_ids"]) for s in batch]
+    width, lengths = max(sizes), torch.tensor(sizes)
     return {
         "input_ids": _pad([s["prompt_ids"] for s in batch], pad_id, left=True),
         "attention_mask": (torch.arange(width)[None, :] >= (width - lengths)[:, None]).long(),

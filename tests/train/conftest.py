@@ -70,12 +70,12 @@ def rank_rollouts(tokenizer, rl_prompts):
 
     from minimind_fast import checkpoint as ckpt
     from minimind_fast.data import RLPromptDataset
-    from train import common, rewards, rollout
+    from train import rewards, rollout, step
 
     def find(start, reward, num_samples, batch_size, premise, max_seq_len=40):
         policy, _, _ = ckpt.load_model(start)
         data = RLPromptDataset(rl_prompts, tokenizer, max_seq_len)
-        order = common.epoch_order(len(data), 42, 0)
+        order = step.epoch_order(len(data), 42, 0)
         reward_fn = rewards.build_rewards(reward, "none", torch.device("cpu"), False, 16)
         for max_gen_len in range(3, 11):
             kw = dict(num_samples=num_samples, max_new_tokens=max_gen_len, device=torch.device("cpu"))

@@ -11,7 +11,8 @@ from minimind_fast import checkpoint as ckpt
 from minimind_fast.config import from_preset
 from minimind_fast.data import SFTDataset, collate_sft
 from minimind_fast.model import MiniMind
-from train import common, distill
+from train import distill
+from train.step import epoch_order
 
 TEACHER = dict(hidden_size=128, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2)
 STUDENT = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
@@ -77,7 +78,7 @@ def test_distill_first_step_loss_matches_full_logits(start, tokenizer):
     distill.main(_args(start, out) + ["--max_steps", "1", "--alpha", "0.3", "--temperature", "2.0"])
     rec = _records(out)[0]
     # The first batch, rebuilt the way the stage draws it.
-    ce, kl = _hand_ce_kl(start, tokenizer, common.epoch_order(160, 42, 0)[:8].tolist(), 2.0)
+    ce, kl = _hand_ce_kl(start, tokenizer, epoch_order(160, 42, 0)[:8].tolist(), 2.0)
     assert rec["ce"] == pytest.approx(ce, abs=2e-5)
     assert rec["kl"] == pytest.approx(kl, abs=2e-5)
     assert rec["loss"] == pytest.approx(0.3 * ce + 0.7 * 4.0 * kl, abs=5e-5)
@@ -88,7 +89,7 @@ def test_distill_two_ranks_log_the_mean_of_their_own_losses(start, tokenizer, to
     torchrun("distill.py", _args(start, out) + ["--batch_size", "3", "--max_steps", "2", "--alpha", "0.3"])
     rec = _records(out)[0]
     # Step 1: rank r distils conversations order[3r : 3r + 3]; each logged term is the mean of the ranks' own means.
-    order = common.epoch_order(160, 42, 0).tolist()
+    order = epoch_order(160, 42, 0).tolist()
     per_rank = [_hand_ce_kl(start, tokenizer, order[3 * r : 3 * r + 3], 1.5) for r in (0, 1)]
     assert abs(per_rank[0][0] - per_rank[1][0]) > 1e-3 and abs(per_rank[0][1] - per_rank[1][1]) > 1e-3
     ce, kl = (per_rank[0][0] + per_rank[1][0]) / 2, (per_rank[0][1] + per_rank[1][1]) / 2

@@ -11,7 +11,8 @@ import torch
 from minimind_fast import checkpoint as ckpt
 from minimind_fast.config import from_preset
 from minimind_fast.model import MiniMind
-from train import common, distill_reason
+from train import distill_reason
+from train.step import epoch_order
 
 TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
 RUN = ["--kernels", "torch", "--log_interval", "1", "--max_seq_len", "128", "--batch_size", "8"]
@@ -70,7 +71,7 @@ def test_distill_reason_first_step_loss_matches_char_located_tags(start, tokeniz
     out = start / "one"
     distill_reason.main(_args(start, out) + ["--max_steps", "1"])
     rec = _records(out)[0]
-    loss, tagged = _hand_loss(start, tokenizer, common.epoch_order(96, 42, 0)[:8].tolist())
+    loss, tagged = _hand_loss(start, tokenizer, epoch_order(96, 42, 0)[:8].tolist())
     assert tagged > 8 * 4 * 2  # at least four tags of two or more tokens per conversation
     assert rec["loss"] == pytest.approx(loss, abs=2e-4)
 
@@ -81,7 +82,7 @@ def test_distill_reason_two_ranks_log_the_mean_of_their_own_losses(start, tokeni
     records = _records(out)
     assert [r["step"] for r in records] == [1, 2]
     # Step 1: rank r trains on conversations order[3r : 3r + 3], each rank's loss normalised by its own label count.
-    order = common.epoch_order(96, 42, 0).tolist()
+    order = epoch_order(96, 42, 0).tolist()
     per_rank = [_hand_loss(start, tokenizer, order[3 * r : 3 * r + 3])[0] for r in (0, 1)]
     assert abs(per_rank[0] - per_rank[1]) > 1e-2  # the two shards really differ
     assert records[0]["loss"] == pytest.approx(sum(per_rank) / 2, abs=2e-4)

@@ -13,6 +13,7 @@ from minimind_fast.config import from_preset
 from minimind_fast.data import DPODataset
 from minimind_fast.model import MiniMind
 from train import common, dpo
+from train.step import epoch_order
 
 TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
 RUN = ["--kernels", "torch", "--log_interval", "1", "--max_seq_len", "96", "--batch_size", "4"]
@@ -149,7 +150,7 @@ def test_dpo_two_ranks_first_step_gradient_is_the_mean_of_the_ranks_losses(start
     policy, _, _ = ckpt.load_model(start / "sft")
     ref, _, _ = ckpt.load_model(start / "sft")
     data = DPODataset(start / "dpo.jsonl", tokenizer, 96)
-    order = common.epoch_order(36, 42, 0).tolist()
+    order = epoch_order(36, 42, 0).tolist()
     rank_losses = []
     for r in (0, 1):
         pair_losses = []

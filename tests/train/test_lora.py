@@ -10,8 +10,8 @@ from minimind_fast import checkpoint as ckpt
 from minimind_fast import evaluate
 from minimind_fast import lora as lora_lib
 from minimind_fast.data import SFTDataset, collate_sft
-from train import common
 from train import lora as lora_stage
+from train.step import epoch_order, iterate_batches
 
 DATA = "data/sample/lora_identity.jsonl"
 
@@ -33,7 +33,7 @@ def test_trains_only_the_adapter_and_saves_only_the_adapter(tiny_start, tmp_path
     base_model, _, _ = ckpt.load_model(tiny_start)
     # B = 0 at step 1: the first loss is the base model's assistant-token cross-entropy on the first batch.
     data = SFTDataset(few, tokenizer, 64)
-    _, first = next(common.iterate_batches(data, collate_sft, 4, 42, 0))
+    _, first = next(iterate_batches(data, collate_sft, 4, 42, 0))
     assert abs(losses[1] - hand_ce(base_model, first)) < 1e-4
 
     folder = out / "lora_identity"
@@ -93,7 +93,7 @@ def test_two_ranks_under_torchrun_average_their_ownstep_losses(tiny_start, tmp_p
     # the logged loss is the mean of the two ranks' losses.
     base_model, _, _ = ckpt.load_model(tiny_start)
     data = SFTDataset(DATA, tokenizer, 64)
-    order = common.epoch_order(len(data), 42, 0).tolist()
+    order = epoch_order(len(data), 42, 0).tolist()
     per_rank = [hand_ce(base_model, collate_sft([data[i] for i in order[2 * r : 2 * r + 2]])) for r in (0, 1)]
     assert abs(per_rank[0] - per_rank[1]) > 1e-3
     assert abs(losses[1] - sum(per_rank) / 2) < 1e-4

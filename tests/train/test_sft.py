@@ -15,7 +15,8 @@ from minimind_fast import checkpoint as ckpt
 from minimind_fast.config import from_preset
 from minimind_fast.data import SFTDataset, collate_sft
 from minimind_fast.model import MiniMind
-from train import common, sft
+from train import sft
+from train.step import epoch_order, iterate_batches
 
 SFT_DATA = "data/sample/sft.jsonl"
 
@@ -55,7 +56,7 @@ def test_first_logged_loss_is_the_hand_computed_loss_and_training_learns(tiny_st
     assert len(losses) == 25 and res["steps"] == 25
     model, _, _ = ckpt.load_model(tiny_start)
     data = SFTDataset(SFT_DATA, tokenizer, 64)
-    _, first = next(common.iterate_batches(data, collate_sft, 4, 42, 0))
+    _, first = next(iterate_batches(data, collate_sft, 4, 42, 0))
     assert abs(losses[1] - hand_ce(model, first)) < 1e-4
     early, late = sum(losses[s] for s in (1, 2, 3)) / 3, sum(losses[s] for s in (23, 24, 25)) / 3
     assert late < early - 1.5, (early, late)
@@ -72,7 +73,7 @@ def test_length_grouped_order_batches_similar_lengths(tokenizer):
     assert sorted(order.tolist()) == list(range(n))  # a permutation
     assert not torch.equal(order, sft.length_grouped_order(lengths, bs, seed=42, epoch=1, group=8))
     # Independent construction of the same batches (as sets): sorted groups of the epoch permutation, cut into batches.
-    perm = common.epoch_order(n, 42, 0).tolist()
+    perm = epoch_order(n, 42, 0).tolist()
     want = []
     for g in range(0, n, 8 * bs):
         part = sorted(perm[g : g + 8 * bs], key=lambda i: -lengths[i])
@@ -88,7 +89,7 @@ def test_length_grouped_order_batches_similar_lengths(tokenizer):
             real, padded = real + sum(rows), padded + max(rows) * len(rows)
         return 1 - real / padded
 
-    assert pad_fraction(order) < 0.25 < 0.45 < pad_fraction(common.epoch_order(n, 42, 0))
+    assert pad_fraction(order) < 0.25 < 0.45 < pad_fraction(epoch_order(n, 42, 0))
 
 
 def test_resume_reproduces_the_uninterrupted_run_exactly(tiny_start, tmp_path):
@@ -135,7 +136,7 @@ def test_two_ranks_under_torchrun_average_their_own_token_means(tiny_start, tmp_
     # Step 1: rank r trains on conversations order[2r : 2r + 2]; the logged loss is the mean of the two ranks' losses.
     model, _, _ = ckpt.load_model(tiny_start)
     data = SFTDataset(SFT_DATA, tokenizer, 64)
-    order = common.epoch_order(len(data), 42, 0)
+    order = epoch_order(len(data), 42, 0)
     per_rank = [hand_ce(model, collate_sft([data[int(i)] for i in order[2 * r : 2 * r + 2]])) for r in (0, 1)]
     assert abs(step_losses(tmp_path, "full_sft")[1] - sum(per_rank) / 2) < 1e-4
     ckpt.load_model(tmp_path / "full_sft")

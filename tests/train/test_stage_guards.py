@@ -11,7 +11,8 @@ import torch
 from minimind_fast import checkpoint as ckpt
 from minimind_fast.config import from_preset
 from minimind_fast.model import MiniMind
-from train import common, distill, distill_reason, dpo, grpo, lora, ppo, spo
+from train import distill, distill_reason, dpo, grpo, lora, ppo, spo
+from train import step as train_step
 
 TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
 RUN = ["--kernels", "torch", "--log_interval", "1", "--max_seq_len", "64"]
@@ -53,14 +54,14 @@ def _argv(stage, files, out):
 @pytest.mark.parametrize("stage", list(STAGES))
 def test_a_streak_of_non_finite_steps_stops_with_the_last_good_checkpoint(stage, files, tmp_path, monkeypatch):
     module, name, _, per_step = STAGES[stage]
-    real, calls = common.clip_grad_norm, {"n": 0}
+    real, calls = train_step.clip_grad_norm, {"n": 0}
 
     def clip(model, max_norm):  # from optimizer step 3 on, the gradient norm is NaN (as after a NaN loss)
         norm = real(model, max_norm)
         calls["n"] += 1
         return norm * float("nan") if (calls["n"] - 1) // per_step + 1 >= 3 else norm
 
-    monkeypatch.setattr(common, "clip_grad_norm", clip)
+    monkeypatch.setattr(train_step, "clip_grad_norm", clip)
     argv = _argv(stage, files, tmp_path) + ["--max_steps", "8", "--save_interval", "2", "--max_bad_steps", "2"]
     with pytest.raises(SystemExit, match=f"2 non-finite steps in a row.*{name}_resume/step_00000002"):
         module.main(argv)
