@@ -15,7 +15,7 @@ elsewhere (minimind_fast.data.SFTDataset), right-truncated to max_seq_len. A bat
 the sample data are about 60% padding); MiniMind pads every sample to max_seq_len. Right padding needs no attention
 mask: under the causal mask a real token never sees the pads after it, and pads carry label -100. The loss is the mean
 cross-entropy over the batch's assistant tokens (+ MoE balance loss), AdamW (betas 0.9/0.999, weight decay 0.01 on
-matrices), gradient clipping 1.0, MiniMind's cosine schedule lr -> 0.1 * lr, bf16 autocast on CUDA and fp32 on CPU. The
+matrices), gradient clipping 1.0, MiniMind's cosine schedule lr -> 0.1 * lr, bf16 autocast on CUDA/fast-bf16 CPUs. The
 sample order of each epoch is a permutation seeded by (seed, epoch) and the data position is derived from the optimizer
 step, so --from_resume replays exactly the batches an uninterrupted run would have seen; a non-finite gradient norm
 skips the step (counted in the metrics; --max_bad_steps in a row stop the run). Under torchrun each rank takes its share
