@@ -1,7 +1,7 @@
 """Pretraining: next-token prediction on packed text.
 
     python train/pretrain.py                                   # CPU: tiny preset on data/sample, a few minutes
-    python train/pretrain.py --compile                         # CUDA: small preset, bf16, Triton kernels
+    python train/pretrain.py                                   # CUDA: small preset, bf16, Triton kernels, compiled
     python train/pretrain.py --preset base --data_path pretrain_hq.jsonl --max_seq_len 512
     python train/pretrain.py --from_resume 1                   # continue the last run from its newest checkpoint
 
@@ -44,6 +44,7 @@ _AUTO = {
     "max_seq_len": (256, 340),
     "learning_rate": (3e-3, 5e-4),
     "epochs": (2, 1),
+    "compile": (False, True),  # packed rows of one length: one compiled graph (tests/minimind/test_one_graph.py)
 }
 
 
@@ -67,6 +68,7 @@ class Args(common.StageArgs):
     max_seq_len: int | None = arg(None, "tokens per packed row (default: 256 on CPU, 340 on CUDA)")
     aux_loss_alpha: float = arg(0.01, "MoE balance-loss weight (MiniMind's first release used 0.1)")
     seed: int = arg(42, "seed for initialisation and data order")
+    compile: bool | None = arg(None, "torch.compile the model (default: on with CUDA, off on CPU; --compile 0 = off)")
 
 
 def main(argv: list[str] | None = None) -> dict:
