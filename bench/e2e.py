@@ -5,9 +5,10 @@
     python bench/e2e.py --matrix                                           # presets x kernels x compile + baselines
     python bench/e2e.py --matrix --presets small,moe --steps 12 --warmup_steps 2 --budget_s 540 --out_dir $OUT
 
-A step is what train/pretrain.py does: bf16 autocast on CUDA (fp32 weights), `accumulation_steps` micro-batches of
-`batch_size` rows of `max_seq_len` tokens, loss (+ MoE aux loss) / accumulation, backward, grad-norm clip 1.0, AdamW
-(train.common.build_optimizer: fused on CUDA) with MiniMind's cosine schedule (train.common.lr_at). Rows are packed:
+A step is the trainer's own train.step.train_step, as train/pretrain.py runs it: `accumulation_steps` micro-batches
+of `batch_size` rows of `max_seq_len` tokens under the trainer's autocast, loss (+ MoE aux loss) / accumulation,
+backward, grad-norm clip, fused AdamW (train.step.build_optimizer) with MiniMind's cosine schedule (train.step.lr_at)
+and the device-side non-finite skip, no host sync inside the measured steps. Rows are packed:
 random token ids (3..vocab-1), or with --data a pretrain JSONL tokenized as [bos] + tokens + [eos] per document,
 concatenated and cut into rows, so no position is padding.
 
@@ -55,7 +56,7 @@ import minimind_kernels as kernels  # noqa: E402
 from minimind_fast.config import MiniMindConfig, from_preset  # noqa: E402
 from minimind_fast.model import MiniMind  # noqa: E402
 from minimind_fast.tokenizer import Tokenizer  # noqa: E402
-from train import common  # noqa: E402
+from train import common, step  # noqa: E402
 from train.common import arg  # noqa: E402
 
 DEFAULT_DATA = _ROOT / "data" / "sample" / "pretrain.jsonl"
@@ -92,7 +93,7 @@ class Args:
     name: str = arg("", "the <what> part of the result file names (default from the configuration)")
     json_out: str = arg("", "write this run's record to this file only (used by --matrix for its subprocesses)")
     device: str = arg("auto", "cuda, cpu or auto")
-    dtype: str = arg("auto", "bfloat16 or float32 (auto: bf16 autocast on CUDA, fp32 on CPU)")
+    dtype: str = arg("auto", "bfloat16 or float32 (auto: as the trainer, train/common.py setup_runtime)")
     seed: int = arg(42, "seed for initialisation and random rows")
 
 
@@ -190,8 +191,11 @@ def run_one(args: Args, command: str) -> dict[str, Any]:
         # parameter, no fused kernel); its GradScaler is disabled for bf16, so it is left out.
         optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate)
     else:
-        optimizer = common.build_optimizer(model, args.learning_rate)
+        optimizer = step.build_optimizer(model, args.learning_rate)
     train_model = torch.compile(model) if args.compile else model
+    # the trainer's step; the guard never reads (no log steps here), so it needs no metrics file
+    guard = step.NonFiniteGuard(max_bad_steps=1 << 30, metrics=None, is_main=False, last_good=lambda: None)
+    stepper = step.Stepper(model, model, optimizer, rt, guard, args.accumulation_steps, args.grad_clip)
     data, source = batches(args, cfg, tok)
     n_active = model.num_active_params()
     flops_tok = common.flops_per_token(cfg, n_active, args.max_seq_len)
@@ -209,30 +213,42 @@ def run_one(args: Args, command: str) -> dict[str, Any]:
         torch.cuda.reset_peak_memory_stats()
     setup_s = time.perf_counter() - t_enter
 
-    counted_all = counted_measured = 0
-    t_measure = first_step_s = time_to_first = None
-    loss = None
-    for step in range(args.steps):
-        t_step = time.perf_counter()
-        common.set_lr(optimizer, common.lr_at(step, args.steps, args.learning_rate))
+    counted = [0, 0]  # [all steps, measured steps]
+
+    def micro_batches(i: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for _ in range(args.accumulation_steps):
             x, y, n_counted = next(data)
-            x, y = x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True)
-            with rt.autocast():
-                out = train_model(x, labels=y)
-                loss = out.loss if out.aux_loss is None else out.loss + out.aux_loss
-            (loss / args.accumulation_steps).backward()
-            counted_all += n_counted
-            if step >= args.warmup_steps:
-                counted_measured += n_counted
-        torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if step == 0:
+            counted[0] += n_counted
+            if i >= args.warmup_steps:
+                counted[1] += n_counted
+            yield x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True)
+
+    def loss_fn(batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        out = train_model(batch[0], labels=batch[1])
+        return out.loss if out.aux_loss is None else out.loss + out.aux_loss
+
+    t_measure = first_step_s = time_to_first = None
+    loss = None
+    for i in range(args.steps):
+        t_step = time.perf_counter()
+        lr = step.lr_at(i, args.steps, args.learning_rate)
+        if args.baseline:  # MiniMind's loop: clip, step, zero_grad; nothing skipped
+            step.set_lr(optimizer, lr)
+            for x, y in micro_batches(i):
+                with rt.autocast():
+                    loss = loss_fn((x, y))
+                (loss / args.accumulation_steps).backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        else:
+            step.set_lr(optimizer, lr)
+            loss, _ = step.train_step(stepper, micro_batches(i), loss_fn)
+        if i == 0:
             _sync(rt.device)
             now = time.perf_counter()
             first_step_s, time_to_first = now - t_step, now - t_enter
-        if step + 1 == args.warmup_steps:
+        if i + 1 == args.warmup_steps:
             _sync(rt.device)
             t_measure = time.perf_counter()
     _sync(rt.device)
@@ -241,7 +257,7 @@ def run_one(args: Args, command: str) -> dict[str, Any]:
     final_loss = float(loss.detach().float().item())
 
     positions = args.steps * args.accumulation_steps * args.batch_size * args.max_seq_len
-    tokens_per_s = counted_measured / measured_s if measured_s > 0 else 0.0
+    tokens_per_s = counted[1] / measured_s if measured_s > 0 else 0.0
     record: dict[str, Any] = {
         "status": "ok",
         "mode": mode,
@@ -259,10 +275,10 @@ def run_one(args: Args, command: str) -> dict[str, Any]:
         "params": model.num_params(),
         "active_params": n_active,
         "flops_per_token": flops_tok,
-        "tokens_counted": counted_measured,
-        "tokens_counted_all_steps": counted_all,
+        "tokens_counted": counted[1],
+        "tokens_counted_all_steps": counted[0],
         "positions_all_steps": positions,
-        "non_pad_fraction": counted_all / positions,
+        "non_pad_fraction": counted[0] / positions,
         "measured_s": measured_s,
         "tokens_per_s": tokens_per_s,
         "step_s": measured_s / measured_steps,
