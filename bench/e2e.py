@@ -13,14 +13,15 @@ random token ids (3..vocab-1), or with --data a pretrain JSONL tokenized as [bos
 concatenated and cut into rows, so no position is padding.
 
 --baseline minimind reproduces the reference MiniMind trainer at the same model size: eager (no compile), torch
-kernels (its MoE is the per-expert Python loop of reference.py.moe_experts), plain torch.optim.AdamW over all
+kernels with MiniMind2's own MoE loop and repeated-K/V attention (bench/minimind_baseline.py), its loop (no skip
+guard), plain torch.optim.AdamW over all
 parameters, every document of --data (default data/sample/pretrain.jsonl) its own row, [bos] + tokens + [eos]
 truncated to max_seq_len and padded with 0, labels -100 on padding, rows in file order; batch 32, accumulation 8,
 max_seq_len 340 (MiniMind2's pretraining defaults), fp32 master weights with bf16 autocast. How much of its batch is
 padding depends on the documents' lengths: non_pad_fraction in the results says how much of the work was useful.
 
 Measured: tokens/s counts only tokens whose label is not -100 (non-pad tokens; every token of a packed row) over the
-steps after --warmup_steps; MFU = tokens/s * FLOPs per token (train.common.flops_per_token: 6 * N_active + 12 * layers
+steps after --warmup_steps; MFU = tokens/s * FLOPs per token (train.metrics.flops_per_token: 6 * N_active + 12 * layers
 * hidden * max_seq_len) / the card's bf16 matmul peak, measured here on an 8192^3 matmul (not the datasheet); peak
 memory (torch.cuda.max_memory_allocated); time_to_first_step_s from main() entry to the end of the first optimizer step
 (model build, data, compilation) and first_step_s, the first step alone. --matrix runs each configuration in a fresh
@@ -36,6 +37,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -53,11 +56,15 @@ import torch  # noqa: E402
 
 import bench  # noqa: E402
 import minimind_kernels as kernels  # noqa: E402
+from bench import minimind_baseline  # noqa: E402
 from minimind_fast.config import MiniMindConfig, from_preset  # noqa: E402
 from minimind_fast.model import MiniMind  # noqa: E402
 from minimind_fast.tokenizer import Tokenizer  # noqa: E402
-from train import common, step  # noqa: E402
-from train.common import arg  # noqa: E402
+from train import step  # noqa: E402
+from train.args import arg, parse_args  # noqa: E402
+from train.metrics import flops_per_token  # noqa: E402
+from train.models import build_config  # noqa: E402
+from train.runtime import cpu_bf16_speedup, setup_runtime, x86_cpu_flags  # noqa: E402
 
 DEFAULT_DATA = _ROOT / "data" / "sample" / "pretrain.jsonl"
 IGNORE = -100
@@ -86,6 +93,10 @@ class Args:
     kernels_list: str = arg("torch,triton,liger", "--matrix: kernel specs")
     compiles: str = arg("0,1", "--matrix: compile settings")
     matrix_baseline: bool = arg(True, "--matrix: also run --baseline minimind for each preset")
+    cpu_compare: bool = arg(
+        False, "on a CPU: MiniMind's trainer (--baseline minimind) against our default CPU path, same documents"
+    )
+    repeats: int = arg(3, "--cpu_compare: pairs of runs (baseline, ours), alternating, each in a fresh process")
     timeout_s: float = arg(900.0, "--matrix: wall-clock limit of one configuration")
     budget_s: float = arg(0.0, "--matrix: start no configuration after this many seconds (0: no limit)")
     peak_tflops: float = arg(0.0, "bf16 matmul peak for MFU, TFLOP/s (0: measure it on this card)")
@@ -93,7 +104,7 @@ class Args:
     name: str = arg("", "the <what> part of the result file names (default from the configuration)")
     json_out: str = arg("", "write this run's record to this file only (used by --matrix for its subprocesses)")
     device: str = arg("auto", "cuda, cpu or auto")
-    dtype: str = arg("auto", "bfloat16 or float32 (auto: as the trainer, train/common.py setup_runtime)")
+    dtype: str = arg("auto", "bfloat16 or float32 (auto: as the trainer, train/runtime.py setup_runtime)")
     seed: int = arg(42, "seed for initialisation and random rows")
 
 
@@ -177,13 +188,17 @@ def run_one(args: Args, command: str) -> dict[str, Any]:
         raise SystemExit("error: --baseline minimind runs eager with torch kernels; leave out --kernels/--compile")
     if not 1 <= args.warmup_steps < args.steps:  # the first step (compilation) is never part of the rate
         raise SystemExit(f"error: need 1 <= --warmup_steps ({args.warmup_steps}) < --steps ({args.steps})")
-    rt = common.setup_runtime(args.device, args.dtype, args.seed)
-    spec = "torch" if args.baseline else args.kernels
-    ops = kernels.resolve(spec)  # KernelSpecError when it cannot run here: main() records it as unavailable
+    on_cpu = args.device == "cpu" or (args.device == "auto" and not torch.cuda.is_available())
+    # MiniMind's trainer autocasts only on CUDA (nullcontext on a CPU): its CPU baseline runs fp32
+    dtype = "float32" if args.baseline and on_cpu else args.dtype
+    rt = setup_runtime(args.device, dtype, args.seed)
+    spec = "minimind" if args.baseline else args.kernels
+    # KernelSpecError when it cannot run here: main() records it as unavailable
+    ops = minimind_baseline.ops() if args.baseline else kernels.resolve(spec)
     print(kernels.describe(ops))
 
     tok = Tokenizer.load() if (args.baseline or args.data) else None
-    cfg = common.build_config(args.preset, tok) if tok is not None else from_preset(args.preset)
+    cfg = build_config(args.preset, tok) if tok is not None else from_preset(args.preset)
     model = MiniMind(cfg, ops=ops).to(rt.device)
     model.train()
     if args.baseline:
@@ -198,7 +213,7 @@ def run_one(args: Args, command: str) -> dict[str, Any]:
     stepper = step.Stepper(model, model, optimizer, rt, guard, args.accumulation_steps, args.grad_clip)
     data, source = batches(args, cfg, tok)
     n_active = model.num_active_params()
-    flops_tok = common.flops_per_token(cfg, n_active, args.max_seq_len)
+    flops_tok = flops_per_token(cfg, n_active, args.max_seq_len)
     peak = args.peak_tflops or None
     if peak is None and rt.is_cuda:
         peak = bench.measure_bf16_matmul_peak()["tflops"]
@@ -350,8 +365,8 @@ def child_argv(args: Args, config: dict[str, Any], json_out: str, peak: float | 
         argv += ["--baseline", config["baseline"], "--kernels", "torch"]
     else:
         argv += ["--kernels", config["kernels"], "--compile", str(int(config["compile"]))]
-    if args.data:
-        argv += ["--data", args.data]
+    if config.get("data", args.data):
+        argv += ["--data", config.get("data", args.data)]
     if peak:
         argv += ["--peak_tflops", str(peak)]
     return argv
@@ -368,6 +383,38 @@ def _failure(config: dict[str, Any], status: str, reason: str, wall_s: float) ->
         "reason": reason,
         "wall_s": wall_s,
     }
+
+
+def run_child(args: Args, config: dict[str, Any], peak: float | None, timeout_s: float) -> dict[str, Any]:
+    """One configuration in a fresh subprocess (an OOM or crash costs that run only) -> its record."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "run.json"
+        cmd = [sys.executable, str(Path(__file__).resolve()), *child_argv(args, config, str(out), peak)]
+        t_run = time.perf_counter()
+        try:
+            proc = subprocess.run(
+                cmd,
+                capture_output=True,
+                text=True,
+                timeout=timeout_s,
+                cwd=_ROOT,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
+            wall = time.perf_counter() - t_run
+            tail = (proc.stdout + proc.stderr)[-3000:]
+            if out.exists():
+                record = json.loads(out.read_text())
+                record["wall_s"] = wall
+                if proc.returncode != 0 and record.get("status") == "ok":
+                    record.update(status="failed", reason=f"exit code {proc.returncode}: {tail[-500:]}")
+            else:
+                oom = "out of memory" in tail.lower()
+                record = _failure(config, "oom" if oom else "failed", f"exit code {proc.returncode}: {tail}", wall)
+        except subprocess.TimeoutExpired:
+            wall = time.perf_counter() - t_run
+            record = _failure(config, "timeout", f"killed after {wall:.0f} s", wall)
+    record["command"] = "python bench/e2e.py " + " ".join(child_argv(args, config, "<tmp>", peak))
+    return record
 
 
 def run_matrix(args: Args, command: str) -> dict[str, Any]:
@@ -390,34 +437,8 @@ def run_matrix(args: Args, command: str) -> dict[str, Any]:
             result["runs"].append(_failure(config, "skipped", f"out of --budget_s {args.budget_s:g}", 0.0))
             print(f"[{i + 1}/{len(configs)}] {label}: skipped (out of time budget)", flush=True)
             continue
-        with tempfile.TemporaryDirectory() as tmp:
-            out = Path(tmp) / "run.json"
-            cmd = [sys.executable, str(Path(__file__).resolve()), *child_argv(args, config, str(out), peak)]
-            print(f"[{i + 1}/{len(configs)}] {label} ...", flush=True)
-            t_run = time.perf_counter()
-            try:
-                proc = subprocess.run(
-                    cmd,
-                    capture_output=True,
-                    text=True,
-                    timeout=min(args.timeout_s, left),
-                    cwd=_ROOT,
-                    env={**os.environ, "PYTHONUNBUFFERED": "1"},
-                )
-                wall = time.perf_counter() - t_run
-                tail = (proc.stdout + proc.stderr)[-3000:]
-                if out.exists():
-                    record = json.loads(out.read_text())
-                    record["wall_s"] = wall
-                    if proc.returncode != 0 and record.get("status") == "ok":
-                        record.update(status="failed", reason=f"exit code {proc.returncode}: {tail[-500:]}")
-                else:
-                    oom = "out of memory" in tail.lower()
-                    record = _failure(config, "oom" if oom else "failed", f"exit code {proc.returncode}: {tail}", wall)
-            except subprocess.TimeoutExpired:
-                wall = time.perf_counter() - t_run
-                record = _failure(config, "timeout", f"killed after {wall:.0f} s", wall)
-        record["command"] = "python bench/e2e.py " + " ".join(child_argv(args, config, "<tmp>", peak))
+        print(f"[{i + 1}/{len(configs)}] {label} ...", flush=True)
+        record = run_child(args, config, peak, min(args.timeout_s, left))
         result["runs"].append(record)
         print(f"    {_one_line(record)} ({record.get('wall_s', 0):.0f} s)", flush=True)
         if record["status"] not in ("ok", "unavailable"):
@@ -426,6 +447,138 @@ def run_matrix(args: Args, command: str) -> dict[str, Any]:
     result["meta"]["finished"] = True
     _write(result, paths)
     return result
+
+
+# -------------------------------------------------------------------------------------------------------- cpu compare
+def cpu_info() -> dict[str, Any]:
+    """The CPU's model name and the instruction sets that decide CPU bf16 speed (Linux x86: /proc/cpuinfo)."""
+    model = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.partition(":")[2].strip()
+                break
+    except OSError:
+        pass
+    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+    return {"model": model, "flags": sorted((x86_cpu_flags() or set()) & set(wanted))}
+
+
+def run_cpu_compare(args: Args, command: str) -> dict[str, Any]:
+    """--cpu_compare: see the module docstring. Pairs alternate (baseline, ours) so that load from other work on the
+    machine falls on both; the ratio of each pair is recorded, and the median and spread over the pairs."""
+    if torch.cuda.is_available() and args.device != "cpu":
+        raise SystemExit("error: --cpu_compare measures the CPU path: pass --device cpu on a machine with a GPU")
+    if args.repeats < 1:
+        raise SystemExit(f"error: --repeats must be >= 1, got {args.repeats}")
+    from train import pretrain  # our defaults on a CPU, as `python train/pretrain.py` takes them
+
+    data = args.data or str(DEFAULT_DATA.relative_to(_ROOT))
+    ours = {
+        "preset": args.preset,
+        "baseline": "",
+        "kernels": "auto",
+        "compile": pretrain._AUTO["compile"][0],
+        "data": data,
+    }
+    base = {"preset": args.preset, "baseline": "minimind", "kernels": "torch", "compile": False, "data": data}
+    out_dir = args.out_dir if args.out_dir != str(bench.RESULTS_DIR) else str(bench.RESULTS_DIR / "cpu")
+    paths = bench.result_paths(out_dir, args.name or f"cpu-compare-{args.preset}")
+    result: dict[str, Any] = {
+        "kind": "e2e-cpu-compare",
+        "meta": {
+            **bench.run_metadata(command),
+            "cpu": cpu_info(),
+            "threads": torch.get_num_threads(),
+            "cpu_bf16_speedup": cpu_bf16_speedup(),
+            "finished": False,
+        },
+        "runs": [],
+        "pairs": [],
+        "paths": [str(p) for p in paths],
+    }
+    for r in range(args.repeats):
+        pair = []
+        for config in (base, ours):
+            label = f"[pair {r + 1}/{args.repeats}] {_label(config)}"
+            print(f"{label} ...", flush=True)
+            record = run_child(args, config, None, args.timeout_s)
+            result["runs"].append(record)
+            pair.append(record)
+            print(f"    {_one_line(record)} ({record.get('wall_s', 0):.0f} s)", flush=True)
+            if record["status"] != "ok":
+                print("    " + record.get("reason", "")[-1500:].replace("\n", "\n    "), flush=True)
+        if all(p["status"] == "ok" for p in pair):
+            result["pairs"].append(pair[1]["tokens_per_s"] / pair[0]["tokens_per_s"])
+        _write_compare(result, paths)
+    ratios = sorted(result["pairs"])
+    if ratios:
+        result["summary"] = {
+            "ratio_median": statistics.median(ratios),
+            "ratio_min": ratios[0],
+            "ratio_max": ratios[-1],
+        }
+    result["meta"]["finished"] = True
+    _write_compare(result, paths)
+    return result
+
+
+def compare_markdown(result: dict[str, Any], json_name: str) -> str:
+    m, runs = result["meta"], result["runs"]
+    ok = [r for r in runs if r["status"] == "ok"]
+    lines = [
+        f"# CPU side by side: MiniMind's trainer and ours, {m['cpu']['model']}",
+        "",
+        f"- raw data: `{json_name}`; command: `{m['command']}`",
+        f"- commit `{m['git_commit']}`" + (" (uncommitted changes)" if m.get("git_dirty") else ""),
+        f"- torch {m['torch']}, {m['threads']} threads, CPU flags {', '.join(m['cpu']['flags']) or 'none listed'}, "
+        + (
+            f"bf16 matmul {m['cpu_bf16_speedup']:.2f}x fp32 here"
+            if m["cpu_bf16_speedup"]
+            else "no bf16 dot-product instructions (bf16 not used)"
+        )
+        + f", date {m['date_utc']}",
+    ]
+    if ok:
+        r0 = ok[0]
+        lines.append(
+            f"- per step: {r0['batch_size']} rows x {r0['accumulation_steps']} micro-batches x {r0['max_seq_len']} "
+            f"tokens; {r0['steps']} steps, the first {r0['warmup_steps']} not timed; data: {r0['data']}"
+        )
+    if not m.get("finished"):
+        lines.append("- **incomplete**: written before the last pair ended")
+    lines += [
+        "",
+        "Pairs run one after the other, each run in a fresh process: the MiniMind baseline (eager, fp32 on a CPU as "
+        "MiniMind's trainer runs there, its MoE loop and repeated-K/V attention, plain AdamW, one padded document "
+        "per row) and our default CPU path (kernels, compile and precision as `train/pretrain.py` picks them on a "
+        "CPU; packed rows, fused AdamW). tokens/s counts non-pad tokens.",
+        "",
+        "| run | mode | kernels | compile | precision | tokens/s | non-pad | step s | status |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for i, r in enumerate(runs):
+        good = r["status"] == "ok"
+        lines.append(
+            f"| {i // 2 + 1} | {r['mode']} | {r['kernels']} | {int(bool(r['compile']))} | {r.get('precision', '')} "
+            f"| {format(r['tokens_per_s'], ',.0f') if good else ''} "
+            f"| {format(r['non_pad_fraction'], '.2f') if good else ''} | {format(r['step_s'], '.2f') if good else ''} "
+            f"| {'ok' if good else (r['status'] + ': ' + str(r.get('reason', ''))[:120]).replace('|', '/')} |"
+        )
+    lines.append("")
+    if result["pairs"]:
+        each = ", ".join(f"{x:.2f}x" for x in result["pairs"])
+        lines.append(f"Ours over MiniMind's trainer, pair by pair: {each}.")
+    if result.get("summary"):
+        sm = result["summary"]
+        lines.append(f"Median {sm['ratio_median']:.2f}x (spread {sm['ratio_min']:.2f}x to {sm['ratio_max']:.2f}x).")
+    return "\n".join(lines) + "\n"
+
+
+def _write_compare(result: dict[str, Any], paths: tuple[Path, Path]) -> None:
+    json_path, md_path = paths
+    json_path.write_text(json.dumps(result, indent=1) + "\n")
+    md_path.write_text(compare_markdown(result, json_path.name))
 
 
 # ------------------------------------------------------------------------------------------------------------ reports
@@ -548,10 +701,16 @@ def _write(result: dict[str, Any], paths: tuple[Path, Path] | None) -> None:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run one configuration, or --matrix. Returns {"kind": "e2e", "meta": ..., "runs": [...], "paths": [...]}."""
-    args = common.parse_args(Args, argv, __doc__.split("\n\n")[0])
+    args = parse_args(Args, argv, __doc__.split("\n\n")[0])
     command = bench.command_line("bench/e2e.py", argv)
     if not torch.cuda.is_available():
         print(f"warning: {bench.CPU_WARNING}")
+    if args.cpu_compare:
+        result = run_cpu_compare(args, command)  # written after every pair
+        for line in compare_markdown(result, Path(result["paths"][0]).name).splitlines()[-3:]:
+            print(line)
+        print(f"written: {', '.join(result['paths'])}")
+        return result
     if args.matrix:
         result = run_matrix(args, command)  # written after every configuration
     else:

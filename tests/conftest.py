@@ -57,9 +57,9 @@ def tokenizer():
 @pytest.fixture(autouse=True, scope="session")
 def _cpu_fp32():
     """The suite's expected values are fp32 ones: --dtype auto on a CPU with fast bf16 would pick bf16 autocast
-    (train/common.py cpu_bf16_speedup), so the probe's answer is pinned to 'not faster' here; tests of the probe
+    (train/runtime.py cpu_bf16_speedup), so the probe's answer is pinned to 'not faster' here; tests of the probe
     set it themselves."""
-    from train import common
+    from train import runtime
 
-    common._CPU_BF16_SPEEDUP = 0.0
+    runtime._CPU_BF16_SPEEDUP = 0.0
     yield

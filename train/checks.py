@@ -1,6 +1,6 @@
 """Every setting of a training stage, checked before any work is done.
 
-common.parse_args calls check_args(args, stage) on the parsed flags of every stage (pretrain, sft, lora, dpo,
+train/args.py parse_args calls check_args(args, stage) on the parsed flags of every stage (pretrain, sft, lora, dpo,
 distill, distill_reason, ppo, grpo, spo), before a device is set up, a folder created or a model loaded. A bad setting
 ends the run with exactly one line on stderr and exit status 2, and no traceback:
 
@@ -18,7 +18,7 @@ The rules, in the order they are applied:
                         read from safetensors headers / a memory-mapped weights-only load, never whole), and the limits
                         a model sets (--max_seq_len against its rotary table, --lora_rank against its width,
                         --lora_targets against its layers). Whether a tokenizer fits the model is
-                        common.check_tokenizer's to say.
+                        resume.check_tokenizer's to say.
 Problems that only the data shows (a bad line, a conversation cut before its answer) are found when the data set is
 loaded: report_dataset and data_error use the same one-line, exit-status-2 form (`error: path:lineno: ...`).
 """
@@ -144,7 +144,7 @@ PROBABILITY_OPEN = dict(lo=0, hi=1, lo_open=True, hi_open=True)
 
 # One rule per numeric / choice flag, by flag name, for every stage that has the flag.
 RULES: dict[str, Num | OneOf] = {
-    # common.StageArgs
+    # StageArgs (train/args.py)
     "from_resume": SWITCH,
     "accumulation_steps": Int(1, "an optimizer step needs at least one micro-batch"),
     "warmup_steps": Int(0, "a number of steps cannot be negative"),
@@ -386,7 +386,7 @@ def _check_combinations(args: Any, stage: str) -> None:
 def _check_files(args: Any, stage: str) -> None:
     _check_out_dir(args)
     _check_data_path(args)
-    if args.tokenizer is not None:  # that it fits the model is common.check_tokenizer's to say
+    if args.tokenizer is not None:  # that it fits the model is resume.check_tokenizer's to say
         from minimind_fast.tokenizer import Tokenizer, TokenizerError
 
         try:

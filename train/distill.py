@@ -48,8 +48,12 @@ from minimind_fast.data import IGNORE_INDEX, SFTDataset, collate_sft, tokenizer_
 from minimind_fast.model import MiniMind, compute_dtype
 from minimind_fast.tokenizer import Tokenizer
 from train import checks, common, step
-from train.common import arg
+from train.args import StageArgs, arg, parse_args, resolve_auto
 from train.losses import chunked_distill_kl
+from train.metrics import Timer
+from train.models import build_config, frozen_model, load_base_model, load_tokenizer, open_dataset
+from train.resume import restore_resume, save_step
+from train.runtime import all_reduce_mean, describe_runtime, resolve_kernels, setup_runtime, wrap_model
 
 # (CPU, CUDA). CUDA: MiniMind2's row. CPU: one pass over the sample SFT data; lr measured with the tiny CPU SFT model
 # as teacher and a fresh 128-wide, 2-layer student (171 steps): at 1e-4 the last logged CE/KL were 6.38/4.35, at
@@ -63,7 +67,7 @@ _AUTO = {
 
 
 @dataclass
-class Args(common.StageArgs):
+class Args(StageArgs):
     data_path: str = arg("data/sample/sft.jsonl", "SFT JSONL ({'conversations': [...]} per line)")
     save_weight: str = arg("full_dist", "name of the checkpoint folder under --out_dir")
     teacher: str = arg("out/full_sft_base", "checkpoint folder of the teacher (any size, same tokenizer)")
@@ -98,34 +102,34 @@ def check_same_vocab(student: MiniMind, teacher: MiniMind, tok: Tokenizer, teach
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = common.parse_args(Args, argv, __doc__.split("\n\n")[0])
-    rt = common.setup_runtime(args.device, args.dtype, args.seed, args.dist_timeout)
-    args = common.resolve_auto(args, rt.is_cuda, _AUTO)
+    args = parse_args(Args, argv, __doc__.split("\n\n")[0])
+    rt = setup_runtime(args.device, args.dtype, args.seed, args.dist_timeout)
+    args = resolve_auto(args, rt.is_cuda, _AUTO)
     if not 0.0 <= args.alpha <= 1.0 or args.temperature <= 0:
         checks.fail(f"error: need 0 <= --alpha <= 1 and --temperature > 0 (got {args.alpha}, {args.temperature})")
-    ops = common.resolve_kernels(args.kernels, rt)
+    ops = resolve_kernels(args.kernels, rt)
     tok_path = args.tokenizer
     if tok_path is None:
         candidates = [args.teacher] if args.student_preset else [args.from_weight, args.teacher]
         tok_path = next((c for c in candidates if (Path(c) / "tokenizer.json").is_file()), None)
-    tok = common.load_tokenizer(tok_path)
+    tok = load_tokenizer(tok_path)
     if args.student_preset:
         sizes = {"hidden_size": args.hidden_size, "num_hidden_layers": args.num_hidden_layers}
-        cfg = common.build_config(args.student_preset, tok, **{k: v for k, v in sizes.items() if v > 0})
+        cfg = build_config(args.student_preset, tok, **{k: v for k, v in sizes.items() if v > 0})
         student = MiniMind(cfg, ops=ops).to(rt.device)
         source = f"fresh {args.student_preset} ({cfg.hidden_size} x {cfg.num_hidden_layers})"
     else:
-        student = common.load_base_model(args.from_weight, ops, rt.device)
+        student = load_base_model(args.from_weight, ops, rt.device)
         source = args.from_weight
-    teacher = common.frozen_model(args.teacher, ops, rt)
+    teacher = frozen_model(args.teacher, ops, rt)
     check_same_vocab(student, teacher, tok, args.teacher)
 
-    data = common.open_dataset(SFTDataset, args, tok, rt)
+    data = open_dataset(SFTDataset, args, tok, rt)
     plan = step.Plan.of(args, len(data), rt, "conversations")
 
-    wrapped = common.wrap_model(student, rt, fsdp=args.fsdp)
+    wrapped = wrap_model(student, rt, fsdp=args.fsdp)
     optimizer = step.build_optimizer(student, args.learning_rate, args.weight_decay)
-    start_step, _ = common.restore_resume(
+    start_step, _ = restore_resume(
         args, rt, plan.rows_per_step, student, optimizer, tokenizer=tok, start="none" if args.student_preset else None
     )
     train_model = torch.compile(wrapped) if args.compile else wrapped
@@ -133,7 +137,7 @@ def main(argv: list[str] | None = None) -> dict:
     summary = (
         f"distill: student {source}, {student.num_params():,} params; teacher {args.teacher}, "
         f"{teacher.num_params():,} params ({teacher.config.hidden_size} x {teacher.config.num_hidden_layers}); "
-        f"on {common.describe_runtime(rt, args)}; {len(data)} conversations; batch {args.batch_size} x accum "
+        f"on {describe_runtime(rt, args)}; {len(data)} conversations; batch {args.batch_size} x accum "
         f"{args.accumulation_steps}; {plan.total_steps} steps, lr {args.learning_rate:g}, alpha {args.alpha:g}, "
         f"T {args.temperature:g}"
     )
@@ -179,7 +183,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     student.train()
     last_loss = float("nan")
-    timer = common.Timer(rt.device)
+    timer = Timer(rt.device)
     bar = common.progress(start_step, plan.total_steps, "distill", rt)
     with common.StopFlag() as stop:
         for s in bar:
@@ -190,7 +194,7 @@ def main(argv: list[str] | None = None) -> dict:
                 guard.read(done)
                 dt_s = timer.lap()
                 # The mean of the ranks' losses, each the token mean over its own conversations.
-                loss_m, ce_m, kl_m = common.all_reduce_mean(sums / max(counts["micro"], 1), rt).tolist()
+                loss_m, ce_m, kl_m = all_reduce_mean(sums / max(counts["micro"], 1), rt).tolist()
                 last_loss = loss_m
                 metrics.write(
                     {
@@ -211,7 +215,7 @@ def main(argv: list[str] | None = None) -> dict:
             stopping = plan.stopping(stop.requested, done, rt)
             if plan.saves(done) or stopping:
                 guard.read(done)
-                common.save_step(args, rt, done, plan.rows_per_step, student, optimizer, tok)
+                save_step(args, rt, done, plan.rows_per_step, student, optimizer, tok)
             if stopping:
                 break
     bar.close()

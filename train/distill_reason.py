@@ -37,8 +37,12 @@ import torch
 from minimind_fast.data import IGNORE_INDEX, SFTDataset, collate_sft
 from minimind_fast.tokenizer import Tokenizer
 from train import checks, common, step
-from train.common import arg
+from train.args import StageArgs, arg, parse_args, resolve_auto
 from train.losses import tag_weights
+from train.metrics import Timer
+from train.models import load_base_model, open_dataset, stage_tokenizer
+from train.resume import restore_resume, save_step
+from train.runtime import all_reduce_mean, all_reduce_sum, describe_runtime, resolve_kernels, setup_runtime, wrap_model
 
 # (CPU, CUDA). CUDA: MiniMind2's 1e-6. CPU: measured from the tiny CPU DPO model on the sample r1_mix (one epoch,
 # 137 steps): the tag-weighted loss ended at 7.52 with 1e-4 and at 0.98 with 1e-3.
@@ -47,7 +51,7 @@ _TAG_SCAN = 64  # conversations checked at start-up for tag occurrences
 
 
 @dataclass
-class Args(common.StageArgs):
+class Args(StageArgs):
     data_path: str = arg("data/sample/r1_mix.jsonl", "reasoning SFT JSONL (think/answer text in assistant turns)")
     save_weight: str = arg("reason", "name of the checkpoint folder under --out_dir")
     from_weight: str = arg("out/dpo", "checkpoint folder to start from (a DPO or SFT model)")
@@ -69,16 +73,16 @@ def tag_id_sequences(tokenizer: Tokenizer, tags: list[str]) -> list[list[int]]:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = common.parse_args(Args, argv, __doc__.split("\n\n")[0])
-    rt = common.setup_runtime(args.device, args.dtype, args.seed, args.dist_timeout)
-    args = common.resolve_auto(args, rt.is_cuda, _AUTO)
-    tok = common.stage_tokenizer(args.tokenizer, args.from_weight)
-    ops = common.resolve_kernels(args.kernels, rt)
-    model = common.load_base_model(args.from_weight, ops, rt.device)
+    args = parse_args(Args, argv, __doc__.split("\n\n")[0])
+    rt = setup_runtime(args.device, args.dtype, args.seed, args.dist_timeout)
+    args = resolve_auto(args, rt.is_cuda, _AUTO)
+    tok = stage_tokenizer(args.tokenizer, args.from_weight)
+    ops = resolve_kernels(args.kernels, rt)
+    model = load_base_model(args.from_weight, ops, rt.device)
     tags = [t for t in args.tags.split(",") if t]
     tag_seqs = tag_id_sequences(tok, tags)
 
-    data = common.open_dataset(SFTDataset, args, tok, rt)
+    data = open_dataset(SFTDataset, args, tok, rt)
     plan = step.Plan.of(args, len(data), rt, "conversations")
     # A tokenizer that merges a tag with its neighbours would silently leave every weight at 1: say so up front.
     scan = collate_sft([data[i] for i in range(min(_TAG_SCAN, len(data)))])["labels"]
@@ -94,13 +98,13 @@ def main(argv: list[str] | None = None) -> dict:
                 f"warning: no tag occurrence found in the first {scan.shape[0]} conversations; nothing is up-weighted"
             )
 
-    wrapped = common.wrap_model(model, rt, fsdp=args.fsdp)
+    wrapped = wrap_model(model, rt, fsdp=args.fsdp)
     optimizer = step.build_optimizer(model, args.learning_rate, args.weight_decay)
-    start_step, _ = common.restore_resume(args, rt, plan.rows_per_step, model, optimizer, tokenizer=tok)
+    start_step, _ = restore_resume(args, rt, plan.rows_per_step, model, optimizer, tokenizer=tok)
     train_model = torch.compile(wrapped) if args.compile else wrapped
     summary = (
         f"distill_reason: {model.num_params():,} params from {args.from_weight} on "
-        f"{common.describe_runtime(rt, args)}; {len(data)} conversations; batch {args.batch_size} x accum "
+        f"{describe_runtime(rt, args)}; {len(data)} conversations; batch {args.batch_size} x accum "
         f"{args.accumulation_steps}; {plan.total_steps} steps, lr {args.learning_rate:g}, "
         f"tag weight {args.tag_weight:g}"
     )
@@ -125,7 +129,7 @@ def main(argv: list[str] | None = None) -> dict:
     model.train()
     loss_sum, steps_since = torch.zeros((), device=rt.device), 0
     last_loss = float("nan")
-    timer = common.Timer(rt.device)
+    timer = Timer(rt.device)
     bar = common.progress(start_step, plan.total_steps, "reason", rt)
     with common.StopFlag() as stop:
         for s in bar:
@@ -137,8 +141,8 @@ def main(argv: list[str] | None = None) -> dict:
             if plan.logs(done):
                 guard.read(done)
                 dt = timer.lap()
-                last_loss = common.all_reduce_mean(loss_sum / steps_since, rt).item()
-                both = common.all_reduce_sum(torch.tensor([int(counts["tokens"]), int(counts["tags"])]), rt).tolist()
+                last_loss = all_reduce_mean(loss_sum / steps_since, rt).item()
+                both = all_reduce_sum(torch.tensor([int(counts["tokens"]), int(counts["tags"])]), rt).tolist()
                 metrics.write(
                     {
                         "step": done,
@@ -158,7 +162,7 @@ def main(argv: list[str] | None = None) -> dict:
             stopping = plan.stopping(stop.requested, done, rt)
             if plan.saves(done) or stopping:
                 guard.read(done)
-                common.save_step(args, rt, done, plan.rows_per_step, model, optimizer, tok)
+                save_step(args, rt, done, plan.rows_per_step, model, optimizer, tok)
             if stopping:
                 break
     bar.close()

@@ -46,8 +46,12 @@ import torch
 
 from minimind_fast.data import DPODataset, collate_dpo
 from train import checks, common, step
-from train.common import arg
+from train.args import StageArgs, arg, parse_args, resolve_auto
 from train.losses import dpo_loss, sequence_logp
+from train.metrics import Timer
+from train.models import frozen_model, load_base_model, open_dataset, stage_tokenizer
+from train.resume import restore_resume, save_step
+from train.runtime import Runtime, all_reduce_sum, describe_runtime, resolve_kernels, setup_runtime, wrap_model
 
 # (CPU, CUDA). CUDA: MiniMind2's 4e-8 (its script warns that more makes the model forget). CPU: the tiny model of the
 # CPU recipe barely moves at that size; swept on the sample data from the CPU SFT checkpoint (1 epoch, 810 pairs, the
@@ -58,7 +62,7 @@ _AUTO = {"learning_rate": (3e-4, 4e-8)}
 
 
 @dataclass
-class Args(common.StageArgs):
+class Args(StageArgs):
     data_path: str = arg("data/sample/dpo.jsonl", "DPO JSONL ({'chosen': [...], 'rejected': [...]} per line)")
     save_weight: str = arg("dpo", "name of the checkpoint folder under --out_dir")
     from_weight: str = arg("out/full_sft", "checkpoint folder of the SFT model (policy and reference start here)")
@@ -74,7 +78,7 @@ class Args(common.StageArgs):
     save_interval: int = arg(100, "optimizer steps between checkpoints")
 
 
-def pair_logps(model, batch: dict, rt: common.Runtime, mean: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+def pair_logps(model, batch: dict, rt: Runtime, mean: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Summed (or mean) assistant-token log-probs of the 2B rows [2B] and the MoE aux loss (None if dense/eval)."""
     ids = batch["input_ids"].to(rt.device, non_blocking=True)
     labels = batch["labels"].to(rt.device, non_blocking=True)
@@ -85,7 +89,7 @@ def pair_logps(model, batch: dict, rt: common.Runtime, mean: bool) -> tuple[torc
 
 
 @torch.no_grad()
-def evaluate(policy, ref_logp: torch.Tensor, data, indices: range, args: Args, rt: common.Runtime) -> dict:
+def evaluate(policy, ref_logp: torch.Tensor, data, indices: range, args: Args, rt: Runtime) -> dict:
     """Held-out preference metrics of the policy against cached reference log-probs ref_logp [n, 2]."""
     was_training = policy.training
     policy.eval()
@@ -102,7 +106,7 @@ def evaluate(policy, ref_logp: torch.Tensor, data, indices: range, args: Args, r
 
 
 @torch.no_grad()
-def policy_logps(model, data, indices: range, args: Args, rt: common.Runtime) -> torch.Tensor:
+def policy_logps(model, data, indices: range, args: Args, rt: Runtime) -> torch.Tensor:
     """[n, 2] (chosen, rejected) log-probs of the pairs data[i] for i in indices."""
     rows = []
     for a in range(0, len(indices), args.batch_size):
@@ -114,31 +118,31 @@ def policy_logps(model, data, indices: range, args: Args, rt: common.Runtime) ->
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = common.parse_args(Args, argv, __doc__.split("\n\n")[0])
-    rt = common.setup_runtime(args.device, args.dtype, args.seed, args.dist_timeout)
-    args = common.resolve_auto(args, rt.is_cuda, _AUTO)
+    args = parse_args(Args, argv, __doc__.split("\n\n")[0])
+    rt = setup_runtime(args.device, args.dtype, args.seed, args.dist_timeout)
+    args = resolve_auto(args, rt.is_cuda, _AUTO)
     if not 0.0 <= args.eval_fraction < 1.0:
         checks.fail(f"error: --eval_fraction must be in [0, 1), got {args.eval_fraction}")
-    tok = common.stage_tokenizer(args.tokenizer, args.from_weight)
-    ops = common.resolve_kernels(args.kernels, rt)
-    model = common.load_base_model(args.from_weight, ops, rt.device)
+    tok = stage_tokenizer(args.tokenizer, args.from_weight)
+    ops = resolve_kernels(args.kernels, rt)
+    model = load_base_model(args.from_weight, ops, rt.device)
     if tok.vocab_size > model.config.vocab_size:
         checks.fail(f"error: tokenizer has {tok.vocab_size} tokens, the model's vocab {model.config.vocab_size}")
-    ref = common.frozen_model(args.from_weight, ops, rt)
+    ref = frozen_model(args.from_weight, ops, rt)
 
-    data = common.open_dataset(DPODataset, args, tok, rt)
+    data = open_dataset(DPODataset, args, tok, rt)
     n_eval = min(int(len(data) * args.eval_fraction), args.eval_max_pairs)
     n_train = len(data) - n_eval
     eval_idx = range(n_train, len(data))  # the file's last pairs: never in a training batch
     plan = step.Plan.of(args, n_train, rt, "training pairs")
 
-    wrapped = common.wrap_model(model, rt, fsdp=args.fsdp)
+    wrapped = wrap_model(model, rt, fsdp=args.fsdp)
     optimizer = step.build_optimizer(model, args.learning_rate, args.weight_decay)
-    start_step, _ = common.restore_resume(args, rt, plan.rows_per_step, model, optimizer, tokenizer=tok)
+    start_step, _ = restore_resume(args, rt, plan.rows_per_step, model, optimizer, tokenizer=tok)
     train_model = torch.compile(wrapped) if args.compile else wrapped
     ref_model = torch.compile(ref) if args.compile else ref
     summary = (
-        f"dpo: {model.num_params():,} params from {args.from_weight} on {common.describe_runtime(rt, args)}"
+        f"dpo: {model.num_params():,} params from {args.from_weight} on {describe_runtime(rt, args)}"
         f"{', bf16 reference' if rt.amp_dtype else ''}; {n_train} training pairs, {n_eval} held out; batch "
         f"{args.batch_size} x accum {args.accumulation_steps}; {plan.total_steps} steps, lr {args.learning_rate:g}, "
         f"beta {args.beta:g}{', length-normalised log-probs' if args.length_norm else ''}"
@@ -170,7 +174,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     model.train()
     last_loss, done = float("nan"), start_step
-    timer = common.Timer(rt.device)
+    timer = Timer(rt.device)
     bar = common.progress(start_step, plan.total_steps, "dpo", rt)
     with common.StopFlag() as stop:
         for s in bar:
@@ -181,7 +185,7 @@ def main(argv: list[str] | None = None) -> dict:
                 guard.read(done)
                 dt = timer.lap()
                 # Means over the pairs of all ranks (each rank's loss is the mean over its own, equally many, pairs).
-                totals = common.all_reduce_sum(sums, rt)
+                totals = all_reduce_sum(sums, rt)
                 loss_s, cr_s, rr_s, acc_s = (totals[:4] / totals[4].clamp(min=1)).tolist()
                 last_loss = loss_s
                 metrics.write(
@@ -204,7 +208,7 @@ def main(argv: list[str] | None = None) -> dict:
             stopping = plan.stopping(stop.requested, done, rt)
             if plan.saves(done) or stopping:
                 guard.read(done)
-                common.save_step(args, rt, done, plan.rows_per_step, model, optimizer, tok)
+                save_step(args, rt, done, plan.rows_per_step, model, optimizer, tok)
             if stopping:
                 break
     bar.close()

@@ -48,7 +48,10 @@ import torch
 
 from train import checks, common, rollout, step
 from train import losses as L
-from train.common import arg
+from train.args import arg, parse_args
+from train.metrics import Timer
+from train.resume import restore_resume, save_step
+from train.runtime import Runtime, all_reduce_mean, all_reduce_sum, describe_runtime, no_sync, setup_runtime, wrap_model
 
 # (CPU, CUDA). CUDA: MiniMind's GRPO row. CPU: the tiny model of the CPU recipe needs a far larger learning rate to
 # move within a few hundred steps. Measured from the CPU recipe's SFT model on data/sample/rlaif.jsonl (rule reward,
@@ -72,7 +75,7 @@ def train_on_rollout(
     ro: rollout.Rollout,
     adv_N: torch.Tensor,
     args: Args,
-    rt: common.Runtime,
+    rt: Runtime,
     scale: float,
     sync: bool,
 ) -> dict[str, float]:
@@ -83,7 +86,7 @@ def train_on_rollout(
     slices = rollout.chunks(n, args.forward_batch)
     out = {"loss": 0.0, "kl_sum": 0.0, "clip_sum": 0.0, "tokens": 0.0}
     for i, sl in enumerate(slices):
-        with common.no_sync(wrapped, sync=sync and i == len(slices) - 1):
+        with no_sync(wrapped, sync=sync and i == len(slices) - 1):
             with rt.autocast():
                 logp, aux = rollout.forward_logp(train_fwd, ro.rows(sl), ro.prompt_width)
             logp = logp.float()
@@ -101,28 +104,28 @@ def train_on_rollout(
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = common.parse_args(Args, argv, __doc__.split("\n\n")[0])
-    rt = common.setup_runtime(args.device, args.dtype, args.seed, args.dist_timeout)
+    args = parse_args(Args, argv, __doc__.split("\n\n")[0])
+    rt = setup_runtime(args.device, args.dtype, args.seed, args.dist_timeout)
     if args.num_generations < 2:
         checks.fail("error: --num_generations must be >= 2 (advantages are relative to the group)")
     reward_fn, tok, _, policy, ref, data = rollout.start_stage(args, rt, _AUTO)
     # One step = accumulation_steps rollouts of batch_size prompts on each of world_size ranks.
     plan = step.Plan.of(args, len(data), rt, "prompts")
 
-    wrapped = common.wrap_model(policy, rt, fsdp=args.fsdp)
+    wrapped = wrap_model(policy, rt, fsdp=args.fsdp)
     optimizer = step.build_optimizer(policy, args.learning_rate, args.weight_decay)
-    start_step, _ = common.restore_resume(args, rt, plan.rows_per_step, policy, optimizer, tokenizer=tok)
+    start_step, _ = restore_resume(args, rt, plan.rows_per_step, policy, optimizer, tokenizer=tok)
     train_fwd = torch.compile(wrapped, dynamic=True) if args.compile else wrapped
     g = args.num_generations
     summary = (
-        f"grpo: {args.from_weight} ({policy.num_params():,} params) on {common.describe_runtime(rt, args)}; "
+        f"grpo: {args.from_weight} ({policy.num_params():,} params) on {describe_runtime(rt, args)}; "
         f"{len(data):,} prompts; {args.batch_size} prompts x {g} samples x accum {args.accumulation_steps}; "
         f"reward {args.reward}; {plan.total_steps} steps ({plan.steps_per_epoch} per epoch), lr {args.learning_rate:g}"
     )
     metrics, guard = common.start_run(args, rt, start_step, summary)
     policy.train()
     history = []
-    timer = common.Timer(rt.device)
+    timer = Timer(rt.device)
     bar = common.progress(start_step, plan.total_steps, "grpo", rt)
     with common.StopFlag() as stop:
         for s in bar:
@@ -149,15 +152,13 @@ def main(argv: list[str] | None = None) -> dict:
             done = s + 1
             guard.read(done)  # every step: an RL step waits on the host anyway (sampling)
             keys = ("loss", "kl_sum", "clip_sum", "tokens")
-            sums = common.all_reduce_sum(
-                torch.tensor([sum(p[k] for p in parts) for k in keys], dtype=torch.float64), rt
-            )
+            sums = all_reduce_sum(torch.tensor([sum(p[k] for p in parts) for k in keys], dtype=torch.float64), rt)
             group_std = torch.cat([ro.rewards.view(-1, g).std(1, unbiased=False) for ro in rollouts]).mean()
             record = {
                 "step": done,
                 "epoch": plan.epoch(s),
                 **rollout.reward_stats(rollouts, rt),
-                "group_std": round(float(common.all_reduce_mean(group_std, rt)), 5),
+                "group_std": round(float(all_reduce_mean(group_std, rt)), 5),
                 "kl": round(float(sums[1] / sums[3].clamp(min=1)), 6),
                 "loss": round(float(sums[0]) / (len(parts) * rt.world_size), 6),
                 "clip_frac": round(float(sums[2] / sums[3].clamp(min=1)), 5),
@@ -174,7 +175,7 @@ def main(argv: list[str] | None = None) -> dict:
                 )
             stopping = plan.stopping(stop.requested, done, rt)
             if plan.saves(done) or stopping:
-                common.save_step(args, rt, done, plan.rows_per_step, policy, optimizer, tok)
+                save_step(args, rt, done, plan.rows_per_step, policy, optimizer, tok)
             if stopping:
                 break
     bar.close()

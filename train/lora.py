@@ -42,7 +42,11 @@ import torch
 from minimind_fast import lora
 from minimind_fast.data import SFTDataset, collate_sft
 from train import checks, common, step
-from train.common import arg
+from train.args import StageArgs, arg, parse_args, resolve_auto
+from train.metrics import Timer
+from train.models import load_base_model, open_dataset, stage_tokenizer
+from train.resume import prune_resume, restore_resume, resume_dir, save_step, step_folder
+from train.runtime import all_reduce_mean, describe_runtime, load_full_state, resolve_kernels, setup_runtime, wrap_model
 
 # Defaults that depend on the machine: (CPU, CUDA). CUDA = MiniMind's LoRA row (identity data: 50 epochs, batch 32,
 # lr 1e-4, max_seq_len 340). CPU: the identity file has 200 conversations of 45 tokens on average; see the commit that
@@ -56,7 +60,7 @@ _AUTO = {
 
 
 @dataclass
-class Args(common.StageArgs):
+class Args(StageArgs):
     data_path: str = arg("data/sample/lora_identity.jsonl", "SFT-format JSONL the adapter learns from")
     out_dir: str = arg("out", "where the adapter, metrics and the loss curve go")
     save_weight: str = arg("lora_identity", "name of the adapter folder under --out_dir")
@@ -78,28 +82,28 @@ class Args(common.StageArgs):
 
 def save_resume(args: Args, model: torch.nn.Module, step: int, state: dict) -> Path:
     """The adapter as {out_dir}/{save_weight} and a resumable copy {save_weight}_resume/step_N (with train_state.pt),
-    keeping the last --keep_last: common.save_resume's layout, with adapter folders instead of model folders."""
+    keeping the last --keep_last: resume.save_resume's layout, with adapter folders instead of model folders."""
     run = asdict(args)
     meta = {"step": step, "run": state.get("run")}
     lora.save_adapter(Path(args.out_dir) / args.save_weight, model, args.from_weight, run, meta=meta)
-    rdir = common.resume_dir(args.out_dir, args.save_weight)
-    target = common.step_folder(rdir, step, state.get("run"))
+    rdir = resume_dir(args.out_dir, args.save_weight)
+    target = step_folder(rdir, step, state.get("run"))
     folder = lora.save_adapter(target, model, args.from_weight, run, train_state=state, meta=meta)
-    common.prune_resume(rdir, args.keep_last, folder)
+    prune_resume(rdir, args.keep_last, folder)
     return folder
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = common.parse_args(Args, argv, __doc__.split("\n\n")[0])
+    args = parse_args(Args, argv, __doc__.split("\n\n")[0])
     if args.fsdp:
         checks.fail(
             "error: --fsdp is not supported for LoRA (the adapters are tiny; run under torchrun without --fsdp for DDP)"
         )
-    rt = common.setup_runtime(args.device, args.dtype, args.seed, args.dist_timeout)
-    args = common.resolve_auto(args, rt.is_cuda, _AUTO)
-    tok = common.stage_tokenizer(args.tokenizer, args.from_weight)
-    ops = common.resolve_kernels(args.kernels, rt)
-    model = common.load_base_model(args.from_weight, ops, rt.device)
+    rt = setup_runtime(args.device, args.dtype, args.seed, args.dist_timeout)
+    args = resolve_auto(args, rt.is_cuda, _AUTO)
+    tok = stage_tokenizer(args.tokenizer, args.from_weight)
+    ops = resolve_kernels(args.kernels, rt)
+    model = load_base_model(args.from_weight, ops, rt.device)
     if tok.vocab_size > model.config.vocab_size:
         checks.fail(f"error: tokenizer has {tok.vocab_size} tokens, the model's vocab {model.config.vocab_size}")
     try:
@@ -115,25 +119,25 @@ def main(argv: list[str] | None = None) -> dict:
     except lora.AdapterError as exc:
         checks.fail(f"error: {exc}")
 
-    data = common.open_dataset(SFTDataset, args, tok, rt)
+    data = open_dataset(SFTDataset, args, tok, rt)
     plan = step.Plan.of(args, len(data), rt, "conversations")
 
-    wrapped = common.wrap_model(model, rt)  # DDP all-reduces only the trainable (adapter) gradients
+    wrapped = wrap_model(model, rt)  # DDP all-reduces only the trainable (adapter) gradients
     optimizer = step.build_optimizer(model, args.learning_rate, args.weight_decay)
-    start_step, state = common.restore_resume(args, rt, plan.rows_per_step, tokenizer=tok, config=model.config)
+    start_step, state = restore_resume(args, rt, plan.rows_per_step, tokenizer=tok, config=model.config)
     if state:
         try:
             lora.load_adapter(model, state["folder"], trainable=True)
         except lora.AdapterError as exc:
             checks.fail(f"error: --from_resume: {exc}")
-        common.load_full_state(model, optimizer, None, state["optimizer"])
+        load_full_state(model, optimizer, None, state["optimizer"])
 
     n_train = lora.num_lora_params(model)
     train_model = torch.compile(wrapped, dynamic=True) if args.compile else wrapped
     summary = (
         f"lora: rank {args.lora_rank}, alpha {args.lora_alpha or args.lora_rank:g} on {len(names)} layers "
         f"({', '.join(sorted({n.rsplit('.', 1)[-1] for n in names}))}); {n_train:,} trainable of "
-        f"{model.num_params():,} params; base {args.from_weight} on {common.describe_runtime(rt, args)}; "
+        f"{model.num_params():,} params; base {args.from_weight} on {describe_runtime(rt, args)}; "
         f"{len(data):,} conversations; batch {args.batch_size} x accum {args.accumulation_steps}; "
         f"{plan.total_steps} steps ({plan.steps_per_epoch} per epoch), lr {args.learning_rate:g}"
     )
@@ -157,7 +161,7 @@ def main(argv: list[str] | None = None) -> dict:
     model.train()
     loss_sum = torch.zeros((), device=rt.device)
     steps_since, last_loss = 0, float("nan")
-    timer = common.Timer(rt.device)
+    timer = Timer(rt.device)
     bar = common.progress(start_step, plan.total_steps, "lora", rt)
     with common.StopFlag() as stop:
         for s in bar:
@@ -169,7 +173,7 @@ def main(argv: list[str] | None = None) -> dict:
             if plan.logs(done):
                 guard.read(done)
                 dt = timer.lap()
-                last_loss = common.all_reduce_mean(loss_sum / steps_since, rt).item()
+                last_loss = all_reduce_mean(loss_sum / steps_since, rt).item()
                 metrics.write(
                     {
                         "step": done,
@@ -188,7 +192,7 @@ def main(argv: list[str] | None = None) -> dict:
             if plan.saves(done) or stopping:
                 guard.read(done)
                 write = functools.partial(save_resume, args, model)
-                common.save_step(args, rt, done, plan.rows_per_step, model, optimizer, tok, write=write)
+                save_step(args, rt, done, plan.rows_per_step, model, optimizer, tok, write=write)
             if stopping:
                 break
     bar.close()

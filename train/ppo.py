@@ -55,7 +55,19 @@ import torch.nn as nn
 from minimind_fast.model import MiniMind
 from train import common, rollout, step
 from train import losses as L
-from train.common import arg
+from train.args import arg, parse_args
+from train.metrics import Timer
+from train.models import load_base_model
+from train.resume import restore_resume, save_step
+from train.runtime import (
+    Runtime,
+    all_reduce_mean,
+    describe_runtime,
+    full_state,
+    load_full_state,
+    setup_runtime,
+    wrap_model,
+)
 
 # (CPU, CUDA). CUDA: MiniMind's PPO row (actor lr 3e-7, critic 5e-7). CPU: see grpo.py.
 _AUTO = {"learning_rate": (1e-5, 3e-7), "critic_learning_rate": (1e-4, 5e-7)}
@@ -106,7 +118,7 @@ def completion_values(critic: ValueModel, rows: dict[str, torch.Tensor], prompt_
     return v[:, prompt_width - 1 : prompt_width - 1 + r]
 
 
-def whiten_global(x_NR: torch.Tensor, mask_NR: torch.Tensor, rt: common.Runtime, eps: float = 1e-8) -> torch.Tensor:
+def whiten_global(x_NR: torch.Tensor, mask_NR: torch.Tensor, rt: Runtime, eps: float = 1e-8) -> torch.Tensor:
     """losses.whiten over the masked tokens of every rank's rollout (mean and variance from all-reduced sums), so
     advantages are normalised over the global batch as in one process."""
     mean = rollout.global_masked_mean(x_NR, mask_NR, rt)
@@ -115,25 +127,25 @@ def whiten_global(x_NR: torch.Tensor, mask_NR: torch.Tensor, rt: common.Runtime,
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = common.parse_args(Args, argv, __doc__.split("\n\n")[0])
-    rt = common.setup_runtime(args.device, args.dtype, args.seed, args.dist_timeout)
+    args = parse_args(Args, argv, __doc__.split("\n\n")[0])
+    rt = setup_runtime(args.device, args.dtype, args.seed, args.dist_timeout)
     reward_fn, tok, ops, actor, ref, data = rollout.start_stage(args, rt, _AUTO)
-    critic = ValueModel(common.load_base_model(args.from_weight, ops, rt.device)).to(rt.device)
+    critic = ValueModel(load_base_model(args.from_weight, ops, rt.device)).to(rt.device)
     # One step = one rollout of batch_size prompts on each of world_size ranks (--accumulation_steps counts
     # minibatches per update here, not rollouts).
     plan = step.Plan.of(args, len(data), rt, "prompts", rollouts_per_step=1)
 
-    actor_wrapped = common.wrap_model(actor, rt, fsdp=args.fsdp)
-    critic_wrapped = common.wrap_model(critic, rt, fsdp=args.fsdp)
+    actor_wrapped = wrap_model(actor, rt, fsdp=args.fsdp)
+    critic_wrapped = wrap_model(critic, rt, fsdp=args.fsdp)
     actor_opt = step.build_optimizer(actor, args.learning_rate, args.weight_decay)
     critic_opt = step.build_optimizer(critic, args.critic_learning_rate, args.weight_decay)
-    start_step, state = common.restore_resume(args, rt, plan.rows_per_step, actor, actor_opt, tokenizer=tok)
+    start_step, state = restore_resume(args, rt, plan.rows_per_step, actor, actor_opt, tokenizer=tok)
     if state:
-        common.load_full_state(critic, critic_opt, state["critic"], state["critic_optimizer"])
+        load_full_state(critic, critic_opt, state["critic"], state["critic_optimizer"])
     train_fwd = torch.compile(actor_wrapped, dynamic=True) if args.compile else actor_wrapped
     summary = (
         f"ppo: {args.from_weight} ({actor.num_params():,} params; actor, reference, critic) on "
-        f"{common.describe_runtime(rt, args)}; {len(data):,} prompts; {args.batch_size} prompts per rollout, "
+        f"{describe_runtime(rt, args)}; {len(data):,} prompts; {args.batch_size} prompts per rollout, "
         f"minibatch {args.mini_batch_size} x {args.ppo_epochs} epochs; reward {args.reward}; {plan.total_steps} steps, "
         f"lr {args.learning_rate:g} / critic {args.critic_learning_rate:g}"
     )
@@ -141,7 +153,7 @@ def main(argv: list[str] | None = None) -> dict:
     actor.train()
     critic.train()
     history = []
-    timer = common.Timer(rt.device)
+    timer = Timer(rt.device)
     bar = common.progress(start_step, plan.total_steps, "ppo", rt)
     pairs = [(actor, actor_opt), (critic, critic_opt)]  # stepped together, or skipped together
     with common.StopFlag() as stop:
@@ -179,7 +191,7 @@ def main(argv: list[str] | None = None) -> dict:
                         logp, aux = rollout.forward_logp(train_fwd, ro.rows(sl), ro.prompt_width)
                         values = completion_values(critic_wrapped, ro.rows(sl), ro.prompt_width)
                     logp = logp.float()
-                    kl_now = common.all_reduce_mean(L.approx_kl(logp.detach(), ro.old_logp[sl], m), rt)
+                    kl_now = all_reduce_mean(L.approx_kl(logp.detach(), ro.old_logp[sl], m), rt)
                     if float(kl_now) > args.early_stop_kl:
                         stopped = True
                         break
@@ -206,7 +218,7 @@ def main(argv: list[str] | None = None) -> dict:
 
             done = s + 1
             guard.read(done)  # every step: an RL step waits on the host anyway (sampling)
-            means = common.all_reduce_mean(torch.tensor(list(sums.values()), dtype=torch.float64), rt)
+            means = all_reduce_mean(torch.tensor(list(sums.values()), dtype=torch.float64), rt)
             record = {
                 "step": done,
                 "epoch": plan.epoch(s),
@@ -227,9 +239,9 @@ def main(argv: list[str] | None = None) -> dict:
                 bar.set_postfix(reward=f"{record['reward']:.3f}", vloss=f"{record['value_loss']:.3f}")
             stopping = plan.stopping(stop.requested, done, rt)
             if plan.saves(done) or stopping:
-                critic_sd, critic_opt_sd = common.full_state(critic, critic_opt, rt)
+                critic_sd, critic_opt_sd = full_state(critic, critic_opt, rt)
                 extra = {"critic": critic_sd, "critic_optimizer": critic_opt_sd}
-                common.save_step(args, rt, done, plan.rows_per_step, actor, actor_opt, tok, extra)
+                save_step(args, rt, done, plan.rows_per_step, actor, actor_opt, tok, extra)
             if stopping:
                 break
     bar.close()

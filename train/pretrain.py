@@ -10,7 +10,7 @@ max_seq_len tokens (no padding; MiniMind pads every sample instead). The loss is
 predicting token t+1 from tokens <= t over every position, plus the MoE balance loss of all MoE layers. AdamW
 (betas 0.9/0.999, weight decay 0.01 on matrices), gradient accumulation, gradient clipping at 1.0, MiniMind's cosine
 schedule from lr to 0.1 * lr (optional linear warmup), bf16 autocast on CUDA and on CPUs that multiply
-bf16 fast (a start-up probe, train/common.py cpu_bf16_speedup), fp32 on other CPUs.
+bf16 fast (a start-up probe, train/runtime.py cpu_bf16_speedup), fp32 on other CPUs.
 The sample order of each epoch is a permutation seeded by (seed, epoch), and the data position is the optimizer step,
 so --from_resume replays exactly the batches an uninterrupted run would have seen.
 
@@ -32,7 +32,11 @@ import torch
 from minimind_fast.data import PretrainDataset
 from minimind_fast.model import MiniMind
 from train import checks, common, step
-from train.common import arg
+from train.args import StageArgs, arg, parse_args, resolve_auto
+from train.metrics import Timer, flops_per_token, peak_flops
+from train.models import build_config, load_init_weights, load_tokenizer, open_dataset
+from train.resume import restore_resume, save_step
+from train.runtime import all_reduce_mean, describe_runtime, resolve_kernels, setup_runtime, wrap_model
 
 # Defaults that depend on the machine: (CPU, CUDA). On a CPU the run must finish in minutes on 2 cores; batch 4 at
 # lr 3e-3 runs about as many tokens per second as batch 16 and makes 4x the optimizer steps, which is what the tiny
@@ -49,8 +53,8 @@ _AUTO = {
 
 
 @dataclass
-class Args(common.StageArgs):
-    """common.StageArgs plus pretraining's own flags. tokenizer, accumulation_steps and seed are re-declared: their
+class Args(StageArgs):
+    """StageArgs plus pretraining's own flags. tokenizer, accumulation_steps and seed are re-declared: their
     defaults or help differ here (no --from_weight to take a tokenizer from; accumulation is machine-dependent)."""
 
     data_path: str = arg(
@@ -72,37 +76,37 @@ class Args(common.StageArgs):
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = common.parse_args(Args, argv, __doc__.split("\n\n")[0])
-    rt = common.setup_runtime(args.device, args.dtype, args.seed, args.dist_timeout)
-    args = common.resolve_auto(args, rt.is_cuda, _AUTO)
-    tok = common.load_tokenizer(args.tokenizer)
+    args = parse_args(Args, argv, __doc__.split("\n\n")[0])
+    rt = setup_runtime(args.device, args.dtype, args.seed, args.dist_timeout)
+    args = resolve_auto(args, rt.is_cuda, _AUTO)
+    tok = load_tokenizer(args.tokenizer)
     overrides = {"use_moe": True} if args.use_moe else {}
-    cfg = common.build_config(args.preset, tok, aux_loss_alpha=args.aux_loss_alpha, **overrides)
+    cfg = build_config(args.preset, tok, aux_loss_alpha=args.aux_loss_alpha, **overrides)
     if args.max_seq_len > cfg.max_position_embeddings:
         checks.fail(
             f"error: --max_seq_len {args.max_seq_len} exceeds the rotary table ({cfg.max_position_embeddings} "
             "positions); YaRN scaling is an inference-time switch, not for training"
         )
-    ops = common.resolve_kernels(args.kernels, rt)
+    ops = resolve_kernels(args.kernels, rt)
     model = MiniMind(cfg, ops=ops)
-    common.load_init_weights(model, args.from_weight)
+    load_init_weights(model, args.from_weight)
     model.to(rt.device)
 
-    data = common.open_dataset(PretrainDataset, args, tok, rt)
+    data = open_dataset(PretrainDataset, args, tok, rt)
     plan = step.Plan.of(args, len(data), rt, f"packed rows of {args.max_seq_len} tokens")
 
-    wrapped = common.wrap_model(model, rt, fsdp=args.fsdp)
+    wrapped = wrap_model(model, rt, fsdp=args.fsdp)
     optimizer = step.build_optimizer(model, args.learning_rate, args.weight_decay)
     # The data position is counted in rows, so a run may resume on a different number of ranks.
-    start_step, _ = common.restore_resume(args, rt, plan.rows_per_step, model, optimizer, tokenizer=tok)
+    start_step, _ = restore_resume(args, rt, plan.rows_per_step, model, optimizer, tokenizer=tok)
 
     n_active = model.num_active_params()
-    flops_tok = common.flops_per_token(cfg, n_active, args.max_seq_len)
-    peak = common.peak_flops(rt.device)
+    flops_tok = flops_per_token(cfg, n_active, args.max_seq_len)
+    peak = peak_flops(rt.device)
     train_model = torch.compile(wrapped) if args.compile else wrapped
     summary = (
         f"pretrain: preset {args.preset} ({model.num_params():,} params, {n_active:,} active) on "
-        f"{common.describe_runtime(rt, args)}; {data.num_tokens:,} tokens -> {len(data):,} rows of "
+        f"{describe_runtime(rt, args)}; {data.num_tokens:,} tokens -> {len(data):,} rows of "
         f"{args.max_seq_len}; batch {args.batch_size} x accum {args.accumulation_steps}; {plan.total_steps} steps "
         f"({plan.steps_per_epoch} per epoch), lr {args.learning_rate:g}"
     )
@@ -121,7 +125,7 @@ def main(argv: list[str] | None = None) -> dict:
     loss_sum = torch.zeros((), device=rt.device)
     steps_since, last_loss = 0, float("nan")
     tokens_per_step = plan.rows_per_step * args.max_seq_len  # packed rows: every position is a token
-    timer = common.Timer(rt.device)
+    timer = Timer(rt.device)
     bar = common.progress(start_step, plan.total_steps, "pretrain", rt)
     with common.StopFlag() as stop:
         for s in bar:
@@ -133,7 +137,7 @@ def main(argv: list[str] | None = None) -> dict:
             if plan.logs(done):
                 guard.read(done)
                 dt = timer.lap()
-                last_loss = common.all_reduce_mean(loss_sum / steps_since, rt).item()
+                last_loss = all_reduce_mean(loss_sum / steps_since, rt).item()
                 tok_s = tokens_per_step * steps_since / dt
                 record = {
                     "step": done,
@@ -153,7 +157,7 @@ def main(argv: list[str] | None = None) -> dict:
             stopping = plan.stopping(stop.requested, done, rt)
             if plan.saves(done) or stopping:
                 guard.read(done)
-                common.save_step(args, rt, done, plan.rows_per_step, model, optimizer, tok)
+                save_step(args, rt, done, plan.rows_per_step, model, optimizer, tok)
             if stopping:
                 break
     bar.close()

@@ -16,7 +16,7 @@ text work never sit in memory next to the activations of a forward pass):
      the training forward over the same chunk reproduces `old_logp` bit for bit (the first ratio is exactly 1).
 
 Under torchrun every rank rolls out its own prompts (rank_rollout) with its own sampling RNG, a function of
-(seed, rollout index, rank); an FSDP2-sharded policy is gathered whole for the sampling (common.gathered), since
+(seed, rollout index, rank); an FSDP2-sharded policy is gathered whole for the sampling (runtime.gathered), since
 ranks stop decoding at different steps. Logged reward statistics are gathered over all ranks (reward_stats).
 
 Shape legend: N rows (prompts x samples), P padded prompt width, R completion width, T = P + R.
@@ -36,7 +36,9 @@ import torch
 
 from minimind_fast.generate import generate
 from train import common
-from train.common import arg
+from train.args import StageArgs, arg, resolve_auto
+from train.models import frozen_model, load_base_model, open_dataset, stage_tokenizer
+from train.runtime import Runtime, all_gather_cat, all_reduce_sum, gathered, resolve_kernels
 from train.step import Plan
 
 IGNORE_INDEX = -100
@@ -220,7 +222,7 @@ def collect(
     train_forward is what the training step calls (e.g. the compiled policy; default the policy itself), so old_logp
     comes from the same function; it runs in the policy's current train/eval mode."""
     g = num_samples
-    with common.gathered(policy):  # FSDP2: ranks stop sampling at different steps, so no collective per token
+    with gathered(policy):  # FSDP2: ranks stop sampling at different steps, so no collective per token
         comps = sample_completions(
             policy,
             prompts,
@@ -265,8 +267,8 @@ def rollout_generator(device: torch.device, seed: int, index: int) -> torch.Gene
 
 
 def rank_rollout(
-    args: Any,
-    rt: common.Runtime,
+    args: RLArgs,
+    rt: Runtime,
     data: Any,
     plan: Plan,
     step: int,
@@ -318,7 +320,7 @@ RL_AUTO = {
 
 
 @dataclass
-class RLArgs(common.StageArgs):
+class RLArgs(StageArgs):
     """Flags shared by ppo.py, grpo.py and spo.py (each adds its own and sets its defaults)."""
 
     data_path: str = arg(
@@ -346,33 +348,33 @@ class RLArgs(common.StageArgs):
 
 
 def start_stage(
-    args: Any, rt: common.Runtime, auto: dict[str, tuple[Any, Any]]
+    args: RLArgs, rt: Runtime, auto: dict[str, tuple[Any, Any]]
 ) -> tuple[Callable, Any, Any, torch.nn.Module, torch.nn.Module, Any]:
     """What every RL stage loads first -> (reward function, tokenizer, kernel ops, policy, frozen reference, prompts),
     after filling the machine-dependent defaults (RL_AUTO and the stage's auto). The reward is built first: a bad
     --reward or --reward_model_path fails before any model is loaded. The reference is the same checkpoint, frozen
-    (common.frozen_model): every rank holds its own copy."""
+    (models.frozen_model): every rank holds its own copy."""
     from train import rewards
 
-    common.resolve_auto(args, rt.is_cuda, {**RL_AUTO, **auto})
+    resolve_auto(args, rt.is_cuda, {**RL_AUTO, **auto})
     reward_fn = rewards.build_rewards(
         args.reward, args.reward_model_path, rt.device, bool(args.reasoning), args.reward_batch_size
     )
-    tok = common.stage_tokenizer(args.tokenizer, args.from_weight)
-    ops = common.resolve_kernels(args.kernels, rt)
-    policy = common.load_base_model(args.from_weight, ops, rt.device)
-    ref = common.frozen_model(args.from_weight, ops, rt)
+    tok = stage_tokenizer(args.tokenizer, args.from_weight)
+    ops = resolve_kernels(args.kernels, rt)
+    policy = load_base_model(args.from_weight, ops, rt.device)
+    ref = frozen_model(args.from_weight, ops, rt)
     return reward_fn, tok, ops, policy, ref, load_prompts(args, tok, reward_fn.kinds, rt)
 
 
-def load_prompts(args: Any, tokenizer: Any, kinds: Sequence[str], rt: common.Runtime) -> Any:
+def load_prompts(args: RLArgs, tokenizer: Any, kinds: Sequence[str], rt: Runtime) -> Any:
     """The prompt data set, checked up front: a DataError, or a record without "answer" for --reward rule, stops the
     run naming path:lineno (--skip_bad_lines skips such records). Every record is checked, in the one validation pass
     that indexes the file."""
     from minimind_fast.data import RLPromptDataset
 
     require = {"answer": "--reward rule compares each reply with it"} if "rule" in kinds else {}
-    return common.open_dataset(functools.partial(RLPromptDataset, require=require), args, tokenizer, rt)
+    return open_dataset(functools.partial(RLPromptDataset, require=require), args, tokenizer, rt)
 
 
 def prompt_batch(data: Any, order: torch.Tensor, batch_index: int, batch_size: int) -> dict[str, list]:
@@ -385,13 +387,13 @@ def prompt_batch(data: Any, order: torch.Tensor, batch_index: int, batch_size: i
     }
 
 
-def reward_stats(rollouts: Sequence[Rollout], rt: common.Runtime) -> dict[str, float]:
+def reward_stats(rollouts: Sequence[Rollout], rt: Runtime) -> dict[str, float]:
     """Reward mean and std, each reward kind's mean and the mean completion length over the rollouts of every rank
     (gathered, so they describe the global batch)."""
-    r = common.all_gather_cat(torch.cat([ro.rewards for ro in rollouts]), rt)
-    lengths = common.all_gather_cat(torch.cat([ro.lengths for ro in rollouts]), rt)
+    r = all_gather_cat(torch.cat([ro.rewards for ro in rollouts]), rt)
+    lengths = all_gather_cat(torch.cat([ro.lengths for ro in rollouts]), rt)
     parts = {
-        k: common.all_gather_cat(torch.cat([ro.reward_parts[k].float() for ro in rollouts]), rt)
+        k: all_gather_cat(torch.cat([ro.reward_parts[k].float() for ro in rollouts]), rt)
         for k in rollouts[0].reward_parts
     }
     return {
@@ -402,13 +404,13 @@ def reward_stats(rollouts: Sequence[Rollout], rt: common.Runtime) -> dict[str, f
     }
 
 
-def global_masked_mean(x_NR: torch.Tensor, mask_NR: torch.Tensor, rt: common.Runtime) -> torch.Tensor:
+def global_masked_mean(x_NR: torch.Tensor, mask_NR: torch.Tensor, rt: Runtime) -> torch.Tensor:
     """losses.masked_mean over the masked tokens of every rank's rows: sum and count are all-reduced."""
-    sums = common.all_reduce_sum(torch.stack([(x_NR * mask_NR).sum(), mask_NR.sum()]).float(), rt)
+    sums = all_reduce_sum(torch.stack([(x_NR * mask_NR).sum(), mask_NR.sum()]).float(), rt)
     return sums[0] / sums[1].clamp(min=1)
 
 
-def finish_stage(args: Any, rt: common.Runtime, metrics: Any, title: str, keys: Sequence[str]) -> None:
+def finish_stage(args: RLArgs, rt: Runtime, metrics: Any, title: str, keys: Sequence[str]) -> None:
     """common.finish, then rank 0 also draws the reward curves ({save_weight}_reward.png): reward and the keys."""
     if common.finish(args, rt, metrics, title):
         out = Path(args.out_dir) / f"{args.save_weight}_reward.png"

@@ -48,7 +48,11 @@ import torch
 
 from minimind_fast.data import SFTDataset, collate_sft
 from train import checks, common, step
-from train.common import arg
+from train.args import StageArgs, arg, parse_args, resolve_auto
+from train.metrics import Timer, flops_per_token, peak_flops
+from train.models import load_base_model, open_dataset, stage_tokenizer
+from train.resume import restore_resume, save_step
+from train.runtime import all_reduce_mean, describe_runtime, resolve_kernels, setup_runtime, wrap_model
 
 # Defaults that depend on the machine: (CPU, CUDA). CUDA = MiniMind's full-SFT row. CPU: sized so that the sample
 # SFT (2,282 conversations) finishes in about two minutes on 2 cores with the tiny preset; the
@@ -63,7 +67,7 @@ _AUTO = {
 
 
 @dataclass
-class Args(common.StageArgs):
+class Args(StageArgs):
     data_path: str = arg("data/sample/sft.jsonl", "SFT JSONL ({'conversations': [{'role', 'content'}, ...]} per line)")
     save_weight: str = arg("full_sft", "name of the checkpoint folder under --out_dir")
     from_weight: str | None = arg(
@@ -122,14 +126,14 @@ def sft_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[to
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = common.parse_args(Args, argv, __doc__.split("\n\n")[0])
-    rt = common.setup_runtime(args.device, args.dtype, args.seed, args.dist_timeout)
-    args = common.resolve_auto(args, rt.is_cuda, _AUTO)
+    args = parse_args(Args, argv, __doc__.split("\n\n")[0])
+    rt = setup_runtime(args.device, args.dtype, args.seed, args.dist_timeout)
+    args = resolve_auto(args, rt.is_cuda, _AUTO)
     if args.from_weight is None:
         args.from_weight = default_start(args.out_dir)
-    tok = common.stage_tokenizer(args.tokenizer, args.from_weight)
-    ops = common.resolve_kernels(args.kernels, rt)
-    model = common.load_base_model(args.from_weight, ops, rt.device, aux_loss_alpha=args.aux_loss_alpha)
+    tok = stage_tokenizer(args.tokenizer, args.from_weight)
+    ops = resolve_kernels(args.kernels, rt)
+    model = load_base_model(args.from_weight, ops, rt.device, aux_loss_alpha=args.aux_loss_alpha)
     cfg = model.config
     if tok.vocab_size > cfg.vocab_size:
         checks.fail(f"error: tokenizer has {tok.vocab_size} tokens, the model's vocab {cfg.vocab_size}")
@@ -139,24 +143,24 @@ def main(argv: list[str] | None = None) -> dict:
             f"({cfg.max_position_embeddings} positions)"
         )
 
-    data = common.open_dataset(SFTDataset, args, tok, rt)
+    data = open_dataset(SFTDataset, args, tok, rt)
     order_fn = None
     if args.group_by_length:
         ends = np.append(data.index.offsets[1:], os.path.getsize(args.data_path))
         lengths = ends - data.index.offsets  # bytes per record (blank or skipped lines add a little: harmless)
         order_fn = functools.partial(length_grouped_order, lengths, args.batch_size * rt.world_size, args.seed)
     plan = step.Plan.of(args, len(data), rt, "conversations", order_fn)
-    wrapped = common.wrap_model(model, rt, fsdp=args.fsdp)
+    wrapped = wrap_model(model, rt, fsdp=args.fsdp)
     optimizer = step.build_optimizer(model, args.learning_rate, args.weight_decay)
     # The data position is counted in conversations, so a run may resume on another number of ranks.
-    start_step, _ = common.restore_resume(args, rt, plan.rows_per_step, model, optimizer, tokenizer=tok)
+    start_step, _ = restore_resume(args, rt, plan.rows_per_step, model, optimizer, tokenizer=tok)
 
     n_active = model.num_active_params()
-    peak = common.peak_flops(rt.device)
+    peak = peak_flops(rt.device)
     # dynamic=True: every batch has its own padded length; one graph with a symbolic T instead of one per length.
     train_model = torch.compile(wrapped, dynamic=True) if args.compile else wrapped
     summary = (
-        f"sft: {args.from_weight} ({model.num_params():,} params) on {common.describe_runtime(rt, args)}; "
+        f"sft: {args.from_weight} ({model.num_params():,} params) on {describe_runtime(rt, args)}; "
         f"{len(data):,} conversations (<= {args.max_seq_len} tokens); batch {args.batch_size} x accum "
         f"{args.accumulation_steps}; {plan.total_steps} steps ({plan.steps_per_epoch} per epoch), "
         f"lr {args.learning_rate:g}"
@@ -185,7 +189,7 @@ def main(argv: list[str] | None = None) -> dict:
     model.train()
     loss_sum = torch.zeros((), device=rt.device)
     steps_since, last_loss = 0, float("nan")
-    timer = common.Timer(rt.device)
+    timer = Timer(rt.device)
     bar = common.progress(start_step, plan.total_steps, "sft", rt)
     with common.StopFlag() as stop:
         for s in bar:
@@ -197,7 +201,7 @@ def main(argv: list[str] | None = None) -> dict:
             if plan.logs(done):
                 guard.read(done)
                 dt = timer.lap()
-                last_loss = common.all_reduce_mean(loss_sum / steps_since, rt).item()
+                last_loss = all_reduce_mean(loss_sum / steps_since, rt).item()
                 tokens, padded = int(counts["tokens"]), counts["padded"]
                 tok_s = tokens * rt.world_size / dt
                 record = {
@@ -213,7 +217,7 @@ def main(argv: list[str] | None = None) -> dict:
                 }
                 if peak:
                     seq = padded / max(steps_since * args.accumulation_steps * args.batch_size, 1)
-                    flops = common.flops_per_token(cfg, n_active, int(seq))
+                    flops = flops_per_token(cfg, n_active, int(seq))
                     record["mfu"] = round(tok_s * flops / (peak * rt.world_size), 4)
                 metrics.write(record)
                 bar.set_postfix(loss=f"{last_loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
@@ -223,7 +227,7 @@ def main(argv: list[str] | None = None) -> dict:
             stopping = plan.stopping(stop.requested, done, rt)
             if plan.saves(done) or stopping:
                 guard.read(done)
-                common.save_step(args, rt, done, plan.rows_per_step, model, optimizer, tok)
+                save_step(args, rt, done, plan.rows_per_step, model, optimizer, tok)
             if stopping:
                 break
     bar.close()

@@ -50,7 +50,10 @@ import torch
 
 from train import checks, common, rewards, rollout, step
 from train import losses as L
-from train.common import arg
+from train.args import arg, parse_args
+from train.metrics import Timer
+from train.resume import restore_resume, save_step
+from train.runtime import all_gather_cat, all_reduce_sum, describe_runtime, no_sync, setup_runtime, wrap_model
 
 # (CPU, CUDA). CUDA: MiniMind's SPO row (lr 1e-7, accumulation 4). CPU: as grpo.py; measured at 3e-4 from the CPU
 # recipe's SFT model (one epoch, 137 steps): mean reward 0.042 (steps 1-30) -> 0.147 (121-137), see train/results/.
@@ -120,8 +123,8 @@ class BetaValueTracker:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = common.parse_args(Args, argv, __doc__.split("\n\n")[0])
-    rt = common.setup_runtime(args.device, args.dtype, args.seed, args.dist_timeout)
+    args = parse_args(Args, argv, __doc__.split("\n\n")[0])
+    rt = setup_runtime(args.device, args.dtype, args.seed, args.dist_timeout)
     reward_fn, tok, _, policy, ref, data = rollout.start_stage(args, rt, _AUTO)
     lo, hi = rewards.reward_range(reward_fn.kinds, bool(args.reasoning))
     args.reward_min = lo if args.reward_min is None else args.reward_min
@@ -135,23 +138,23 @@ def main(argv: list[str] | None = None) -> dict:
     # One step = accumulation_steps rollouts of batch_size prompts on each of world_size ranks.
     plan = step.Plan.of(args, len(data), rt, "prompts")
 
-    wrapped = common.wrap_model(policy, rt, fsdp=args.fsdp)
+    wrapped = wrap_model(policy, rt, fsdp=args.fsdp)
     optimizer = step.build_optimizer(policy, args.learning_rate, args.weight_decay)
-    start_step, state = common.restore_resume(args, rt, plan.rows_per_step, policy, optimizer, tokenizer=tok)
+    start_step, state = restore_resume(args, rt, plan.rows_per_step, policy, optimizer, tokenizer=tok)
     if state:
         tracker.load_state_dict(state["tracker"])
         if rt.is_main:
             print(f"tracker restored: alpha {tracker.alpha:.4f}, beta {tracker.beta:.4f}")
     train_fwd = torch.compile(wrapped, dynamic=True) if args.compile else wrapped
     summary = (
-        f"spo: {args.from_weight} ({policy.num_params():,} params) on {common.describe_runtime(rt, args)}; "
+        f"spo: {args.from_weight} ({policy.num_params():,} params) on {describe_runtime(rt, args)}; "
         f"{len(data):,} prompts; {args.batch_size} prompts x accum {args.accumulation_steps}; reward {args.reward} "
         f"in [{args.reward_min:g}, {args.reward_max:g}]; {plan.total_steps} steps, lr {args.learning_rate:g}"
     )
     metrics, guard = common.start_run(args, rt, start_step, summary)
     policy.train()
     history = []
-    timer = common.Timer(rt.device)
+    timer = Timer(rt.device)
     bar = common.progress(start_step, plan.total_steps, "spo", rt)
     with common.StopFlag() as stop:
         for s in bar:
@@ -170,7 +173,7 @@ def main(argv: list[str] | None = None) -> dict:
                 logp_sum = torch.zeros(2, dtype=torch.float64)  # summed completion log-probs, token count
                 for i, sl in enumerate(slices):
                     last = micro == args.accumulation_steps - 1 and i == len(slices) - 1
-                    with common.no_sync(wrapped, sync=last):
+                    with no_sync(wrapped, sync=last):
                         with rt.autocast():
                             logp, aux = rollout.forward_logp(train_fwd, ro.rows(sl), ro.prompt_width)
                         logp = logp.float()
@@ -184,17 +187,17 @@ def main(argv: list[str] | None = None) -> dict:
                     sums[2] += float(mask.sum())
                     logp_sum += torch.tensor([float((logp.detach() * mask).sum()), float(mask.sum())])
                 # Every rank folds in the whole global rollout, so the trackers stay identical across ranks.
-                logp_sum = common.all_reduce_sum(logp_sum, rt)
-                all_rewards = common.all_gather_cat(ro.rewards, rt)
+                logp_sum = all_reduce_sum(logp_sum, rt)
+                all_rewards = all_gather_cat(ro.rewards, rt)
                 rhos.append(tracker.update(all_rewards, float(logp_sum[0] / logp_sum[1].clamp(min=1))))
                 rollouts.append(ro)
                 baselines.append(b)
-                advs.append(common.all_gather_cat(adv, rt))
+                advs.append(all_gather_cat(adv, rt))
             grad_norm = step.optimizer_step([(policy, optimizer)], args.grad_clip, guard)
 
             done = s + 1
             guard.read(done)  # every step: an RL step waits on the host anyway (sampling)
-            sums = common.all_reduce_sum(sums, rt)
+            sums = all_reduce_sum(sums, rt)
             record = {
                 "step": done,
                 "epoch": plan.epoch(s),
@@ -220,7 +223,7 @@ def main(argv: list[str] | None = None) -> dict:
             stopping = plan.stopping(stop.requested, done, rt)
             if plan.saves(done) or stopping:
                 extra = {"tracker": tracker.state_dict()}
-                common.save_step(args, rt, done, plan.rows_per_step, policy, optimizer, tok, extra)
+                save_step(args, rt, done, plan.rows_per_step, policy, optimizer, tok, extra)
             if stopping:
                 break
     bar.close()

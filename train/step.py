@@ -31,7 +31,9 @@ import torch
 from tqdm import tqdm
 
 if TYPE_CHECKING:
-    from train.common import MetricsLog, Runtime, StageArgs
+    from train.args import StageArgs
+    from train.metrics import MetricsLog
+    from train.runtime import Runtime
 
 
 # ---------------------------------------------------------------------------------------------- optimizer + schedule
@@ -166,7 +168,7 @@ def train_step(s: Stepper, micro_batches: Iterable[Any], loss_fn: Callable[[Any]
     """One optimizer step over accumulation_steps micro-batches: loss_fn(batch) -> the scalar loss to minimise
     (including any MoE balance loss), computed under the run's autocast. -> (mean loss over the micro-batches,
     gradient norm before clipping), both device tensors: nothing here waits for the device."""
-    from train.common import no_sync
+    from train.runtime import no_sync
 
     loss_sum = None
     n = 0
@@ -308,7 +310,7 @@ class Plan:
     def stopping(self, requested: bool, done: int, rt: Runtime) -> bool:
         """Whether the run stops after this step: a signal (StopFlag) on any rank. One process decides at once;
         under torchrun the ranks agree at log and save steps only (one small all-reduce there, none elsewhere)."""
-        from train.common import any_rank
+        from train.runtime import any_rank
 
         if rt.world_size == 1:
             return requested

@@ -26,7 +26,8 @@ from minimind_fast import checkpoint as ckpt
 from minimind_fast.config import from_preset
 from minimind_fast.data import DataError, RLPromptDataset, SFTDataset, parse_line
 from minimind_fast.model import MiniMind
-from train import checks, common, distill, distill_reason, dpo, grpo, lora, ppo, pretrain, sft, spo
+from train import checks, distill, distill_reason, dpo, grpo, lora, ppo, pretrain, sft, spo
+from train.args import parse_args
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLE = REPO / "data" / "sample"
@@ -336,7 +337,7 @@ def test_every_numeric_choice_and_path_flag_of_every_stage_has_a_rule():
 
 @pytest.mark.parametrize("stage", list(STAGES))
 def test_the_valid_base_run_of_every_stage_passes_the_checks(stage, files, tmp_path):
-    args = common.parse_args(STAGES[stage].Args, base_argv(stage, files, tmp_path / "out"), "")
+    args = parse_args(STAGES[stage].Args, base_argv(stage, files, tmp_path / "out"), "")
     assert args.out_dir == str(tmp_path / "out")
     assert not (tmp_path / "out").exists()
 

@@ -19,7 +19,8 @@ from minimind_fast import checkpoint as ckpt
 from minimind_fast.data import tokenizer_fingerprint
 from minimind_fast.model import MiniMind
 from minimind_fast.tokenizer import Tokenizer
-from train import common, pretrain, sft
+from train import pretrain, sft
+from train.resume import checkpoint_run
 
 pytestmark = pytest.mark.usefixtures("one_thread_module")
 
@@ -70,7 +71,7 @@ def _snapshot(root):
 
 
 def _instance(folder) -> str:
-    return common.checkpoint_run(folder)["instance"]
+    return checkpoint_run(folder)["instance"]
 
 
 def _metric_steps(out_dir, name="pretrain") -> list[int]:

@@ -1,13 +1,12 @@
 """--dtype auto on a CPU: bf16 autocast only where the start-up probe finds bf16 matmuls fast enough, said in the
 start-up line; --dtype float32 / bfloat16 override the probe."""
 
-
 import time
 
 import pytest
 import torch
 
-from train import common, pretrain
+from train import pretrain, runtime
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 RUN = ["--preset", "tiny", "--max_seq_len", "32", "--batch_size", "2", "--max_steps", "1", "--kernels", "torch"]
@@ -19,24 +18,28 @@ RUN = ["--preset", "tiny", "--max_seq_len", "32", "--batch_size", "2", "--max_st
      (0.02, "bfloat16", torch.bfloat16)],
 )  # fmt: skip
 def test_the_probe_decides_auto_and_flags_override_it(speedup, dtype, amp, monkeypatch):
-    monkeypatch.setattr(common, "_CPU_BF16_SPEEDUP", speedup)
-    rt = common.setup_runtime("cpu", dtype)
+    monkeypatch.setattr(runtime, "_CPU_BF16_SPEEDUP", speedup)
+    rt = runtime.setup_runtime("cpu", dtype)
     assert rt.amp_dtype == amp
     assert (f"{speedup:.2g}x" in rt.precision_note) == (dtype == "auto")
 
 
 def test_the_start_up_line_says_what_was_chosen_and_why(monkeypatch, tmp_path, capsys):
-    monkeypatch.setattr(common, "_CPU_BF16_SPEEDUP", 3.0)
+    monkeypatch.setattr(runtime, "_CPU_BF16_SPEEDUP", 3.0)
     pretrain.main(RUN + ["--out_dir", str(tmp_path)])
     assert "on cpu (bf16 autocast, bf16 matmul 3x fp32 on this CPU)" in capsys.readouterr().out
 
 
-def test_the_probe_measures_this_cpu(monkeypatch):
-    monkeypatch.setattr(common, "_CPU_BF16_SPEEDUP", None)
-    first = common.cpu_bf16_speedup()
-    assert 0 < first < 100 and common.cpu_bf16_speedup() == first  # measured once per process
-    # Same direction as a direct, longer measurement (bf16 either clearly faster or clearly slower on real CPUs).
+@pytest.mark.parametrize("flags", [None, {"avx2", "avx512f", "avx512_bf16"}])
+def test_the_probe_measures_this_cpu(flags, monkeypatch):
+    """Where the flags allow fast bf16 (or are unknown), the probe times both dtypes; its direction must agree with a
+    direct, longer measurement (bf16 either clearly faster or clearly slower on real CPUs)."""
+    monkeypatch.setattr(runtime, "_CPU_BF16_SPEEDUP", None)
+    monkeypatch.setattr(runtime, "x86_cpu_flags", lambda: flags)
+    first = runtime.cpu_bf16_speedup()
+    assert 0 < first < 100 and runtime.cpu_bf16_speedup() == first  # measured once per process
     a, b = torch.randn(256, 512), torch.randn(512, 512)
+
     def rate(dt):
         x, y = a.to(dt), b.to(dt)
         x @ y
@@ -48,3 +51,13 @@ def test_the_probe_measures_this_cpu(monkeypatch):
     direct = rate(torch.bfloat16) / rate(torch.float32)
     if not 0.7 < direct < 1.4:  # a CPU where the two are close decides nothing here
         assert (first >= 1) == (direct >= 1)
+
+
+def test_an_x86_cpu_without_bf16_instructions_is_not_timed(monkeypatch):
+    monkeypatch.setattr(runtime, "_CPU_BF16_SPEEDUP", None)
+    monkeypatch.setattr(runtime, "x86_cpu_flags", lambda: {"sse2", "avx2", "fma", "avx512f"})
+    monkeypatch.setattr(runtime.torch, "randn", None)  # the probe would fail if it tried to time matmuls
+    assert runtime.cpu_bf16_speedup() == 0.0
+    monkeypatch.undo()
+    flags = runtime.x86_cpu_flags()
+    assert flags is None or "sse2" in flags  # this machine's /proc/cpuinfo parses (every x86-64 CPU has SSE2)

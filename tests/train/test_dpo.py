@@ -12,7 +12,8 @@ from minimind_fast import checkpoint as ckpt
 from minimind_fast.config import from_preset
 from minimind_fast.data import DPODataset
 from minimind_fast.model import MiniMind
-from train import common, dpo
+from train import dpo
+from train.runtime import Runtime
 from train.step import epoch_order
 
 TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
@@ -66,7 +67,7 @@ def test_dpo_learns_the_preferences_and_evaluates_held_out_pairs(start):
 def test_dpo_pair_logps_match_a_full_log_softmax(start, tokenizer):
     model, _, _ = ckpt.load_model(start / "sft")
     data = DPODataset(start / "dpo.jsonl", tokenizer, 96)
-    rt = common.Runtime(device=torch.device("cpu"), amp_dtype=None)
+    rt = Runtime(device=torch.device("cpu"), amp_dtype=None)
     args = dpo.Args(batch_size=3, beta=0.1)
     got = dpo.policy_logps(model, data, range(5), args, rt)
     args_mean = dpo.Args(batch_size=2, length_norm=True)

@@ -19,7 +19,9 @@ import minimind_kernels as kernels
 from minimind_fast import checkpoint as ckpt
 from minimind_fast.config import from_preset
 from minimind_fast.model import MiniMind
-from train import common, distill, dpo, grpo, pretrain, sft
+from train import distill, dpo, grpo, pretrain, sft
+from train.args import parse_args
+from train.models import load_base_model, load_init_weights
 
 pytestmark = pytest.mark.usefixtures("one_thread_module")
 
@@ -112,14 +114,14 @@ def test_pretrain_from_pth_and_an_architecture_mismatch(starts, tmp_path):
     with pytest.raises(SystemExit, match=r"^error: --from_weight .*model\.pth.*--preset tiny"):
         pretrain.main(["--from_weight", str(pth), "--use_moe", "1", "--out_dir", str(tmp_path / "c"), *flags])
     with pytest.raises(SystemExit, match=r"^error: --from_weight .*model\.pth holds \{'use_moe': False.*--preset"):
-        common.load_init_weights(MiniMind(from_preset("tiny", use_moe=True)), str(pth))
+        load_init_weights(MiniMind(from_preset("tiny", use_moe=True)), str(pth))
 
 
 def test_a_moe_pth_loads_with_its_config_read_off_the_shapes(tmp_path):
     torch.manual_seed(0)
     model = MiniMind(from_preset("tiny", hidden_size=64, num_hidden_layers=2, use_moe=True))
     pth, _ = _same_weights_two_ways(tmp_path, model)
-    loaded = common.load_base_model(str(pth), kernels.resolve("torch"), torch.device("cpu"))
+    loaded = load_base_model(str(pth), kernels.resolve("torch"), torch.device("cpu"))
     assert loaded.config.to_dict() == model.config.to_dict()
     want = model.state_dict()
     assert all(torch.equal(v, want[k]) for k, v in loaded.state_dict().items())
@@ -144,7 +146,7 @@ def test_bad_pth_is_a_one_line_error(tmp_path, content, message):
     if content is not None:
         torch.save(content, path)
     with pytest.raises(SystemExit) as info:
-        common.load_base_model(str(path), kernels.resolve("torch"), torch.device("cpu"))
+        load_base_model(str(path), kernels.resolve("torch"), torch.device("cpu"))
     text = str(info.value)
     assert text.startswith(f"error: --from_weight {path}") and "\n" not in text
     assert re.search(message, text), text
@@ -179,7 +181,7 @@ def test_other_stages_default_start_under_out_dir(starts, tmp_path, stage, flag,
     run = tmp_path / "run"
     for name in ("full_sft", "full_sft_base"):
         shutil.copytree(folder, run / name)
-    args = common.parse_args(stage.Args, ["--out_dir", str(run)], "")
+    args = parse_args(stage.Args, ["--out_dir", str(run)], "")
     assert getattr(args, flag) == str(run / prev)
-    args = common.parse_args(stage.Args, ["--out_dir", str(run), f"--{flag}", str(folder)], "")
+    args = parse_args(stage.Args, ["--out_dir", str(run), f"--{flag}", str(folder)], "")
     assert getattr(args, flag) == str(folder)

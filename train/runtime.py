@@ -1,0 +1,325 @@
+"""Where and how a run computes: device and precision (Runtime, setup_runtime), the process group under torchrun and
+its collectives, data-parallel wrapping (DDP, FSDP2) and full state dicts, and the kernel ops."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import functools
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+import torch.distributed as dist
+
+import minimind_kernels as kernels
+from minimind_fast.model import split_expert_state, stack_expert_state, stacked_expert_names
+from train import checks
+
+if TYPE_CHECKING:
+    from train.args import StageArgs
+
+
+@dataclass
+class Runtime:
+    device: torch.device
+    amp_dtype: torch.dtype | None  # autocast dtype, None = full fp32
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    precision_note: str = ""  # why this precision was chosen (the CPU bf16 probe), for the start-up line
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+
+def x86_cpu_flags() -> set[str] | None:
+    """The instruction-set flags of an x86 CPU under Linux (/proc/cpuinfo); None elsewhere."""
+    if platform.machine().lower() not in ("x86_64", "amd64", "i686", "i386"):
+        return None
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "flags":
+            return set(value.split())
+    return None
+
+
+def cpu_bf16_speedup() -> float:
+    """How much faster a bf16 matmul runs than an fp32 one on this CPU, found once per process. An x86 CPU without
+    bf16 dot-product instructions (avx512_bf16 or amx_bf16) converts bf16 to fp32 and is never faster: 0.0 without
+    measuring (on an AVX2-only EPYC bf16 ran 1.4-1.8 vs 22-39 GFLOP/s on 1024x256x768 to 2720x512x1408). Elsewhere a
+    256x512x512 matmul in each dtype is timed after warm-up (best of several; a smaller probe measures thread
+    wake-up, not arithmetic: at 128x256x256 fp32 ran at 1.1 GFLOP/s here)."""
+    global _CPU_BF16_SPEEDUP
+    if _CPU_BF16_SPEEDUP is None:
+        flags = x86_cpu_flags()
+        if flags is not None and not flags & {"avx512_bf16", "amx_bf16"}:
+            _CPU_BF16_SPEEDUP = 0.0
+            return _CPU_BF16_SPEEDUP
+        a, b = torch.randn(256, 512), torch.randn(512, 512)
+        best = {}
+        for dt, reps in ((torch.float32, 5), (torch.bfloat16, 3)):
+            x, y = a.to(dt), b.to(dt)
+            for _ in range(2):  # warm-up: thread pool, oneDNN's kernel choice
+                x @ y
+            times = []
+            for _ in range(reps):
+                t = time.perf_counter()
+                x @ y
+                times.append(time.perf_counter() - t)
+            best[dt] = min(times)
+        _CPU_BF16_SPEEDUP = best[torch.float32] / max(best[torch.bfloat16], 1e-9)
+    return _CPU_BF16_SPEEDUP
+
+
+_CPU_BF16_SPEEDUP: float | None = None
+CPU_BF16_MIN_SPEEDUP = 1.5  # --dtype auto takes bf16 autocast on a CPU whose bf16 matmul is at least this much faster
+
+
+def setup_runtime(device: str = "auto", dtype: str = "auto", seed: int = 42, dist_timeout: float = 600.0) -> Runtime:
+    """Pick the device and precision: bf16 autocast on CUDA (fp16 is not offered: no loss scaling here); on a CPU,
+    bf16 autocast where the CPU multiplies bf16 at least CPU_BF16_MIN_SPEEDUP times faster than fp32
+    (cpu_bf16_speedup, one probe at start-up, one process only: ranks must agree), else fp32.
+    --dtype float32 / bfloat16 overrides the choice.
+
+    Under torchrun (WORLD_SIZE > 1) it also joins the process group: NCCL on CUDA (one GPU per LOCAL_RANK), gloo on
+    CPU. Every rank seeds identically, so models start equal before DDP/FSDP broadcast anything. A collective that
+    waits more than dist_timeout seconds for another rank (one hung or died) ends this rank with a one-line error
+    instead of blocking the job forever (see _exit_on_dist_timeout)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and world > 1:
+        device = f"cuda:{local_rank}"
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        checks.fail("error: --device cuda asked for but CUDA is not available")
+    note = ""
+    if dtype == "auto" and dev.type == "cpu" and world == 1:
+        speedup = cpu_bf16_speedup()
+        dtype = "bfloat16" if speedup >= CPU_BF16_MIN_SPEEDUP else "float32"
+        note = f"bf16 matmul {speedup:.2g}x fp32 on this CPU"
+    if dtype == "auto":
+        dtype = "bfloat16" if dev.type == "cuda" else "float32"
+    if dtype not in ("bfloat16", "float32"):
+        checks.fail(f"error: --dtype must be auto, bfloat16 or float32, got {dtype!r}")
+    amp = torch.bfloat16 if dtype == "bfloat16" else None
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if world > 1 and not dist.is_initialized():
+        timeout = datetime.timedelta(seconds=dist_timeout)
+        if dev.type == "cuda":
+            dist.init_process_group("nccl", device_id=dev, timeout=timeout)
+        else:
+            dist.init_process_group("gloo", timeout=timeout)
+        sys.excepthook = functools.partial(_exit_on_dist_timeout, rank, dist_timeout, sys.excepthook)
+    torch.manual_seed(seed)
+    return Runtime(dev, amp, rank=rank, world_size=world, local_rank=local_rank, precision_note=note)
+
+
+def _exit_on_dist_timeout(rank: int, seconds: float, default_hook, kind, exc, tb) -> None:
+    """sys.excepthook under torchrun: a collective that timed out (gloo and NCCL both raise a RuntimeError saying so)
+    becomes one line naming the rank and the flag; anything else keeps its traceback. The process still exits 1, so
+    torchrun stops the other ranks."""
+    text = str(exc).lower()
+    if isinstance(exc, RuntimeError) and ("timed out" in text or "timeout" in text):
+        print(
+            f"error: rank {rank}: no answer from another rank within --dist_timeout {seconds:g} s (a rank hung or "
+            "died); stopping the job. Resume from the last checkpoint with --from_resume 1",
+            file=sys.stderr,
+            flush=True,
+        )
+        return
+    default_hook(kind, exc, tb)
+
+
+def shutdown(rt: Runtime) -> None:
+    """Leave the process group cleanly (no-op for a single process)."""
+    if rt.world_size > 1 and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def barrier(rt: Runtime) -> None:
+    if rt.world_size > 1:
+        dist.barrier()
+
+
+def all_reduce_mean(value: torch.Tensor, rt: Runtime) -> torch.Tensor:
+    """Mean of a tensor over ranks (for logging: each rank's loss covers an equal share of the global batch)."""
+    if rt.world_size > 1:
+        value = value.to(rt.device, copy=True)
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+        value /= rt.world_size
+    return value
+
+
+def all_reduce_sum(value: torch.Tensor, rt: Runtime) -> torch.Tensor:
+    """Sum of a tensor over ranks (counts and sums whose ratio is a mean over the global batch)."""
+    if rt.world_size > 1:
+        value = value.to(rt.device, copy=True)
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+    return value
+
+
+def all_gather_cat(value: torch.Tensor, rt: Runtime) -> torch.Tensor:
+    """Every rank's tensor (the same shape on each) concatenated along dim 0 in rank order."""
+    if rt.world_size == 1:
+        return value
+    value = value.to(rt.device).contiguous()
+    parts = [torch.empty_like(value) for _ in range(rt.world_size)]
+    dist.all_gather(parts, value)
+    return torch.cat(parts)
+
+
+def wrap_model(model: torch.nn.Module, rt: Runtime, fsdp: bool = False) -> torch.nn.Module:
+    """Data parallelism applied from outside the model: DDP, or FSDP2 (`fully_shard` per transformer block, then the
+    root) with bf16 parameters in compute and fp32 gradient reduction when autocast is bf16. Returns the module to
+    call; the optimizer and checkpoints keep using `model` (FSDP2 shards it in place). model is a MiniMind or any
+    module holding one (PPO's critic). Only trainable models are wrapped: frozen ones run as they are on each rank."""
+    if rt.world_size == 1 and not fsdp:
+        return model
+    if fsdp:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        from minimind_fast.model import Block
+
+        mp = MixedPrecisionPolicy(param_dtype=rt.amp_dtype, reduce_dtype=torch.float32) if rt.amp_dtype else None
+        kw = {"mp_policy": mp} if mp is not None else {}
+        for block in [m for m in model.modules() if isinstance(m, Block)]:
+            fully_shard(block, **kw)
+        fully_shard(model, **kw)
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model, device_ids=[rt.device.index] if rt.is_cuda else None)
+
+
+def any_rank(flag: bool, rt: Runtime) -> bool:
+    """True on every rank if it is true on any (so all ranks stop, or save, at the same step)."""
+    if rt.world_size == 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=rt.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def no_sync(wrapped: torch.nn.Module, sync: bool) -> contextlib.AbstractContextManager:
+    """Skip the gradient all-reduce on non-final micro-steps of an accumulation (DDP's no_sync; FSDP2's
+    set_requires_gradient_sync)."""
+    if sync:
+        return contextlib.nullcontext()
+    if hasattr(wrapped, "no_sync"):
+        return wrapped.no_sync()
+    if hasattr(wrapped, "set_requires_gradient_sync"):
+        return _FsdpNoSync(wrapped)
+    return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def gathered(model: torch.nn.Module):
+    """Hold an FSDP2 model's full parameters on every rank for a stretch of forwards whose number may differ between
+    ranks: sampling stops when a rank's own rows are done, and a sharded forward is a collective that every rank
+    must join. Gathers once on entry (all ranks together), frees on exit. No-op for a model that is not sharded."""
+    from torch.distributed.fsdp import FSDPModule
+
+    sharded = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for m in sharded:
+        m.unshard()
+        m.set_reshard_after_forward(False, recurse=False)
+    try:
+        yield model
+    finally:
+        for m in sharded:
+            m.set_reshard_after_forward(m is not model, recurse=False)  # FSDP2's defaults: blocks yes, root no
+            m.reshard()
+
+
+class _FsdpNoSync:
+    def __init__(self, module):
+        self.module = module
+
+    def __enter__(self):
+        self.module.set_requires_gradient_sync(False)
+
+    def __exit__(self, *exc):
+        self.module.set_requires_gradient_sync(True)
+
+
+def full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, rt: Runtime, with_model: bool = True):
+    """(model state dict, optimizer state dict) as full, unsharded CPU tensors on every rank, whether the model is
+    plain, DDP-wrapped or FSDP2-sharded: what checkpoints store, so a run can resume on another world size.
+    with_model=False gathers the optimizer state only (model state None): for LoRA, whose writer saves the adapters
+    itself. Optimizer state is keyed by parameter name."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        get_state_dict,
+    )
+
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=rt.world_size > 1)
+    # DCP maps every state-dict key back to a parameter by attribute path, which MoE banks' per-expert names are not:
+    # gather under the parameters' own names, then rename as model.state_dict() would.
+    with stacked_expert_names(model):
+        if optimizer is None:
+            model_sd, optim_sd = get_model_state_dict(model, options=opts), None
+        elif not with_model:
+            model_sd, optim_sd = None, get_optimizer_state_dict(model, optimizer, options=opts)
+        else:
+            model_sd, optim_sd = get_state_dict(model, optimizer, options=opts)
+    return (None if model_sd is None else split_expert_state(model_sd)), optim_sd
+
+
+def load_full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, model_sd, optim_sd) -> None:
+    """Inverse of full_state: load full state dicts into a plain or sharded model and its optimizer (model_sd None:
+    the optimizer only)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict, set_state_dict
+
+    opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=False)
+    if model_sd is None:
+        set_optimizer_state_dict(model, optimizer, optim_state_dict=optim_sd, options=opts)
+        return
+    with stacked_expert_names(model):  # see full_state
+        sd = stack_expert_state(model_sd)
+        set_state_dict(model, optimizer, model_state_dict=sd, optim_state_dict=optim_sd, options=opts)
+
+
+def resolve_kernels(spec: str, rt: Runtime) -> kernels.Ops:
+    try:
+        ops = kernels.resolve(spec)
+    except kernels.KernelSpecError as exc:
+        checks.fail(f"error: {exc}")
+    if rt.is_main:
+        print(kernels.describe(ops))
+    return ops
+
+
+def describe_runtime(rt: Runtime, args: StageArgs) -> str:
+    """'cpu x 2 ranks (fp32, FSDP2)': where and how the run computes, for the start-up line."""
+    ranks = f" x {rt.world_size} ranks" if rt.world_size > 1 else ""
+    how = ["bf16 autocast" if rt.amp_dtype else "fp32"] + [rt.precision_note] * bool(rt.precision_note)
+    how += ["compiled"] * bool(args.compile) + ["FSDP2"] * bool(args.fsdp)
+    return f"{rt.device}{ranks} ({', '.join(how)})"
