@@ -215,12 +215,8 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("op, preset", CASES)
-def test_op(benchmark, bench_settings, bench_recorder, op: str, preset: str, mode: str, impl: str) -> None:
-    s = bench_settings
-    entry: dict[str, Any] = {
+def _entry(s: Any, op: str, preset: str, mode: str, impl: str) -> dict[str, Any]:
+    return {
         "op": op,
         "preset": preset,
         "mode": mode,
@@ -229,16 +225,50 @@ def test_op(benchmark, bench_settings, bench_recorder, op: str, preset: str, mod
         "dtype": str(s.dtype).replace("torch.", ""),
         "device": str(s.device),
     }
-    fn, why = implementation(op, impl, s)
+
+
+def _bench(benchmark, s, recorder, entry: dict[str, Any], fn: Callable | None, why: str) -> None:
+    """Measure fn into entry and record it; a missing implementation is recorded as skipped, a failure as failed."""
     if fn is None:
-        bench_recorder.add({**entry, "status": "skipped", "reason": why})
-        pytest.skip(f"{impl}: {why}")
+        recorder.add({**entry, "status": "skipped", "reason": why})
+        pytest.skip(f"{entry['impl']}: {why}")
     try:
-        _measure(benchmark, s, entry, op, preset, mode, impl, fn)
+        _measure(benchmark, s, entry, entry["op"], entry["preset"], entry["mode"], entry["impl"], fn)
     except Exception as exc:
-        bench_recorder.add({**entry, "status": "failed", "reason": f"{type(exc).__name__}: {exc}"[:500]})
+        recorder.add({**entry, "status": "failed", "reason": f"{type(exc).__name__}: {exc}"[:500]})
         raise
-    bench_recorder.add(entry)
+    recorder.add(entry)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("op, preset", CASES)
+def test_op(benchmark, bench_settings, bench_recorder, op: str, preset: str, mode: str, impl: str) -> None:
+    fn, why = implementation(op, impl, bench_settings)
+    _bench(benchmark, bench_settings, bench_recorder, _entry(bench_settings, op, preset, mode, impl), fn, why)
+
+
+LCE_CHUNKS = (4096,)  # linear+CE rows per chunk measured beside chunk_rows' rule (1,024 at the small preset's shape)
+
+
+@pytest.mark.parametrize("rows", LCE_CHUNKS)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("preset", PRESETS)
+def test_linear_cross_entropy_chunk(benchmark, bench_settings, bench_recorder, preset: str, mode: str, rows: int):
+    """Our Triton linear+CE with `rows` rows per chunk instead of the rule's (linear_ce.CHUNK_ROWS), so the GPU check
+    compares chunk sizes in one run; recorded as impl "triton-chunk<rows>"."""
+    op = "linear_cross_entropy"
+    entry = _entry(bench_settings, op, preset, mode, f"triton-chunk{rows}")
+    fn, why = implementation(op, "triton", bench_settings)
+    if fn is None:
+        _bench(benchmark, bench_settings, bench_recorder, entry, fn, why)
+    from minimind_kernels import linear_ce
+
+    before, linear_ce.CHUNK_ROWS = linear_ce.CHUNK_ROWS, rows
+    try:
+        _bench(benchmark, bench_settings, bench_recorder, entry, fn, why)
+    finally:
+        linear_ce.CHUNK_ROWS = before
 
 
 def _measure(benchmark, s, entry: dict[str, Any], op: str, preset: str, mode: str, impl: str, fn: Callable) -> None:

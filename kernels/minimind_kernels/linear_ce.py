@@ -136,9 +136,17 @@ def _linear_ce_bwd_kernel(
 # Host launchers: plain tensors in and out, no autograd.
 
 
+# Rows per chunk in place of chunk_rows' rule, for measuring another size side by side (bench/bench_kernels.py's
+# "triton-chunk4096"); None: the rule.
+CHUNK_ROWS: int | None = None
+
+
 def chunk_rows(n: int, v: int, d: int) -> int:
     """Rows per token chunk. Liger-Kernel's rule: ceil(V / D) chunks of a power-of-two size, so that one chunk of
-    logits [C, V] is about the size of hidden [N, D] (at most twice it); but never fewer than _MIN_CHUNK_ROWS rows."""
+    logits [C, V] is about the size of hidden [N, D] (at most twice it); but never fewer than _MIN_CHUNK_ROWS rows.
+    CHUNK_ROWS, when set, replaces the rule."""
+    if CHUNK_ROWS is not None:
+        return CHUNK_ROWS
     n_chunks = triton.cdiv(v, d)
     return max(_MIN_CHUNK_ROWS, triton.next_power_of_2(max(1, triton.cdiv(n, n_chunks))))
 

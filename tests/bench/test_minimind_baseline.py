@@ -83,6 +83,7 @@ def test_cpu_compare_runs_both_paths_on_the_same_documents_and_writes_the_ratio(
     assert ours["mode"] == "packed" and ours["data"].startswith("data/sample/pretrain.jsonl")
     assert 0 < base["non_pad_fraction"] < 1 and ours["non_pad_fraction"] == 1
     assert result["pairs"] == [ours["tokens_per_s"] / base["tokens_per_s"]]
+    assert result["pairs_per_position"] == [base["step_s"] / ours["step_s"]]
     json_path, md_path = map(Path, result["paths"])
     assert json.loads(json_path.read_text())["meta"]["finished"] is True
     assert f"pair by pair: {result['pairs'][0]:.2f}x" in md_path.read_text()
