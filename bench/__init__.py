@@ -114,6 +114,14 @@ def run_metadata(command: str) -> dict[str, Any]:
     return meta
 
 
+def provenance(meta: dict[str, Any], json_name: str) -> list[str]:
+    """The two markdown lines every result table starts with: its raw file and command, and the commit measured."""
+    return [
+        f"- raw data: `{json_name}`; command: `{meta['command']}`",
+        f"- commit `{meta['git_commit']}`" + (" (uncommitted changes)" if meta.get("git_dirty") else ""),
+    ]
+
+
 def command_line(script: str, argv: list[str] | None) -> str:
     """The command as a user would type it again."""
     import shlex

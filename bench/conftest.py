@@ -204,8 +204,7 @@ def kernels_markdown(meta: dict[str, Any], entries: list[dict[str, Any]], json_n
     lines = [
         f"# Kernel benchmarks: {meta['device']}",
         "",
-        f"- raw data: `{json_name}`; command: `{meta['command']}`",
-        f"- commit `{meta['git_commit']}`" + (" (uncommitted changes)" if meta.get("git_dirty") else ""),
+        *bench.provenance(meta, json_name),
         f"- torch {meta['torch']}, triton {meta['triton']}, liger-kernel {meta['liger_kernel']}, CUDA {meta['cuda']}",
         f"- scale {meta['scale']}, dtype {meta['dtype']}, compile backend {meta['compile_backend']}, date "
         f"{meta['date_utc']}",

@@ -136,13 +136,12 @@ def markdown(result: dict[str, Any], json_name: str) -> str:
     lines = [
         f"# The default `python train/pretrain.py`, timed: {m['device']}",
         "",
-        f"- raw data: `{json_name}`; command: `{m['command']}`",
-        f"- commit `{m['git_commit']}`"
-        + (" (uncommitted changes)" if m.get("git_dirty") else "")
-        + (f", against `{result['against']}` (`{result['against_commit']}`)" if result.get("against") else ""),
+        *bench.provenance(m, json_name),
         f"- torch {m['torch']}, {m['host_cpus']} CPUs, date {m['date_utc']}; sample data sha256 "
         + ", ".join(f"{k}: `{(v or 'missing')[:12]}`" for k, v in result["data_sha256"].items()),
     ]
+    if result.get("against"):
+        lines[3] += f", against `{result['against']}` (`{result['against_commit']}`)"
     if len(set(result["data_sha256"].values())) > 1:
         lines.append("- **the two trees ship different sample data: their ratio compares different jobs**")
     if not m.get("finished"):

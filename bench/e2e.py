@@ -253,9 +253,8 @@ def run_one(args: Args, command: str) -> dict[str, Any]:
     loss = None
     for i in range(args.steps):
         t_step = time.perf_counter()
-        lr = step.lr_at(i, args.steps, args.learning_rate)
+        step.set_lr(optimizer, step.lr_at(i, args.steps, args.learning_rate))
         if args.baseline:  # MiniMind's loop: clip, step, zero_grad; nothing skipped
-            step.set_lr(optimizer, lr)
             for x, y in micro_batches(i):
                 with rt.autocast():
                     loss = loss_fn((x, y))
@@ -264,7 +263,6 @@ def run_one(args: Args, command: str) -> dict[str, Any]:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         else:
-            step.set_lr(optimizer, lr)
             loss, _ = step.train_step(stepper, micro_batches(i), loss_fn)
         if i == 0:
             _sync(rt.device)
@@ -542,8 +540,7 @@ def compare_markdown(result: dict[str, Any], json_name: str) -> str:
     lines = [
         f"# CPU side by side: MiniMind's trainer and ours, {m['cpu']['model']}",
         "",
-        f"- raw data: `{json_name}`; command: `{m['command']}`",
-        f"- commit `{m['git_commit']}`" + (" (uncommitted changes)" if m.get("git_dirty") else ""),
+        *bench.provenance(m, json_name),
         f"- torch {m['torch']}, {m['threads']} threads, CPU flags {', '.join(m['cpu']['flags']) or 'none listed'}, "
         + (
             f"bf16 matmul {m['cpu_bf16_speedup']:.2f}x fp32 here"
@@ -674,8 +671,7 @@ def markdown(result: dict[str, Any], json_name: str) -> str:
     lines = [
         f"# End-to-end training throughput: {m['device']}",
         "",
-        f"- raw data: `{json_name}`; command: `{m['command']}`",
-        f"- commit `{m['git_commit']}`" + (" (uncommitted changes)" if m.get("git_dirty") else ""),
+        *bench.provenance(m, json_name),
         f"- torch {m['torch']}, triton {m['triton']}, liger-kernel {m['liger_kernel']}, CUDA {m['cuda']}, "
         f"date {m['date_utc']}",
     ]
