@@ -11,8 +11,11 @@ on CPU tensors at the benchmark's shapes (bench/bench_kernels.py make_inputs, B=
 --tokens says otherwise), and so does one training step of each preset's whole model with the Triton ops (bf16
 autocast, B=2, T=64), with the launchers planning their tiles and grids as on the target card
 (_compat.plan_as_gpu) and every kernel launch turned into a compile-only warm-up for the target: nothing
-executes, so the tensors the kernels would write hold garbage, and only the launches matter. Each distinct compiled
-kernel's binary is then read with cuobjdump for its registers and local memory (spills).
+executes, so the tensors the kernels would write hold garbage, and only the launches matter. An autotuned launch
+(triton.autotune: the MoE grouped GEMMs, with moe.AUTOTUNE forced on here) compiles every candidate config the
+autotuner would time, instead of timing them; the fixed tiles used with autotuning off are the first candidate of
+each list, so they are covered too. Each distinct compiled kernel's binary is then read with cuobjdump for its
+registers and local memory (spills).
 
 It fails (exit status 1) when a kernel does not compile, when its shared memory exceeds the card's per-block limit,
 or when its registers times its threads exceed the 64K registers of a multiprocessor (the launch would be refused).
@@ -66,6 +69,7 @@ class Kernel:
     stack_bytes: int | None = None
     local_bytes: int | None = None  # per thread; register spills land here
     problems: list[str] = field(default_factory=list)
+    autotune: str = ""  # "i/n": candidate i of the n configs of an autotuned launch ("" for a plain launch)
 
 
 @dataclass
@@ -106,26 +110,46 @@ class _CompileOnlyDriver:
 
 
 @contextlib.contextmanager
-def compile_only(arch: int, on_compile: Callable[[Any, Any], None]) -> Iterator[None]:
+def compile_only(arch: int, on_compile: Callable[[Any, Any, str], None], all_candidates: bool = True) -> Iterator[None]:
     """Within this block every `kernel[grid](...)` compiles the kernel for sm_<arch> (a warm-up) and launches
-    nothing; on_compile(jit_function, compiled_kernel) sees each launch."""
+    nothing; on_compile(jit_function, compiled_kernel, candidate) sees each launch. An autotuned kernel compiles each
+    of its candidate configs (those its prune step keeps) in turn, with candidate = "i/n" ("" for a plain launch)."""
     from triton.backends.compiler import GPUTarget
     from triton.runtime import driver
+    from triton.runtime.autotuner import Autotuner
     from triton.runtime.jit import JITFunction
 
     original_run = JITFunction.run
+    original_tuned_run = Autotuner.run
+    candidate = [""]
 
     def run(self: Any, *args: Any, grid: Any, warmup: bool, **kwargs: Any) -> Any:
         compiled = original_run(self, *args, grid=grid, warmup=True, **kwargs)
-        on_compile(self, compiled)
+        on_compile(self, compiled, candidate[0])
+        return compiled
+
+    def tuned_run(self: Any, *args: Any, **kwargs: Any) -> Any:
+        # In place of Autotuner.run, which would time each config on the device: compile them all.
+        self.nargs = dict(zip(self.arg_names, args, strict=False))
+        configs = self.prune_configs(kwargs)
+        configs = configs if all_candidates else configs[:1]  # --autotune first: the fixed tiles only
+        self.nargs = None
+        try:
+            for i, config in enumerate(configs):
+                candidate[0] = f"{i + 1}/{len(configs)}"
+                compiled = self.fn.run(*args, **kwargs, **config.all_kwargs())
+        finally:
+            candidate[0] = ""
         return compiled
 
     driver.set_active(_CompileOnlyDriver(GPUTarget("cuda", arch, 32)))
     JITFunction.run = run
+    Autotuner.run = tuned_run
     try:
         yield
     finally:
         JITFunction.run = original_run
+        Autotuner.run = original_tuned_run
         with contextlib.suppress(RuntimeError):  # raised where there is no real driver to go back to
             driver.reset_active()
 
@@ -204,7 +228,16 @@ def limit_problems(k: Kernel, arch: int) -> list[str]:
     return out
 
 
-def check(arch: int, sms: int, tokens: int, presets: tuple[str, ...], dtypes: tuple[str, ...], models: bool) -> Report:
+def check(
+    arch: int,
+    sms: int,
+    tokens: int,
+    presets: tuple[str, ...],
+    dtypes: tuple[str, ...],
+    models: bool,
+    all_candidates: bool = True,
+    ops: tuple[str, ...] = OPS,
+) -> Report:
     import triton
 
     from minimind_kernels._compat import plan_as_gpu
@@ -214,7 +247,7 @@ def check(arch: int, sms: int, tokens: int, presets: tuple[str, ...], dtypes: tu
     seen: dict[int, Kernel] = {}
     current: list[str] = [""]
 
-    def on_compile(fn: Any, compiled: Any) -> None:
+    def on_compile(fn: Any, compiled: Any, candidate: str) -> None:
         key = id(compiled)
         if key not in seen:
             md = compiled.metadata
@@ -226,6 +259,7 @@ def check(arch: int, sms: int, tokens: int, presets: tuple[str, ...], dtypes: tu
                 num_warps=md.num_warps,
                 num_stages=md.num_stages,
                 shared_bytes=md.shared,
+                autotune=candidate,
             )
             kern.registers, kern.stack_bytes, kern.local_bytes = _resource_usage(compiled.asm.get("cubin", b""))
             kern.problems = limit_problems(kern, arch)
@@ -236,26 +270,33 @@ def check(arch: int, sms: int, tokens: int, presets: tuple[str, ...], dtypes: tu
     cases: list[tuple[str, Callable[[], None]]] = []
     for preset in presets:
         for dname in dtypes:
-            for op in OPS:
+            for op in ops:
                 if op == "moe_experts" and preset != "moe":
                     continue
                 cases.append((f"{op} {preset} {dname}", _op_case(op, preset, DTYPES[dname], tokens)))
         if models:
             cases.append((f"model {preset} bf16-autocast", _model_case(preset)))
 
-    with compile_only(arch, on_compile), plan_as_gpu(sms):
-        for name, run in cases:
-            current[0] = name
-            t0 = time.perf_counter()
-            try:
-                run()
-                entry = {"case": name, "ok": True, "error": ""}
-            except Exception as exc:  # a compile error names the kernel and the line; keep going, report them all
-                entry = {"case": name, "ok": False, "error": f"{type(exc).__name__}: {str(exc).strip()[:2000]}"}
-            entry["kernels"] = sorted({k.name for k in seen.values() if name in k.used_by})
-            entry["seconds"] = round(time.perf_counter() - t0, 2)
-            report.cases.append(entry)
-            print(f"  {'ok ' if entry['ok'] else 'FAIL'} {name:<42} {entry['seconds']:6.1f} s", flush=True)
+    from minimind_kernels import moe
+
+    # Autotuning on, whatever MINIMIND_MOE_AUTOTUNE says: every candidate tile config compiles (the fixed ones too).
+    autotune_before, moe.AUTOTUNE = moe.AUTOTUNE, True
+    try:
+        with compile_only(arch, on_compile, all_candidates), plan_as_gpu(sms):
+            for name, run in cases:
+                current[0] = name
+                t0 = time.perf_counter()
+                try:
+                    run()
+                    entry = {"case": name, "ok": True, "error": ""}
+                except Exception as exc:  # a compile error names the kernel and the line; keep going, report them all
+                    entry = {"case": name, "ok": False, "error": f"{type(exc).__name__}: {str(exc).strip()[:2000]}"}
+                entry["kernels"] = sorted({k.name for k in seen.values() if name in k.used_by})
+                entry["seconds"] = round(time.perf_counter() - t0, 2)
+                report.cases.append(entry)
+                print(f"  {'ok ' if entry['ok'] else 'FAIL'} {name:<42} {entry['seconds']:6.1f} s", flush=True)
+    finally:
+        moe.AUTOTUNE = autotune_before
 
     report.kernels = sorted(seen.values(), key=lambda k: (k.name, k.shared_bytes))
     report.seconds = round(time.perf_counter() - start, 1)
@@ -263,15 +304,18 @@ def check(arch: int, sms: int, tokens: int, presets: tuple[str, ...], dtypes: tu
 
 
 def table(report: Report) -> str:
+    tuned = sum(1 for k in report.kernels if k.autotune)
     lines = [
         f"sm_{report.arch}, {report.sms} multiprocessors, triton {report.triton}, torch {report.torch}, "
-        f"{report.tokens} tokens per op case; {len(report.kernels)} distinct kernels from {len(report.cases)} cases",
+        f"{report.tokens} tokens per op case; {len(report.kernels)} distinct kernels from {len(report.cases)} cases "
+        f"({tuned} of them autotune candidates)",
         "",
         f"{'kernel':<28} {'warps':>5} {'stages':>6} {'smem KiB':>8} {'regs':>5} {'local B':>7}  {'first used by':<30} "
         "constexprs",
     ]
     for k in report.kernels:
         consts = " ".join(f"{n}={int(v) if isinstance(v, bool) else v}" for n, v in k.constexprs.items())
+        consts += f" [autotune {k.autotune}]" if k.autotune else ""
         local = "?" if k.local_bytes is None else str(k.local_bytes)
         regs = "?" if k.registers is None else str(k.registers)
         lines.append(
@@ -299,7 +343,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--presets", default=",".join(PRESETS), help="comma-separated presets (default: small,base,moe)")
     ap.add_argument("--dtypes", default="bf16,fp32", help="comma-separated: bf16, fp32")
     ap.add_argument("--no-models", action="store_true", help="skip the whole-model training-step cases")
+    ap.add_argument("--ops", default=",".join(OPS), help=f"comma-separated ops (default: all of {','.join(OPS)})")
     ap.add_argument("--json", type=Path, default=None, help="also write the report here")
+    ap.add_argument(
+        "--autotune",
+        choices=("all", "first"),
+        default="all",
+        help="autotuned launches: compile every candidate config (default) or only the first, the fixed tiles that "
+        "MINIMIND_MOE_AUTOTUNE=0 uses (the test suite's quick pass)",
+    )
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         # The interpreter replaces @triton.jit functions when kernels/ is imported: there would be nothing to compile.
@@ -311,6 +363,10 @@ def main(argv: list[str] | None = None) -> int:
     for p in presets:
         if p not in PRESETS:
             ap.error(f"unknown preset {p!r}; expected some of {', '.join(PRESETS)}")
+    ops = tuple(o for o in args.ops.split(",") if o)
+    for o in ops:
+        if o not in OPS:
+            ap.error(f"unknown op {o!r}; expected some of {', '.join(OPS)}")
     for d in dtypes:
         if d not in DTYPES:
             ap.error(f"unknown dtype {d!r}; expected some of {', '.join(DTYPES)}")
@@ -318,7 +374,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--tokens must be at least 1")
     sms = args.sms or SMS[args.arch]
     print(f"compiling every Triton launch for sm_{args.arch} ({sms} multiprocessors); nothing runs", flush=True)
-    report = check(args.arch, sms, args.tokens, presets, dtypes, models=not args.no_models)
+    all_candidates = args.autotune == "all"
+    report = check(args.arch, sms, args.tokens, presets, dtypes, not args.no_models, all_candidates, ops)
     print()
     print(table(report))
     if args.json:

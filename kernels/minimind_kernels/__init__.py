@@ -9,6 +9,12 @@ A spec is a base implementation followed by optional per-op overrides, comma sep
   triton  our Triton kernels (minimind_kernels/<op>.py); needs CUDA, or TRITON_INTERPRET=1 with CPU tensors (tests)
   liger   Liger-Kernel where it has the op, else ours (Triton), else torch, with a note for each fallback
   auto    triton when CUDA and Triton work, else torch
+Families that implement one op only, named in a per-op override (never as the base):
+  grouped moe_experts through torch._grouped_mm (minimind_kernels/moe_grouped.py), e.g. triton,moe_experts=grouped;
+          bf16 on sm_90/sm_100 CUDA, or a CPU
+  flash, cudnn, efficient, math
+          attention through that one backend of PyTorch's SDPA (minimind_kernels/sdpa.py), e.g.
+          triton,attention=cudnn; all but math need CUDA
 An explicit implementation that cannot run is an error, never a silent fallback. The environment is read here, once,
 never inside a forward pass. Implementations are imported lazily so that `import kernels` needs only torch.
 """
@@ -49,7 +55,10 @@ _IMPLS: dict[str, dict[str, str]] = {
         "swiglu": "minimind_kernels.liger:swiglu",
         "linear_cross_entropy": "minimind_kernels.liger:linear_cross_entropy",
     },
+    "grouped": {"moe_experts": "minimind_kernels.moe_grouped:moe_experts"},
+    **{b: {"attention": f"minimind_kernels.sdpa:attention_{b}"} for b in ("flash", "cudnn", "efficient", "math")},
 }
+_CUDA_ONLY = ("flash", "cudnn", "efficient")  # SDPA backends with no CPU kernels
 _BASES = ("torch", "triton", "liger", "auto")
 
 
@@ -115,6 +124,23 @@ def _check_family(family: str) -> None:
             )
         if not triton_runnable():
             raise KernelSpecError("kernels 'liger' needs Triton on a CUDA device")
+    if family in _CUDA_ONLY:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise KernelSpecError(
+                f"kernels '{family}' cannot run here: needs CUDA (attention={family} is an SDPA backend)"
+            )
+    if family == "grouped":
+        import torch
+
+        from minimind_kernels.moe_grouped import cannot_run
+
+        # The device the run will use (CUDA when there is one); the dtype is checked per call (bf16 on CUDA).
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        why = cannot_run(device, torch.bfloat16 if device.type == "cuda" else torch.float32)
+        if why:
+            raise KernelSpecError(f"kernels 'grouped' cannot run here: {why}")
 
 
 def parse_spec(spec: str) -> tuple[str, dict[str, str]]:
@@ -123,6 +149,11 @@ def parse_spec(spec: str) -> tuple[str, dict[str, str]]:
     if not parts or "=" in parts[0]:
         raise KernelSpecError(f"kernels spec {spec!r} must start with one of {', '.join(_BASES)}")
     base, overrides = parts[0], {}
+    if base in _IMPLS and base not in _BASES:
+        raise KernelSpecError(
+            f"{base!r} implements only {', '.join(_IMPLS[base])}: name it per op, e.g. "
+            f"triton,{next(iter(_IMPLS[base]))}={base}"
+        )
     if base not in _BASES:
         raise KernelSpecError(f"unknown kernels base {base!r} in {spec!r}; expected one of {', '.join(_BASES)}")
     for part in parts[1:]:
@@ -130,8 +161,11 @@ def parse_spec(spec: str) -> tuple[str, dict[str, str]]:
         op, family = op.strip(), family.strip()
         if op not in OP_NAMES:
             raise KernelSpecError(f"unknown op {op!r} in kernels spec {spec!r}; ops are {', '.join(OP_NAMES)}")
-        if family not in ("torch", "triton", "liger"):
-            raise KernelSpecError(f"unknown implementation {family!r} for op {op!r}; expected torch, triton or liger")
+        if family not in _IMPLS:
+            raise KernelSpecError(f"unknown implementation {family!r} for op {op!r}; expected {', '.join(_IMPLS)}")
+        if family not in _BASES and op not in _IMPLS[family]:
+            only = ", ".join(_IMPLS[family])
+            raise KernelSpecError(f"op {op!r} has no {family} implementation ({family} implements only {only})")
         overrides[op] = family
     return base, overrides
 

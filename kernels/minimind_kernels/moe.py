@@ -36,6 +36,17 @@ pair_pos [M] and offsets [E+1] int32. H is recomputed from G and U in backward. 
 inputs use IEEE fp32 dot products, not TF32, to match torch.matmul's default); the combine, the SwiGLU epilogues and
 dw run in fp32; stored tensors have the compute dtype (x's dtype: bf16 under autocast, fp32 otherwise).
 
+Tiles. On a GPU the six grouped GEMMs are autotuned (triton.autotune): each has a few candidate tile configs per
+operand width (_ROW_CANDIDATES for the four row-tile GEMMs, _DW_CANDIDATES for the two weight-gradient ones), timed on
+the first call for each (D, F, E, dtype) and reused for every token count after it (M is not in the key: the first
+call's M decides). Every grid is a function of the launch's META, so the row-tile bound cdiv(M, BLOCK_M) + E - 1
+follows the chosen BLOCK_M; routing does not depend on BLOCK_M (each GEMM derives its tiles from offsets with its own
+BLOCK_M). No kernel accumulates into its output or reads what it writes (every output element is stored once, by one
+program), so the autotuner's repeated launches need no reset_to_zero / restore_value. AUTOTUNE = False (or
+MINIMIND_MOE_AUTOTUNE=0 in the environment, read at import) launches the first candidate of each list instead, the
+fixed tiles. The CPU interpreter always uses small fixed tiles, so that the tests' small shapes span several tiles per
+expert and partial tiles. tools/compile_check.py compiles every candidate for sm_90.
+
 torch.compile: the forward and backward are custom ops (minimind::moe_experts, minimind::moe_experts_backward) with
 fake implementations, and autograd is registered on the forward op, so compiled graphs keep them as single nodes.
 
@@ -44,11 +55,114 @@ Shape legend: N tokens, D hidden, F expert FFN width, E experts, K experts per t
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
+from typing import Any
+
 import torch
 import triton
 import triton.language as tl
 
 from minimind_kernels._compat import gpu_plan
+
+# Autotune the grouped GEMMs' tiles on a GPU (False: the first candidate of each list, fixed). Read once, at import.
+AUTOTUNE = os.environ.get("MINIMIND_MOE_AUTOTUNE", "1") != "0"
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tile candidates and the autotuned launch
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _config(warps: int, stages: int, **tiles: int) -> triton.Config:
+    return triton.Config(tiles, num_warps=warps, num_stages=stages)
+
+
+# Row-tile GEMMs (BLOCK_M sorted rows x BLOCK_N output columns, BLOCK_K of the reduction per step), by operand
+# dtype. bf16/fp16 go through the tensor cores (wgmma on sm_90); 128 x 128 tiles only with 8 warps (the gate/up
+# forward's two fp32 accumulators then take 128 registers per thread). fp32 uses IEEE fp32 dot products (FMA, no
+# tensor cores), hence smaller tiles. Most shared memory: the gate/up backward stages 2 A + 2 B tiles per step, at
+# bf16 128x128x64 and 3 stages 192 KiB (sm_90 allows 227 KiB per block); tools/compile_check.py reports each.
+_ROW_CANDIDATES: dict[str, list[triton.Config]] = {
+    "16-bit": [
+        _config(8, 3, BLOCK_M=128, BLOCK_N=64, BLOCK_K=64),  # first: the fixed tiles (AUTOTUNE off)
+        _config(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64),
+        _config(8, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=32),
+        _config(4, 3, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64),
+        _config(4, 4, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64),
+        _config(4, 4, BLOCK_M=128, BLOCK_N=64, BLOCK_K=32),
+    ],
+    "fp32": [
+        _config(4, 3, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32),
+        _config(4, 4, BLOCK_M=64, BLOCK_N=64, BLOCK_K=16),
+        _config(8, 3, BLOCK_M=128, BLOCK_N=64, BLOCK_K=32),
+        _config(8, 3, BLOCK_M=64, BLOCK_N=128, BLOCK_K=32),
+    ],
+}
+# Weight-gradient GEMMs (BLOCK_P x BLOCK_Q of one expert's dW, reducing over BLOCK_K of its rows per step). Their
+# grid is E x (output tiles) only, 2-4 programs per SM at 128 x 128 on the moe preset, so smaller tiles are candidates.
+_DW_CANDIDATES: dict[str, list[triton.Config]] = {
+    "16-bit": [
+        _config(8, 3, BLOCK_P=128, BLOCK_Q=128, BLOCK_K=64),  # first: the fixed tiles (AUTOTUNE off)
+        _config(8, 4, BLOCK_P=128, BLOCK_Q=128, BLOCK_K=32),
+        _config(4, 3, BLOCK_P=128, BLOCK_Q=64, BLOCK_K=64),
+        _config(4, 3, BLOCK_P=64, BLOCK_Q=128, BLOCK_K=64),
+        _config(4, 4, BLOCK_P=64, BLOCK_Q=64, BLOCK_K=64),
+        _config(4, 4, BLOCK_P=64, BLOCK_Q=64, BLOCK_K=32),
+    ],
+    "fp32": [
+        _config(4, 3, BLOCK_P=64, BLOCK_Q=64, BLOCK_K=32),
+        _config(4, 4, BLOCK_P=64, BLOCK_Q=64, BLOCK_K=16),
+        _config(4, 3, BLOCK_P=32, BLOCK_Q=64, BLOCK_K=32),
+        _config(8, 3, BLOCK_P=64, BLOCK_Q=128, BLOCK_K=32),
+    ],
+}
+_CANDIDATES = {"row": _ROW_CANDIDATES, "dw": _DW_CANDIDATES}
+# The CPU interpreter's tiles: small, so that the tests' small shapes span several tiles per expert and partial tiles.
+_INTERPRETER_TILES = {
+    "row": dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=1),
+    "dw": dict(BLOCK_P=64, BLOCK_Q=64, BLOCK_K=16, num_warps=4, num_stages=1),
+}
+
+
+def _width(dtype: torch.dtype) -> str:
+    return "fp32" if dtype == torch.float32 else "16-bit"
+
+
+class _TunedGemm:
+    """A grouped-GEMM @triton.jit kernel with its autotuner, launched like the kernel: k[grid](*args, **meta).
+
+    When meta names the tiles (num_warps among them: the interpreter's, or a GPU's fixed ones with AUTOTUNE off), the
+    plain kernel runs with them. Otherwise triton.autotune picks among the candidates for the operands' width (read
+    from the first argument, an operand in every GEMM here), keyed on D, F, E and the arguments' dtypes. `grid` is a
+    function of META either way."""
+
+    def __init__(self, fn: Any, candidates: dict[str, list[triton.Config]]) -> None:
+        self.fn = fn
+        self.tuners = {w: triton.autotune(configs=cs, key=["D", "F", "E"])(fn) for w, cs in candidates.items()}
+
+    def __getitem__(self, grid: Callable[[dict[str, Any]], tuple[int, ...]]) -> Callable[..., Any]:
+        def launch(*args: Any, **meta: Any) -> Any:
+            if "num_warps" in meta:
+                return self.fn[grid](*args, **meta)
+            return self.tuners[_width(args[0].dtype)][grid](*args, **meta)
+
+        return launch
+
+
+def _autotuned(kind: str) -> Callable[[Any], _TunedGemm]:
+    return lambda fn: _TunedGemm(fn, _CANDIDATES[kind])
+
+
+def _gemm_meta(kind: str, x: torch.Tensor) -> dict[str, int]:
+    """Tile meta-parameters of a grouped-GEMM launch ("row" or "dw"): the interpreter's small tiles on a CPU; on a GPU
+    none (the autotuner chooses), or with AUTOTUNE off the first candidate's."""
+    if not gpu_plan(x.device):
+        return dict(_INTERPRETER_TILES[kind])
+    if AUTOTUNE:
+        return {}
+    first = _CANDIDATES[kind][_width(x.dtype)][0]
+    return {**first.kwargs, "num_warps": first.num_warps, "num_stages": first.num_stages}
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # Kernels
@@ -120,6 +234,7 @@ def _expert_rows(offsets_ptr, tile, E, BLOCK_M: tl.constexpr, E_PAD: tl.constexp
     return e, row_start, row_end
 
 
+@_autotuned("row")
 @triton.jit
 def _moe_gate_up_fwd_kernel(
     x_ptr,
@@ -170,6 +285,7 @@ def _moe_gate_up_fwd_kernel(
     tl.store(h_ptr + out, h.to(h_ptr.dtype.element_ty), mask=ok)
 
 
+@_autotuned("row")
 @triton.jit
 def _moe_down_fwd_kernel(
     h_ptr,
@@ -271,6 +387,7 @@ def _moe_topk_weight_bwd_kernel(
         tl.store(dw_ptr + toks * K + j, acc.to(dw_ptr.dtype.element_ty), mask=tok_ok)
 
 
+@_autotuned("row")
 @triton.jit
 def _moe_down_bwd_kernel(
     dy_ptr,
@@ -325,6 +442,7 @@ def _moe_down_bwd_kernel(
     tl.store(du_ptr + out, (acc * g * s).to(du_ptr.dtype.element_ty), mask=ok)
 
 
+@_autotuned("row")
 @triton.jit
 def _moe_gate_up_bwd_kernel(
     dg_ptr,
@@ -377,6 +495,7 @@ def _moe_gate_up_bwd_kernel(
     tl.store(dxs_ptr + out, acc.to(dxs_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
+@_autotuned("dw")
 @triton.jit
 def _moe_gate_up_dw_kernel(
     dgu_ptr,
@@ -388,6 +507,7 @@ def _moe_gate_up_dw_kernel(
     dwu_ptr,
     D,
     F,
+    E,
     K,
     BLOCK_P: tl.constexpr,
     BLOCK_Q: tl.constexpr,
@@ -395,7 +515,8 @@ def _moe_gate_up_dw_kernel(
     DOT_PREC: tl.constexpr,
 ):
     """dW_e[f, d] = sum over expert e's rows of dA[row, f] * x[token(row), d], with dA = dG (axis 1 = 0) or dU.
-    One program per (expert, F tile, D tile); the reduction runs over the expert's rows from offsets."""
+    One program per (expert, F tile, D tile); the reduction runs over the expert's rows from offsets. E (the number of
+    experts) is only part of the autotuner's key: the grid is E x the output tiles."""
     pid = tl.program_id(0)
     which = tl.program_id(1)
     n_q = tl.cdiv(D, BLOCK_Q)
@@ -427,6 +548,7 @@ def _moe_gate_up_dw_kernel(
         tl.store(dwu_ptr + out, acc.to(dwu_ptr.dtype.element_ty), mask=ok)
 
 
+@_autotuned("dw")
 @triton.jit
 def _moe_down_dw_kernel(
     dy_ptr,
@@ -438,13 +560,15 @@ def _moe_down_dw_kernel(
     dwd_ptr,
     D,
     F,
+    E,
     K,
     BLOCK_P: tl.constexpr,
     BLOCK_Q: tl.constexpr,
     BLOCK_K: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
-    """dWd_e[d, f] = sum over expert e's rows of (w * dy)[row, d] * H[row, f], H = silu(G) * U recomputed."""
+    """dWd_e[d, f] = sum over expert e's rows of (w * dy)[row, d] * H[row, f], H = silu(G) * U recomputed. E: only
+    part of the autotuner's key, as in _moe_gate_up_dw_kernel."""
     pid = tl.program_id(0)
     n_q = tl.cdiv(F, BLOCK_Q)
     per_expert = tl.cdiv(D, BLOCK_P) * n_q
@@ -482,15 +606,9 @@ def _moe_down_dw_kernel(
 _SORT_BLOCK_GPU = 1024
 
 
-def _tiles(x: torch.Tensor) -> dict[str, int]:
-    """Tile sizes. On a GPU: 128-row tiles (fewer, bigger tiles amortise the expert lookup); fp32 halves K and N so
-    the IEEE-fp32 operands fit in shared memory. In the CPU interpreter: small tiles, so that the tests' small shapes
-    still span several tiles per expert, partial tiles, and several sort blocks."""
-    if not gpu_plan(x.device):
-        return dict(sort=32, m=16, n=64, k=64, p=64, q=64, rk=16, warps=4, stages=1)
-    if x.dtype == torch.float32:
-        return dict(sort=_SORT_BLOCK_GPU, m=64, n=64, k=32, p=64, q=64, rk=32, warps=4, stages=3)
-    return dict(sort=_SORT_BLOCK_GPU, m=128, n=64, k=64, p=128, q=128, rk=64, warps=8, stages=3)
+def _sort_block(x: torch.Tensor) -> int:
+    """Pairs per block of the counting sort: 1024 on a GPU; 32 in the interpreter, so tests span several blocks."""
+    return _SORT_BLOCK_GPU if gpu_plan(x.device) else 32
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -525,6 +643,16 @@ def _row_tiles_bound(m: int, n_experts: int, block_m: int) -> int:
     return triton.cdiv(m, block_m) + n_experts - 1
 
 
+def _row_grid(m: int, n_experts: int, cols: int) -> Callable[[dict[str, Any]], tuple[int]]:
+    """Grid of a row-tile GEMM with `cols` output columns, for whichever BLOCK_M / BLOCK_N the launch uses."""
+    return lambda meta: (_row_tiles_bound(m, n_experts, meta["BLOCK_M"]) * triton.cdiv(cols, meta["BLOCK_N"]),)
+
+
+def _dw_grid(n_experts: int, rows: int, cols: int, programs: int = 1) -> Callable[[dict[str, Any]], tuple[int, int]]:
+    """Grid of a weight-gradient GEMM: one program per (expert, BLOCK_P x BLOCK_Q tile of its [rows, cols] dW)."""
+    return lambda meta: (n_experts * triton.cdiv(rows, meta["BLOCK_P"]) * triton.cdiv(cols, meta["BLOCK_Q"]), programs)
+
+
 def moe_experts_fwd(
     x_ND: torch.Tensor,
     topk_idx_NK: torch.Tensor,
@@ -550,16 +678,13 @@ def moe_experts_fwd(
     if m == 0:
         empty = torch.empty(0, dtype=torch.int32, device=dev)
         return y, gu, o, empty, empty.clone(), torch.zeros(e + 1, dtype=torch.int32, device=dev)
-    cfg = _tiles(x_ND)
-    sorted_pair, pair_pos, offsets = moe_route(topk_idx_NK, e, cfg["sort"])
+    sorted_pair, pair_pos, offsets = moe_route(topk_idx_NK, e, _sort_block(x_ND))
     h = torch.empty(m, f, dtype=dt, device=dev)
-    tiles_m = _row_tiles_bound(m, e, cfg["m"])
-    common = dict(BLOCK_M=cfg["m"], BLOCK_N=cfg["n"], BLOCK_K=cfg["k"], E_PAD=_pow2(e), DOT_PREC=_dot_precision(dt))
-    launch = dict(num_warps=cfg["warps"], num_stages=cfg["stages"])
-    _moe_gate_up_fwd_kernel[(tiles_m * triton.cdiv(f, cfg["n"]),)](
-        x_ND, w_gate_EFD, w_up_EFD, sorted_pair, offsets, gu[0], gu[1], h, d, f, e, k, **common, **launch
+    common = dict(E_PAD=_pow2(e), DOT_PREC=_dot_precision(dt), **_gemm_meta("row", x_ND))
+    _moe_gate_up_fwd_kernel[_row_grid(m, e, f)](
+        x_ND, w_gate_EFD, w_up_EFD, sorted_pair, offsets, gu[0], gu[1], h, d, f, e, k, **common
     )
-    _moe_down_fwd_kernel[(tiles_m * triton.cdiv(d, cfg["n"]),)](h, w_down_EDF, offsets, o, d, f, e, **common, **launch)
+    _moe_down_fwd_kernel[_row_grid(m, e, d)](h, w_down_EDF, offsets, o, d, f, e, **common)
     _moe_combine_kernel[(triton.cdiv(n, 16),)](
         o, pair_pos, topk_weight_NK, y, n, d, K=k, HAS_WEIGHT=True, BLOCK_T=16, BLOCK_D=_combine_block_d(d)
     )
@@ -598,46 +723,26 @@ def moe_experts_bwd(
     dwd = torch.empty(e, d, f, dtype=dt, device=dev)
     if m == 0:
         return dx, dw, dwg.zero_(), dwu.zero_(), dwd.zero_()
-    cfg = _tiles(x_ND)
-    e_pad = _pow2(e)
     prec = _dot_precision(dt)
-    launch = dict(num_warps=cfg["warps"], num_stages=cfg["stages"])
     _moe_topk_weight_bwd_kernel[(triton.cdiv(n, 16),)](
         dy_ND, o_MD, pair_pos, dw, n, d, K=k, BLOCK_T=16, BLOCK_D=_combine_block_d(d)
     )
-    tiles_m = _row_tiles_bound(m, e, cfg["m"])
-    common = dict(BLOCK_M=cfg["m"], BLOCK_N=cfg["n"], BLOCK_K=cfg["k"], E_PAD=e_pad, DOT_PREC=prec)
+    common = dict(E_PAD=_pow2(e), DOT_PREC=prec, **_gemm_meta("row", x_ND))
     dgu = torch.empty(2, m, f, dtype=dt, device=dev)
-    _moe_down_bwd_kernel[(tiles_m * triton.cdiv(f, cfg["n"]),)](
-        dy_ND,
-        topk_weight_NK,
-        w_down_EDF,
-        gu[0],
-        gu[1],
-        sorted_pair,
-        offsets,
-        dgu[0],
-        dgu[1],
-        d,
-        f,
-        e,
-        k,
-        **common,
-        **launch,
+    _moe_down_bwd_kernel[_row_grid(m, e, f)](
+        dy_ND, topk_weight_NK, w_down_EDF, gu[0], gu[1], sorted_pair, offsets, dgu[0], dgu[1], d, f, e, k, **common
     )
     dxs = torch.empty(m, d, dtype=dt, device=dev)
-    _moe_gate_up_bwd_kernel[(tiles_m * triton.cdiv(d, cfg["n"]),)](
-        dgu[0], dgu[1], w_gate_EFD, w_up_EFD, offsets, dxs, d, f, e, **common, **launch
-    )
+    _moe_gate_up_bwd_kernel[_row_grid(m, e, d)](dgu[0], dgu[1], w_gate_EFD, w_up_EFD, offsets, dxs, d, f, e, **common)
     _moe_combine_kernel[(triton.cdiv(n, 16),)](
         dxs, pair_pos, dxs, dx, n, d, K=k, HAS_WEIGHT=False, BLOCK_T=16, BLOCK_D=_combine_block_d(d)
     )
-    dw_common = dict(BLOCK_P=cfg["p"], BLOCK_Q=cfg["q"], BLOCK_K=cfg["rk"], DOT_PREC=prec)
-    grid_gu = (e * triton.cdiv(f, cfg["p"]) * triton.cdiv(d, cfg["q"]), 2)
-    _moe_gate_up_dw_kernel[grid_gu](dgu, m * f, x_ND, sorted_pair, offsets, dwg, dwu, d, f, k, **dw_common, **launch)
-    grid_down = (e * triton.cdiv(d, cfg["p"]) * triton.cdiv(f, cfg["q"]),)
-    _moe_down_dw_kernel[grid_down](
-        dy_ND, topk_weight_NK, gu[0], gu[1], sorted_pair, offsets, dwd, d, f, k, **dw_common, **launch
+    dw_common = dict(DOT_PREC=prec, **_gemm_meta("dw", x_ND))
+    _moe_gate_up_dw_kernel[_dw_grid(e, f, d, programs=2)](
+        dgu, m * f, x_ND, sorted_pair, offsets, dwg, dwu, d, f, e, k, **dw_common
+    )
+    _moe_down_dw_kernel[_dw_grid(e, d, f)](
+        dy_ND, topk_weight_NK, gu[0], gu[1], sorted_pair, offsets, dwd, d, f, e, k, **dw_common
     )
     return dx, dw, dwg, dwu, dwd
 

@@ -6,7 +6,7 @@ Forward, one row r (Zhang & Sennrich 2019, eq. 4, without the bias; casting as i
     h       = x + delta                                  (add_rmsnorm only; stored in x's dtype)
     rstd_r  = 1 / sqrt(mean_j h_rj^2 + eps)              fp32 sum of squares; rstd saved per row for backward
     xhat_rj = h_rj * rstd_r                              fp32, rounded to x's dtype (the reference's cast)
-    y_rj    = xhat_rj * w_j                              fp32 product, stored in x's dtype
+    y_rj    = xhat_rj * w_j                              fp32 product, rounded to x's dtype, stored in y's dtype
 Backward, with g = dy * w (fp32 throughout):
     dh_rj   = rstd_r * (g_rj - xhat_rj * mean_j(g_rj * xhat_rj))   (+ the upstream dh for add_rmsnorm)
     dw_j    = sum_r dy_rj * xhat_rj
@@ -17,6 +17,18 @@ summed at the end.
 A program handles BLOCK_M rows of BLOCK_N = next_pow2(D) columns (masked, so D = 80 or 640 works); for the model's
 hidden sizes that is a 4-8 row tile of ~4096 elements, which amortises the per-program cost over several short rows.
 
+Output dtype under autocast. The model keeps its residual stream in fp32 under bf16 autocast, and every consumer of
+a norm output is a linear layer, which autocast feeds bf16 (an extra cast kernel that re-reads the fp32 output). So
+when autocast is on for x's device, `rmsnorm` and `add_rmsnorm` store y directly in autocast's dtype
+(torch.get_autocast_dtype): the value the reference's fp32 y has after that cast, y_rj rounded to x's dtype and then
+to autocast's (one rounding when x is fp32), in half the bytes. The residual sum h, rstd and dx stay in x's dtype and
+dw in the weight's; the backward reads dy in whatever dtype it arrives in (bf16 then). Outside autocast, or with
+AUTOCAST_OUTPUT off, y is in x's dtype as in reference.py. The dtype is read at the entry points and passed to the
+launchers and ops as the argument `out_dtype`, so the ops stay pure functions of their arguments.
+
+    AUTOCAST_OUTPUT = True      module setting, on by default; a benchmark may set it to False to compare. The
+                                environment variable MINIMIND_NORM_AUTOCAST_OUT=0 turns it off at import.
+
 Entry points: `rmsnorm(x, weight, eps)` and `add_rmsnorm(x, delta, weight, eps)`, with exactly the signatures of
 reference.py. Eager calls go through `_RMSNormFn` / `_AddRMSNormFn` (torch.autograd.Function, low overhead);
 under torch.compile the same launchers are reached through the torch.library ops `minimind::rmsnorm_fwd` etc., whose
@@ -26,12 +38,16 @@ fake and autograd registrations let the compiler trace through without a graph b
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import triton
 import triton.language as tl
 
 from minimind_kernels._compat import persistent_programs, rows
+
+# Store the norm output in autocast's dtype when autocast is on (see the module docstring); read at each call.
+AUTOCAST_OUTPUT = os.environ.get("MINIMIND_NORM_AUTOCAST_OUT", "1") != "0"
 
 
 @triton.jit
@@ -52,9 +68,11 @@ def _rmsnorm_fwd_kernel(
         tl.store(H + row64 * stride_h + col[None, :], h, mask=mask)
         x = h.to(tl.float32)  # the norm sees h as stored, like the reference
     rstd = tl.rsqrt(tl.sum(x * x, axis=1) / n_cols + eps)
-    xhat = (x * rstd[:, None]).to(Y.dtype.element_ty).to(tl.float32)
+    # rounded to x's dtype (the reference's casts), then to y's (autocast's cast at the next linear; none without it)
+    xhat = (x * rstd[:, None]).to(X.dtype.element_ty).to(tl.float32)
     w = tl.load(W + col, mask=col < n_cols, other=0.0).to(tl.float32)
-    tl.store(Y + row64 * stride_y + col[None, :], (xhat * w[None, :]).to(Y.dtype.element_ty), mask=mask)
+    y = (xhat * w[None, :]).to(X.dtype.element_ty).to(Y.dtype.element_ty)
+    tl.store(Y + row64 * stride_y + col[None, :], y, mask=mask)
     tl.store(RSTD + row, rstd, mask=row_ok)
 
 
@@ -105,12 +123,14 @@ def _check_weight(weight: torch.Tensor, n_cols: int) -> torch.Tensor:
     return weight.contiguous()
 
 
-def _norm_fwd(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float):
+def _norm_fwd(
+    x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float, out_dtype: torch.dtype | None
+):
     n_cols = x.shape[-1]
     w = _check_weight(weight, n_cols)
     x2 = rows(x)
     n_rows = x2.shape[0]
-    y = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)
+    y = torch.empty((n_rows, n_cols), dtype=out_dtype or x.dtype, device=x.device)
     rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
     if delta is not None:
         assert delta.shape == x.shape, f"add_rmsnorm: delta {tuple(delta.shape)} != x {tuple(x.shape)}"
@@ -160,9 +180,12 @@ def _norm_bwd(dy: torch.Tensor, dh: torch.Tensor | None, x: torch.Tensor, weight
 # ---- host launchers: plain tensors in and out -------------------------------------------------------------------
 
 
-def rmsnorm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """y = rmsnorm(x) * weight, shaped like x in x's dtype; rstd [N] fp32 (one per row) for the backward."""
-    _, y, rstd = _norm_fwd(x, None, weight, eps)
+def rmsnorm_fwd(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """y = rmsnorm(x) * weight, shaped like x in out_dtype (None: x's dtype); rstd [N] fp32 (one per row) for the
+    backward."""
+    _, y, rstd = _norm_fwd(x, None, weight, eps, out_dtype)
     return y, rstd
 
 
@@ -174,10 +197,10 @@ def rmsnorm_bwd(
 
 
 def add_rmsnorm_fwd(
-    x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float
+    x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(h = x + delta, rmsnorm(h) * weight, rstd [N] fp32); h and the norm are in x's dtype."""
-    return _norm_fwd(x, delta, weight, eps)
+    """(h = x + delta, rmsnorm(h) * weight, rstd [N] fp32); h is in x's dtype, the norm in out_dtype (None: x's)."""
+    return _norm_fwd(x, delta, weight, eps, out_dtype)
 
 
 def add_rmsnorm_bwd(
@@ -204,8 +227,9 @@ def _fake_dw(weight: torch.Tensor, need_dw: bool) -> torch.Tensor:
 
 
 @_rmsnorm_fwd_op.register_fake
-def _(x, weight, eps):
-    return torch.empty_like(x, memory_format=torch.contiguous_format), _fake_rstd(x)
+def _(x, weight, eps, out_dtype=None):
+    y = torch.empty_like(x, dtype=out_dtype or x.dtype, memory_format=torch.contiguous_format)
+    return y, _fake_rstd(x)
 
 
 @_rmsnorm_bwd_op.register_fake
@@ -214,9 +238,9 @@ def _(dy, x, weight, rstd, need_dw):
 
 
 @_add_rmsnorm_fwd_op.register_fake
-def _(x, delta, weight, eps):
-    out = torch.empty_like(x, memory_format=torch.contiguous_format)
-    return out, torch.empty_like(out), _fake_rstd(x)
+def _(x, delta, weight, eps, out_dtype=None):
+    h = torch.empty_like(x, memory_format=torch.contiguous_format)
+    return h, torch.empty_like(h, dtype=out_dtype or x.dtype), _fake_rstd(x)
 
 
 @_add_rmsnorm_bwd_op.register_fake
@@ -230,7 +254,8 @@ def _(dh, dn, h, weight, rstd, need_dw):
 
 
 def _rmsnorm_setup(ctx, inputs, output):
-    x, weight, _ = inputs
+    x, weight = inputs[:2]
+    ctx.n_inputs = len(inputs)
     ctx.mark_non_differentiable(output[1])
     ctx.save_for_backward(x, weight, output[1])
 
@@ -239,13 +264,13 @@ def _rmsnorm_backward(bwd, ctx, dy, _drstd):
     x, weight, rstd = ctx.saved_tensors
     need_dw = ctx.needs_input_grad[1]
     dx, dw = bwd(dy, x, weight, rstd, need_dw)
-    return dx, (dw if need_dw else None), None
+    return (dx, dw if need_dw else None) + (None,) * (ctx.n_inputs - 2)
 
 
 class _RMSNormFn(torch.autograd.Function):
     @staticmethod
-    def forward(x, weight, eps):
-        return rmsnorm_fwd(x, weight, eps)
+    def forward(x, weight, eps, out_dtype):
+        return rmsnorm_fwd(x, weight, eps, out_dtype)
 
     setup_context = staticmethod(_rmsnorm_setup)
 
@@ -255,7 +280,8 @@ class _RMSNormFn(torch.autograd.Function):
 
 
 def _add_rmsnorm_setup(ctx, inputs, output):
-    x, delta, weight, _ = inputs
+    x, delta, weight = inputs[:3]
+    ctx.n_inputs = len(inputs)
     h, _, rstd = output
     ctx.mark_non_differentiable(rstd)
     ctx.set_materialize_grads(False)  # an unused h (the last layer's residual) costs no zero tensor
@@ -272,13 +298,13 @@ def _add_rmsnorm_backward(bwd, ctx, dh, dn, _drstd):
     else:
         dx, dw = bwd(dh, dn, h, weight, rstd, need_dw)
     ddelta = dx if ctx.delta_dtype == dx.dtype else dx.to(ctx.delta_dtype)
-    return dx, ddelta, (dw if need_dw else None), None
+    return (dx, ddelta, dw if need_dw else None) + (None,) * (ctx.n_inputs - 3)
 
 
 class _AddRMSNormFn(torch.autograd.Function):
     @staticmethod
-    def forward(x, delta, weight, eps):
-        return add_rmsnorm_fwd(x, delta, weight, eps)
+    def forward(x, delta, weight, eps, out_dtype):
+        return add_rmsnorm_fwd(x, delta, weight, eps, out_dtype)
 
     setup_context = staticmethod(_add_rmsnorm_setup)
 
@@ -296,19 +322,32 @@ _add_rmsnorm_fwd_op.register_autograd(
 # ---- public ops -----------------------------------------------------------------------------------------------------
 
 
+def _out_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype the norm output is stored in: autocast's when it is on for x's device and AUTOCAST_OUTPUT is set and
+    it differs from x's; else None (x's dtype)."""
+    if AUTOCAST_OUTPUT and torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+        return dtype if dtype != x.dtype else None
+    return None
+
+
 def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    """y = (x / sqrt(mean(x^2) + eps)) * weight over the last dim; see minimind_kernels.reference.rmsnorm."""
+    """y = (x / sqrt(mean(x^2) + eps)) * weight over the last dim; see minimind_kernels.reference.rmsnorm.
+    Under autocast y is in autocast's dtype (module docstring)."""
+    out_dtype = _out_dtype(x)
     if torch.compiler.is_compiling():
-        return _rmsnorm_fwd_op(x, weight, eps)[0]
-    return _RMSNormFn.apply(x, weight, eps)[0]
+        return _rmsnorm_fwd_op(x, weight, eps, out_dtype)[0]
+    return _RMSNormFn.apply(x, weight, eps, out_dtype)[0]
 
 
 def add_rmsnorm(
     x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """h = x + delta; returns (h, rmsnorm(h)) in one pass; see minimind_kernels.reference.add_rmsnorm."""
+    """h = x + delta; returns (h, rmsnorm(h)) in one pass; see minimind_kernels.reference.add_rmsnorm. h is in x's
+    dtype; under autocast the norm is in autocast's dtype (module docstring)."""
+    out_dtype = _out_dtype(x)
     if torch.compiler.is_compiling():
-        h, n, _ = _add_rmsnorm_fwd_op(x, delta, weight, eps)
+        h, n, _ = _add_rmsnorm_fwd_op(x, delta, weight, eps, out_dtype)
     else:
-        h, n, _ = _AddRMSNormFn.apply(x, delta, weight, eps)
+        h, n, _ = _AddRMSNormFn.apply(x, delta, weight, eps, out_dtype)
     return h, n

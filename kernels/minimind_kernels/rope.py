@@ -14,7 +14,10 @@ and sin never get gradients.
 
 A program rotates BLOCK_R consecutive (b, t) rows: a [BLOCK_R, BLOCK_H, BLOCK_D2] tile of q's halves and one of
 k's, sharing one [BLOCK_R, BLOCK_D2] load of cos and sin. Head counts and D2 (32/40/48 for the presets) are padded to
-powers of two and masked.
+powers of two and masked. D2 is a compile-time constant (HALF, one compiled kernel per head_dim): the compiler then
+knows the offset of the second half and that the mask changes only every 8 elements, and issues 16-byte vector loads
+and stores for D2 = 40 too. As a runtime argument, only a D2 divisible by 16 (32, 48) got them, from Triton's
+specialisation of integer arguments; D2 = 40 got one 2-byte access per bf16 element.
 
 Entry point `rope(q, k, cos, sin)` has exactly the signature of minimind_kernels.reference.rope. Eager calls go through
 `_RoPEFn`; under torch.compile the launcher is reached through the torch.library op `minimind::rope`.
@@ -32,9 +35,9 @@ import triton.language as tl
 @triton.jit
 def _rope_kernel(
     Q, K, QO, KO, COS, SIN,
-    n_rows, seq_len, n_heads, n_kv_heads, half,
+    n_rows, seq_len, n_heads, n_kv_heads,
     sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sc_b, sc_t, ss_b, ss_t,
-    INVERSE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HKV: tl.constexpr,
+    HALF: tl.constexpr, INVERSE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HKV: tl.constexpr,
     BLOCK_D2: tl.constexpr,
 ):  # fmt: skip
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -42,7 +45,7 @@ def _rope_kernel(
     b = (r // seq_len).to(tl.int64)
     t = (r % seq_len).to(tl.int64)
     i = tl.arange(0, BLOCK_D2)
-    i_ok = i < half
+    i_ok = i < HALF
     cs_mask = r_ok[:, None] & i_ok[None, :]
     cos = tl.load(COS + (b * sc_b + t * sc_t)[:, None] + i[None, :], mask=cs_mask, other=0.0).to(tl.float32)
     sin = tl.load(SIN + (b * ss_b + t * ss_t)[:, None] + i[None, :], mask=cs_mask, other=0.0).to(tl.float32)
@@ -57,20 +60,20 @@ def _rope_kernel(
     mask = r_ok[:, None, None] & (h < n_heads)[None, :, None] & i_ok[None, None, :]
     src = Q + (b * sq_b + t * sq_t)[:, None, None] + (h * sq_h)[None, :, None] + i[None, None, :]
     x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(src + half, mask=mask, other=0.0).to(tl.float32)
-    dst = QO + (r64 * n_heads * 2 * half)[:, None, None] + (h * 2 * half)[None, :, None] + i[None, None, :]
+    x2 = tl.load(src + HALF, mask=mask, other=0.0).to(tl.float32)
+    dst = QO + (r64 * n_heads * 2 * HALF)[:, None, None] + (h * 2 * HALF)[None, :, None] + i[None, None, :]
     tl.store(dst, (x1 * cos - x2 * sin).to(QO.dtype.element_ty), mask=mask)
-    tl.store(dst + half, (x2 * cos + x1 * sin).to(QO.dtype.element_ty), mask=mask)
+    tl.store(dst + HALF, (x2 * cos + x1 * sin).to(QO.dtype.element_ty), mask=mask)
 
     # k: the same rotation with the key heads
     h = tl.arange(0, BLOCK_HKV)
     mask = r_ok[:, None, None] & (h < n_kv_heads)[None, :, None] & i_ok[None, None, :]
     src = K + (b * sk_b + t * sk_t)[:, None, None] + (h * sk_h)[None, :, None] + i[None, None, :]
     x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(src + half, mask=mask, other=0.0).to(tl.float32)
-    dst = KO + (r64 * n_kv_heads * 2 * half)[:, None, None] + (h * 2 * half)[None, :, None] + i[None, None, :]
+    x2 = tl.load(src + HALF, mask=mask, other=0.0).to(tl.float32)
+    dst = KO + (r64 * n_kv_heads * 2 * HALF)[:, None, None] + (h * 2 * HALF)[None, :, None] + i[None, None, :]
     tl.store(dst, (x1 * cos - x2 * sin).to(KO.dtype.element_ty), mask=mask)
-    tl.store(dst + half, (x2 * cos + x1 * sin).to(KO.dtype.element_ty), mask=mask)
+    tl.store(dst + HALF, (x2 * cos + x1 * sin).to(KO.dtype.element_ty), mask=mask)
 
 
 def _unit_last(x: torch.Tensor) -> torch.Tensor:
@@ -117,9 +120,10 @@ def rope_fwd(
     block_r = max(1, min(16, 2048 // (block_h * block_d2)))
     _rope_kernel[(triton.cdiv(n_rows, block_r),)](
         q, k, q_out, k_out, cos, sin,
-        n_rows, seq, n_heads, n_kv, half,
+        n_rows, seq, n_heads, n_kv,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), sc_b, sc_t, ss_b, ss_t,
-        INVERSE=inverse, BLOCK_R=block_r, BLOCK_H=block_h, BLOCK_HKV=block_hkv, BLOCK_D2=block_d2, num_warps=4,
+        HALF=half, INVERSE=inverse, BLOCK_R=block_r, BLOCK_H=block_h, BLOCK_HKV=block_hkv, BLOCK_D2=block_d2,
+        num_warps=4,
     )  # fmt: skip
     return q_out, k_out
 

@@ -149,15 +149,16 @@ def test_source_has_no_sync_calls():
 
 class _KernelStub:
     """Stands in for a @triton.jit kernel: records the launch and checks that its grid is plain ints, i.e. computed
-    from shapes and not from device values."""
+    from shapes and not from device values. A grid given as a function of the launch's meta-parameters (the GEMMs':
+    their tiles) is evaluated on them, as Triton does."""
 
     def __init__(self, name: str, launches: list):
         self.name, self.launches = name, launches
 
     def __getitem__(self, grid):
-        assert all(type(g) is int for g in grid), f"{self.name}: grid {grid} is not plain ints"
-
         def launch(*args, **kwargs):
+            sizes = grid(kwargs) if callable(grid) else grid
+            assert all(type(g) is int for g in sizes), f"{self.name}: grid {sizes} is not plain ints"
             self.launches.append(self.name)
 
         return launch
@@ -190,6 +191,130 @@ def test_host_code_never_reads_device_values(monkeypatch):
     monkeypatch.undo()
     assert all(t.grad is not None for t in leaves)
     assert sorted(set(launches)) == sorted(kernel_names), "every kernel should have been launched"
+
+
+# --- tiles and autotuning (planned as on a GPU; nothing runs) ----------------------------------------------------
+
+GEMM_KINDS = {
+    "_moe_gate_up_fwd_kernel": "row",
+    "_moe_down_fwd_kernel": "row",
+    "_moe_down_bwd_kernel": "row",
+    "_moe_gate_up_bwd_kernel": "row",
+    "_moe_gate_up_dw_kernel": "dw",
+    "_moe_down_dw_kernel": "dw",
+}
+
+
+def test_candidate_configs():
+    """4-8 candidates per GEMM and operand width, power-of-two tiles the tensor cores take (>= 16), the fixed tiles
+    first, and each GEMM kernel wrapped with one autotuner per width over exactly those candidates."""
+    fixed = {  # the tiles used before autotuning, kept as the AUTOTUNE-off tiles
+        ("row", "16-bit"): (dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64), 8, 3),
+        ("row", "fp32"): (dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32), 4, 3),
+        ("dw", "16-bit"): (dict(BLOCK_P=128, BLOCK_Q=128, BLOCK_K=64), 8, 3),
+        ("dw", "fp32"): (dict(BLOCK_P=64, BLOCK_Q=64, BLOCK_K=32), 4, 3),
+    }
+    for (kind, width), (tiles, warps, stages) in fixed.items():
+        configs = moe._CANDIDATES[kind][width]
+        assert 4 <= len(configs) <= 8
+        assert (configs[0].kwargs, configs[0].num_warps, configs[0].num_stages) == (tiles, warps, stages)
+        assert len({str(c) for c in configs}) == len(configs), "duplicate candidates"
+        for c in configs:
+            assert set(c.kwargs) == set(tiles) and c.num_warps in (4, 8) and c.num_stages in (3, 4)
+            assert all(v >= 16 and v & (v - 1) == 0 for v in c.kwargs.values()), c
+    for name, kind in GEMM_KINDS.items():
+        kernel = getattr(moe, name)
+        assert isinstance(kernel, moe._TunedGemm)
+        for width, tuner in kernel.tuners.items():
+            assert tuner.keys == ["D", "F", "E"] and tuner.configs == moe._CANDIDATES[kind][width]
+            assert tuner.fn is kernel.fn and not tuner.reset_to_zero and not tuner.restore_value
+
+
+def test_tuned_gemm_dispatch(monkeypatch):
+    """Tiles in the launch: the plain kernel. None: the autotuner for the first argument's width."""
+    calls = []
+
+    class Recorder:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            return lambda *args, **meta: calls.append((self.name, meta))
+
+    kernel = moe._moe_down_fwd_kernel
+    monkeypatch.setattr(kernel, "fn", Recorder("plain"))
+    monkeypatch.setattr(kernel, "tuners", {"16-bit": Recorder("16-bit"), "fp32": Recorder("fp32")})
+    grid = moe._row_grid(10, E, 64)
+    kernel[grid](torch.empty(1, dtype=torch.bfloat16), BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=1)
+    kernel[grid](torch.empty(1, dtype=torch.bfloat16), E_PAD=4)
+    kernel[grid](torch.empty(1, dtype=torch.float16))
+    kernel[grid](torch.empty(1, dtype=torch.float32))
+    assert [c[0] for c in calls] == ["plain", "16-bit", "16-bit", "fp32"]
+
+
+class _LaunchRecorder:
+    """Stands in for a kernel: records (name, grid, meta) of each launch."""
+
+    def __init__(self, name: str, launches: list):
+        self.name, self.launches = name, launches
+
+    def __getitem__(self, grid):
+        return lambda *args, **meta: self.launches.append((self.name, grid, meta))
+
+
+@pytest.mark.parametrize("autotune", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_plan_grids_follow_the_chosen_tiles(monkeypatch, autotune, dtype):
+    """As planned for a GPU (plan_as_gpu, kernels stubbed): with AUTOTUNE on, every GEMM launch leaves the tiles to the
+    autotuner and its grid, evaluated for each candidate, covers every real tile (sum over experts of the row tiles
+    times the column tiles; dW: E x the output tiles); with AUTOTUNE off, the launch names the first candidate."""
+    from minimind_kernels._compat import plan_as_gpu
+
+    launches: list = []
+    for name in [n for n in dir(moe) if n.startswith("_moe_") and n.endswith("_kernel")]:
+        monkeypatch.setattr(moe, name, _LaunchRecorder(name, launches))
+    monkeypatch.setattr(moe, "AUTOTUNE", autotune)
+    n, d, f, k = 37, 80, 112, 2
+    x, idx, w, wg, wu, wd = (t.to(dtype) if t.is_floating_point() else t for t in _inputs(n, d, f, k, "plan")[0])
+    x, idx, w, wg, wu, wd = (t.contiguous() for t in (x, idx, w, wg, wu, wd))
+    idx[:20] = 0  # skewed: expert 0 has most rows
+    counts = torch.bincount(idx.reshape(-1), minlength=E).tolist()
+    m = n * k
+    with plan_as_gpu(132):
+        y, gu, o, sorted_pair, pair_pos, offsets = moe.moe_experts_fwd(x, idx, w, wg, wu, wd)
+        moe.moe_experts_bwd(torch.ones_like(x), x, w, wg, wu, wd, gu, o, sorted_pair, pair_pos, offsets)
+    cols = {
+        "_moe_gate_up_fwd_kernel": f,
+        "_moe_down_fwd_kernel": d,
+        "_moe_down_bwd_kernel": f,
+        "_moe_gate_up_bwd_kernel": d,
+        "_moe_gate_up_dw_kernel": (f, d),
+        "_moe_down_dw_kernel": (d, f),
+    }
+    gemms = [launch for launch in launches if launch[0] in GEMM_KINDS]
+    assert sorted(g[0] for g in gemms) == sorted(GEMM_KINDS)
+    width = moe._width(dtype)
+    for name, grid, meta in gemms:
+        kind = GEMM_KINDS[name]
+        configs = moe._CANDIDATES[kind][width]
+        tile_names = set(configs[0].kwargs)
+        if autotune:
+            assert not tile_names & set(meta) and "num_warps" not in meta, (name, meta)
+        else:
+            assert {key: meta[key] for key in tile_names} == configs[0].kwargs
+            assert (meta["num_warps"], meta["num_stages"]) == (configs[0].num_warps, configs[0].num_stages)
+            configs = configs[:1]
+        for c in configs:
+            sizes = grid({**meta, **c.kwargs})
+            assert all(type(v) is int for v in sizes)
+            if kind == "row":
+                needed = sum(-(-cnt // c.kwargs["BLOCK_M"]) for cnt in counts) * -(-cols[name] // c.kwargs["BLOCK_N"])
+                bound = (m // c.kwargs["BLOCK_M"] + 1 + E - 1) * -(-cols[name] // c.kwargs["BLOCK_N"])
+                assert needed <= sizes[0] <= bound, (name, c, sizes, needed)
+            else:
+                rows_, cols_ = cols[name]
+                tiles = E * -(-rows_ // c.kwargs["BLOCK_P"]) * -(-cols_ // c.kwargs["BLOCK_Q"])
+                assert sizes == (tiles, 2 if name == "_moe_gate_up_dw_kernel" else 1), (name, c, sizes)
 
 
 # --- torch.library / torch.compile -----------------------------------------------------------------------------

@@ -14,14 +14,16 @@ from minimind_kernels import rope as K
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
-# (B, T, H, Hkv, D, per-sequence tables): head_dim 64/80/96 (D/2 = 40 and 48 are not powers of two), a single token,
-# a partial last block of rows (2 * 33 rows in blocks of 8), odd head counts, [T, D/2] and [B, T, D/2] tables.
+# (B, T, H, Hkv, D, per-sequence tables): head_dim 64/80/96 and 20 (D/2 = 40, 48 and 10 are not powers of two; the
+# kernel is compiled per D/2, and 10 is masked in pairs only), a single token, a partial last block of rows (2 * 33
+# rows in blocks of 8), odd head counts, [T, D/2] and [B, T, D/2] tables.
 CASES = [
     (2, 5, 4, 2, 16, False),
     (1, 1, 8, 2, 80, False),
     (3, 7, 8, 2, 96, True),
     (2, 33, 8, 2, 64, False),
     (2, 6, 3, 1, 80, True),
+    (2, 5, 4, 2, 20, True),
 ]
 
 
