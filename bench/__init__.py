@@ -62,8 +62,27 @@ def git_dirty() -> bool | None:
         return None
 
 
+def cpu_model() -> str:
+    """The CPU's model name: /proc/cpuinfo's "model name" on Linux, else platform.processor(), else "unknown"."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def cpu_info() -> dict[str, Any]:
+    """The CPU's model name and the instruction sets that decide CPU bf16 speed (x86 flags; none elsewhere)."""
+    from train.runtime import x86_cpu_flags
+
+    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+    return {"model": cpu_model(), "flags": sorted((x86_cpu_flags() or set()) & set(wanted)), "cores": os.cpu_count()}
+
+
 def device_name() -> str:
-    return torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({platform.processor() or 'unknown'})"
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({cpu_model()})"
 
 
 def gpu_slug() -> str:
@@ -111,6 +130,8 @@ def run_metadata(command: str) -> dict[str, Any]:
         props = torch.cuda.get_device_properties(torch.cuda.current_device())
         meta["gpu_memory_gib"] = round(props.total_memory / 2**30, 1)
         meta["gpu_multiprocessors"] = props.multi_processor_count
+    else:
+        meta["cpu"] = cpu_info()
     return meta
 
 

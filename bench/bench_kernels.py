@@ -5,8 +5,12 @@
 
 Implementations: eager (reference.py, the spec), compile (torch.compile of the same reference function, fresh
 dynamo cache per benchmark so shapes never share a graph), triton (ours, kernels/<op>.py through the registry) and
-liger (Liger-Kernel through the registry, where it has the op). One that cannot run here (no CUDA, not importable, no
-such op) is skipped with the reason; on a CPU only eager and compile run, and their figures mean nothing.
+liger (Liger-Kernel through the registry, where it has the op). Beside them: linear+CE at a second chunk size
+(test_linear_cross_entropy_chunk), attention with each SDPA backend forced (test_attention_backend), the routed
+experts through torch._grouped_mm (test_moe_experts_grouped, impl "grouped") and our Triton MoE with autotuning off
+(test_moe_experts_fixed_tiles, impl "triton-fixed"). One that cannot run here (no CUDA, not importable, no such op) is
+skipped with the reason; on a CPU only eager, compile, grouped and the math backend run, and their figures mean
+nothing.
 
 Shapes (full scale): B=32 rows of T=512 tokens (N=16384) at each preset's width: small D=512 F=1408 Dh=64, base D=768
 F=2048 Dh=96, moe D=640 F=1728 Dh=80; 8 query and 2 key/value heads; vocab 6400; MoE E=4 K=2 (moe preset only).
@@ -160,7 +164,13 @@ def implementation(op: str, impl: str, settings: Any) -> tuple[Callable | None, 
     if impl == "compile":
         torch._dynamo.reset()  # each benchmark compiles its own graph: no recompile limit, no shape sharing
         return torch.compile(ref, backend=settings.compile_backend, dynamic=False), ""
-    if not (settings.on_cuda or (settings.interpret and impl == "triton")):
+    if impl == "grouped":  # torch._grouped_mm: bf16 on an sm_90 / sm_100 GPU, or a CPU (see moe_grouped.cannot_run)
+        from minimind_kernels.moe_grouped import cannot_run
+
+        why = cannot_run(settings.device, settings.dtype)
+        if why:
+            return None, why
+    elif not (settings.on_cuda or (settings.interpret and impl == "triton")):
         return None, "no CUDA (Triton kernels would run in the interpreter, whose timings mean nothing)"
     try:
         ops = kernels.resolve(f"torch,{op}={impl}")
@@ -269,6 +279,52 @@ def test_linear_cross_entropy_chunk(benchmark, bench_settings, bench_recorder, p
         _bench(benchmark, bench_settings, bench_recorder, entry, fn, why)
     finally:
         linear_ce.CHUNK_ROWS = before
+
+
+SDPA_BACKENDS = ("flash", "cudnn", "efficient", "math")  # minimind_kernels.sdpa: one SDPA backend forced per run
+
+
+@pytest.mark.parametrize("backend", SDPA_BACKENDS)
+@pytest.mark.parametrize("mode", ["fwd+bwd"])  # what training runs; the GPU check's time box has no room for fwd
+@pytest.mark.parametrize("preset", PRESETS)
+def test_attention_backend(benchmark, bench_settings, bench_recorder, preset: str, mode: str, backend: str):
+    """Attention with one SDPA backend forced (`--kernels ...,attention=<backend>`), beside test_op's eager entry
+    (SDPA's own choice), so that the default backend follows a measurement; recorded as impl "sdpa-<backend>".
+    Without CUDA only math runs (a check that the path works; its time means nothing); a backend that rejects the
+    inputs (GQA, dtype, head size) is recorded as failed with PyTorch's reason."""
+    entry = _entry(bench_settings, "attention", preset, mode, f"sdpa-{backend}")
+    fn, why = None, "no CUDA (only the math backend runs on a CPU)"
+    if bench_settings.on_cuda or backend == "math":
+        fn, why = kernels.resolve(f"torch,attention={backend}").attention, ""
+    _bench(benchmark, bench_settings, bench_recorder, entry, fn, why)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_moe_experts_grouped(benchmark, bench_settings, bench_recorder, mode: str):
+    """The routed experts through torch._grouped_mm (minimind_kernels/moe_grouped.py; the grouped GEMM torchtitan's MoE
+    calls), beside test_op's eager, compile and triton entries; recorded as impl "grouped". Skipped with the reason
+    where _grouped_mm has no grouped kernel (CUDA: bf16 on sm_90 / sm_100 only)."""
+    op, preset = "moe_experts", "moe"
+    fn, why = implementation(op, "grouped", bench_settings)
+    _bench(benchmark, bench_settings, bench_recorder, _entry(bench_settings, op, preset, mode, "grouped"), fn, why)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_moe_experts_fixed_tiles(benchmark, bench_settings, bench_recorder, mode: str):
+    """Our Triton MoE with autotuning off (moe.AUTOTUNE = False: each grouped GEMM's first candidate, the fixed tiles),
+    recorded as impl "triton-fixed", beside test_op's "triton" (autotuned; its first_call_s includes the tuning)."""
+    op, preset = "moe_experts", "moe"
+    entry = _entry(bench_settings, op, preset, mode, "triton-fixed")
+    fn, why = implementation(op, "triton", bench_settings)
+    if fn is None:
+        _bench(benchmark, bench_settings, bench_recorder, entry, fn, why)
+    from minimind_kernels import moe
+
+    before, moe.AUTOTUNE = moe.AUTOTUNE, False
+    try:
+        _bench(benchmark, bench_settings, bench_recorder, entry, fn, why)
+    finally:
+        moe.AUTOTUNE = before
 
 
 def _measure(benchmark, s, entry: dict[str, Any], op: str, preset: str, mode: str, impl: str, fn: Callable) -> None:

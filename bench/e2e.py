@@ -44,7 +44,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -71,7 +70,7 @@ from train import step  # noqa: E402
 from train.args import arg, parse_args  # noqa: E402
 from train.metrics import flops_per_token  # noqa: E402
 from train.models import build_config  # noqa: E402
-from train.runtime import cpu_bf16_speedup, setup_runtime, x86_cpu_flags  # noqa: E402
+from train.runtime import cpu_bf16_speedup, setup_runtime  # noqa: E402
 
 DEFAULT_DATA = _ROOT / "data" / "sample" / "pretrain.jsonl"
 IGNORE = -100
@@ -455,20 +454,6 @@ def run_matrix(args: Args, command: str) -> dict[str, Any]:
 
 
 # -------------------------------------------------------------------------------------------------------- cpu compare
-def cpu_info() -> dict[str, Any]:
-    """The CPU's model name and the instruction sets that decide CPU bf16 speed (Linux x86: /proc/cpuinfo)."""
-    model = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.partition(":")[2].strip()
-                break
-    except OSError:
-        pass
-    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
-    return {"model": model, "flags": sorted((x86_cpu_flags() or set()) & set(wanted))}
-
-
 def run_cpu_compare(args: Args, command: str) -> dict[str, Any]:
     """--cpu_compare: see the module docstring. Pairs alternate (baseline, ours) so that load from other work on the
     machine falls on both; the ratio of each pair is recorded, and the median and spread over the pairs."""
@@ -493,7 +478,7 @@ def run_cpu_compare(args: Args, command: str) -> dict[str, Any]:
         "kind": "e2e-cpu-compare",
         "meta": {
             **bench.run_metadata(command),
-            "cpu": cpu_info(),
+            "cpu": bench.cpu_info(),
             "threads": torch.get_num_threads(),
             "cpu_bf16_speedup": cpu_bf16_speedup(),
             "finished": False,

@@ -33,7 +33,7 @@ if [[ $DRY == 1 ]]; then
     TESTS=(-m gpu --collect-only -q tests/)
     E2E=(--matrix --presets tiny --kernels_list torch --compiles 0 --steps 2 --warmup_steps 1 --batch_size 2
          --accumulation_steps 1 --max_seq_len 32 --device cpu --dtype float32)
-    KERNELS=(--bench-rounds 1 -k "eager and (rmsnorm or linear_cross_entropy or moe_experts or attention)")
+    KERNELS=(--bench-rounds 1 -k "(eager or math) and (rmsnorm or linear_cross_entropy or moe_experts or attention)")
 else
     T_TESTS=120 T_E2E=250 T_KERNELS=150
     TESTS=(-m gpu -x -q tests/ "--junitxml=$OUT/gpu_tests.xml")

@@ -5,6 +5,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 
 from bench import default_run
 
@@ -43,3 +44,11 @@ def test_side_by_side_with_a_commit_runs_both_trees_and_writes_the_ratio(tmp_pat
     assert f"pair by pair: {pair['tokens_per_s']:.2f}x" in md
     worktrees = subprocess.run(["git", "-C", str(ROOT), "worktree", "list"], capture_output=True, text=True).stdout
     assert "default-run-" not in worktrees  # the temporary worktree is gone
+    meta = result["meta"]
+    if not torch.cuda.is_available():  # the CPU named as /proc/cpuinfo names it, not "cpu (unknown)"
+        cpuinfo = Path("/proc/cpuinfo")
+        lines = cpuinfo.read_text().splitlines()
+        models = [ln.partition(":")[2].strip() for ln in lines if ln.startswith("model name")]
+        if models:
+            assert meta["device"] == f"cpu ({models[0]})" and meta["cpu"]["model"] == models[0]
+            assert f"timed: cpu ({models[0]})" in md
