@@ -31,6 +31,7 @@ V vocab, E experts, K experts per token.
 
 from __future__ import annotations
 
+import importlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -46,6 +47,7 @@ from minimind_kernels import reference
 PRESETS = ("small", "base", "moe")
 MODES = ("fwd", "fwd+bwd")
 IMPLS = ("eager", "compile", "triton", "liger")
+SDPA_BACKENDS = ("flash", "cudnn", "efficient", "math")  # minimind_kernels.sdpa: one SDPA backend forced per run
 # (op, preset) pairs: the dense ops at every preset's width, the routed experts only where the model has them.
 CASES = [(op, p) for op in kernels.OP_NAMES if op != "moe_experts" for p in PRESETS] + [("moe_experts", "moe")]
 SHAPES = {"full": (32, 512), "tiny": (2, 16)}  # (B, T)
@@ -170,6 +172,9 @@ def implementation(op: str, impl: str, settings: Any) -> tuple[Callable | None, 
         why = cannot_run(settings.device, settings.dtype)
         if why:
             return None, why
+    elif impl in SDPA_BACKENDS:  # attention with one SDPA backend forced: only math has CPU kernels
+        if not (settings.on_cuda or impl == "math"):
+            return None, "no CUDA (only the math backend runs on a CPU)"
     elif not (settings.on_cuda or (settings.interpret and impl == "triton")):
         return None, "no CUDA (Triton kernels would run in the interpreter, whose timings mean nothing)"
     try:
@@ -258,6 +263,22 @@ def test_op(benchmark, bench_settings, bench_recorder, op: str, preset: str, mod
     _bench(benchmark, bench_settings, bench_recorder, _entry(bench_settings, op, preset, mode, impl), fn, why)
 
 
+def _bench_triton_with(benchmark, s, recorder, entry: dict[str, Any], module: str, name: str, value: Any) -> None:
+    """Our Triton entry["op"] measured with the setting minimind_kernels.<module>.<name> = value (restored afterwards),
+    for entries that compare one kernel setting against the default one test_op measures. The module is imported
+    only once the kernel can run here (it needs triton)."""
+    fn, why = implementation(entry["op"], "triton", s)
+    if fn is None:
+        _bench(benchmark, s, recorder, entry, fn, why)  # records the skip and skips
+    module = importlib.import_module(f"minimind_kernels.{module}")
+    before = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        _bench(benchmark, s, recorder, entry, fn, why)
+    finally:
+        setattr(module, name, before)
+
+
 LCE_CHUNKS = (4096,)  # linear+CE rows per chunk measured beside chunk_rows' rule (1,024 at the small preset's shape)
 
 
@@ -267,21 +288,8 @@ LCE_CHUNKS = (4096,)  # linear+CE rows per chunk measured beside chunk_rows' rul
 def test_linear_cross_entropy_chunk(benchmark, bench_settings, bench_recorder, preset: str, mode: str, rows: int):
     """Our Triton linear+CE with `rows` rows per chunk instead of the rule's (linear_ce.CHUNK_ROWS), so the GPU check
     compares chunk sizes in one run; recorded as impl "triton-chunk<rows>"."""
-    op = "linear_cross_entropy"
-    entry = _entry(bench_settings, op, preset, mode, f"triton-chunk{rows}")
-    fn, why = implementation(op, "triton", bench_settings)
-    if fn is None:
-        _bench(benchmark, bench_settings, bench_recorder, entry, fn, why)
-    from minimind_kernels import linear_ce
-
-    before, linear_ce.CHUNK_ROWS = linear_ce.CHUNK_ROWS, rows
-    try:
-        _bench(benchmark, bench_settings, bench_recorder, entry, fn, why)
-    finally:
-        linear_ce.CHUNK_ROWS = before
-
-
-SDPA_BACKENDS = ("flash", "cudnn", "efficient", "math")  # minimind_kernels.sdpa: one SDPA backend forced per run
+    entry = _entry(bench_settings, "linear_cross_entropy", preset, mode, f"triton-chunk{rows}")
+    _bench_triton_with(benchmark, bench_settings, bench_recorder, entry, "linear_ce", "CHUNK_ROWS", rows)
 
 
 @pytest.mark.parametrize("backend", SDPA_BACKENDS)
@@ -292,10 +300,8 @@ def test_attention_backend(benchmark, bench_settings, bench_recorder, preset: st
     (SDPA's own choice), so that the default backend follows a measurement; recorded as impl "sdpa-<backend>".
     Without CUDA only math runs (a check that the path works; its time means nothing); a backend that rejects the
     inputs (GQA, dtype, head size) is recorded as failed with PyTorch's reason."""
+    fn, why = implementation("attention", backend, bench_settings)
     entry = _entry(bench_settings, "attention", preset, mode, f"sdpa-{backend}")
-    fn, why = None, "no CUDA (only the math backend runs on a CPU)"
-    if bench_settings.on_cuda or backend == "math":
-        fn, why = kernels.resolve(f"torch,attention={backend}").attention, ""
     _bench(benchmark, bench_settings, bench_recorder, entry, fn, why)
 
 
@@ -313,18 +319,8 @@ def test_moe_experts_grouped(benchmark, bench_settings, bench_recorder, mode: st
 def test_moe_experts_fixed_tiles(benchmark, bench_settings, bench_recorder, mode: str):
     """Our Triton MoE with autotuning off (moe.AUTOTUNE = False: each grouped GEMM's first candidate, the fixed tiles),
     recorded as impl "triton-fixed", beside test_op's "triton" (autotuned; its first_call_s includes the tuning)."""
-    op, preset = "moe_experts", "moe"
-    entry = _entry(bench_settings, op, preset, mode, "triton-fixed")
-    fn, why = implementation(op, "triton", bench_settings)
-    if fn is None:
-        _bench(benchmark, bench_settings, bench_recorder, entry, fn, why)
-    from minimind_kernels import moe
-
-    before, moe.AUTOTUNE = moe.AUTOTUNE, False
-    try:
-        _bench(benchmark, bench_settings, bench_recorder, entry, fn, why)
-    finally:
-        moe.AUTOTUNE = before
+    entry = _entry(bench_settings, "moe_experts", "moe", mode, "triton-fixed")
+    _bench_triton_with(benchmark, bench_settings, bench_recorder, entry, "moe", "AUTOTUNE", False)
 
 
 def _measure(benchmark, s, entry: dict[str, Any], op: str, preset: str, mode: str, impl: str, fn: Callable) -> None:
