@@ -5,7 +5,7 @@
     python tools/serve.py --load out/full_sft --host 0.0.0.0 --api_key SECRET    # reachable from other machines
     options: --model_name NAME (default: the folder's name) --device auto|cpu|cuda[:i] --kernels auto|torch|triton
              --yarn --lora ADAPTER_FOLDER (merged into the weights at load) --max_batch 32 --max_batch_tokens 131072
-             --max_active_batches 4 --max_queue 256 --default_max_tokens 512 --temperature 0.85 --top_p 0.85
+             --max_queue 256 --default_max_tokens 512 --temperature 0.85 --top_p 0.85
              --threads N --compile
 
     from openai import OpenAI
@@ -25,17 +25,14 @@ Endpoints
 
 Reasoning: when an answer starts with `<think>`, the text up to `</think>` is returned apart, as `reasoning_content`
 (stripped of surrounding whitespace), and `<answer>`/`</answer>` tags are removed from the rest (MiniMind's R1-style
-format). Streaming holds back only what could still turn out to be a tag, so the streamed pieces concatenate to
-exactly the non-streamed fields. Answers that do not start with `<think>` are passed through untouched.
+format; minimind_fast.textstream). Streaming holds back only what could still turn out to be a tag, so the streamed
+pieces concatenate to exactly the non-streamed fields. Answers that do not start with `<think>` pass through untouched.
 
-Scheduling: the model runs in one worker thread, never on the event loop. Waiting requests with the same sampling
-settings are gathered into one batched generate() (left-padded prompts, one KV cache); up to --max_active_batches
-batches are in flight at once and are advanced one decode step each in turn, so a request that arrives while a long
-generation runs starts answering at once instead of waiting for it. A batch's rows finish independently (eos, stop
-string, their own max_tokens). A client that disconnects, or a stream that is closed, cancels its row: it stops
-emitting at the next step, and its batch stops as soon as none of its rows is still wanted. Seeded requests run in
-a batch of their own (so the seed alone decides the sample). Not done: joining a running batch mid-generation
-(continuous batching); a late request forms a new batch instead.
+Scheduling: minimind_fast.engine.Engine, stepped by one worker thread (never the event loop), batches continuously:
+a request that arrives while others are generating joins the running batch at the next decode step (prefilled
+alone, then decoded with the others, each row at its own position), and leaves it as soon as it ends (eos, a stop
+string, its max_tokens). Each request's tokens are those it would get alone (greedy, or with the same seed). A
+client that disconnects, or a stream that is closed, cancels its row: it leaves before the next step.
 
 Errors are OpenAI-shaped, {"error": {"message", "type", "param", "code"}}: 400 for a bad request (malformed JSON, no
 messages, an unknown role, max_tokens beyond the context, a non-numeric temperature ...), 401 for a missing or wrong
@@ -53,15 +50,11 @@ import hmac
 import json
 import math
 import os
-import re
 import socket
 import sys
-import threading
 import time
 import uuid
-from collections import deque
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -73,7 +66,8 @@ import torch  # noqa: E402
 import minimind_kernels as kernels  # noqa: E402
 from minimind_fast.checkpoint import CheckpointError, load_model  # noqa: E402
 from minimind_fast.config import ConfigError  # noqa: E402
-from minimind_fast.generate import IncrementalDecoder, generate_iter  # noqa: E402
+from minimind_fast.engine import Engine, QueueFull, Request, RequestError, SamplingParams  # noqa: E402
+from minimind_fast.textstream import ReasoningSplitter, StopMatcher, split_reasoning  # noqa: E402,F401
 from minimind_fast.tokenizer import Tokenizer, TokenizerError  # noqa: E402
 
 try:  # the web stack is an optional dependency: the module still imports (and says what to install) without it
@@ -131,13 +125,17 @@ class ChatParams:
     seed: int | None
     ignore_eos: bool
 
-    def batch_key(self) -> tuple:
-        """Requests with equal keys can share one generate() call (its sampling settings are per batch)."""
-        if self.seed is not None:
-            return ("seeded", uuid.uuid4().hex)
-        if self.temperature == 0:
-            return ("greedy", self.repetition_penalty, self.ignore_eos)
-        return ("sample", self.temperature, self.top_p, self.top_k, self.repetition_penalty, self.ignore_eos)
+    def sampling(self) -> SamplingParams:
+        return SamplingParams(
+            max_tokens=self.max_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            repetition_penalty=self.repetition_penalty,
+            stop=tuple(self.stop),
+            seed=self.seed,
+            ignore_eos=self.ignore_eos,
+        )
 
 
 def _is_number(v: Any) -> bool:
@@ -286,406 +284,6 @@ def parse_chat_request(
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Text: stop strings, then the reasoning split.
-
-_THINK = re.compile(r"\s*<think>(.*?)(?:</think>(.*))?\Z", re.S)
-_ANSWER_TAG = re.compile(r"</?answer>")
-_TAGS = ("<think>", "</think>", "<answer>", "</answer>")
-
-
-def split_reasoning(text: str) -> tuple[str | None, str]:
-    """(reasoning or None, content) of a whole answer: see the module docstring."""
-    m = _THINK.match(text)
-    if m is None:
-        return None, text
-    rest = m.group(2)
-    return m.group(1).strip(), "" if rest is None else _ANSWER_TAG.sub("", rest).strip()
-
-
-class StopMatcher:
-    """Cuts the text at the first stop string; holds back a tail that may be the start of one."""
-
-    def __init__(self, stops: list[str]):
-        self.stops, self.text, self.released = stops, "", 0
-        self.longest = max((len(s) for s in stops), default=0)
-
-    def push(self, piece: str) -> tuple[str, bool]:
-        """(text now safe to release, whether a stop string was hit)."""
-        searched = max(0, len(self.text) - self.longest + 1)
-        self.text += piece
-        hits = [i for i in (self.text.find(s, searched) for s in self.stops) if i >= 0]
-        if hits:
-            cut = min(hits)
-            out, self.released = self.text[self.released : cut], cut
-            return out, True
-        hold = 0
-        for s in self.stops:
-            for k in range(min(len(s) - 1, len(self.text)), hold, -1):
-                if self.text.endswith(s[:k]):
-                    hold = k
-                    break
-        safe = max(self.released, len(self.text) - hold)
-        out, self.released = self.text[self.released : safe], safe
-        return out, False
-
-    def flush(self) -> str:
-        out, self.released = self.text[self.released :], len(self.text)
-        return out
-
-
-class ReasoningSplitter:
-    """Incremental split_reasoning: push raw text, get (reasoning delta, content delta). The deltas concatenate to
-    exactly split_reasoning(all text), because each push re-splits a prefix of the text whose split can only grow:
-    a tail that could still become a tag is held back, and so is any text while the answer might still open with
-    `<think>`."""
-
-    def __init__(self):
-        self.text, self.reasoning, self.content = "", "", ""
-        self.thinking: bool | None = None  # unknown until the start of the answer is seen
-
-    def _delta(self, reasoning: str | None, content: str) -> tuple[str, str]:
-        dr = dc = ""
-        if reasoning is not None and reasoning.startswith(self.reasoning):
-            dr, self.reasoning = reasoning[len(self.reasoning) :], reasoning
-        if content.startswith(self.content):
-            dc, self.content = content[len(self.content) :], content
-        return dr, dc
-
-    def push(self, piece: str) -> tuple[str, str]:
-        self.text += piece
-        if self.thinking is None:
-            head = self.text.lstrip()
-            if len(head) < len("<think>") and "<think>".startswith(head):
-                return "", ""
-            self.thinking = head.startswith("<think>")
-        if not self.thinking:
-            return self._delta(None, self.text)
-        stable = self.text
-        lt = stable.rfind("<")
-        if lt >= 0 and any(t.startswith(stable[lt:]) and t != stable[lt:] for t in _TAGS):
-            stable = stable[:lt]
-        return self._delta(*split_reasoning(stable))
-
-    def flush(self) -> tuple[str, str]:
-        if self.thinking is None:
-            self.thinking = self.text.lstrip().startswith("<think>")
-        return self._delta(*split_reasoning(self.text))
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The engine: a worker thread that owns the model and runs batches.
-
-Sink = Callable[[dict[str, Any]], None]
-
-
-@dataclass
-class Job:
-    id: str
-    params: ChatParams
-    sink: Sink  # called from the worker thread with {"type": "delta"|"done"|"error", ...}
-    key: tuple = ()
-    cancelled: bool = False
-    finished: bool = False
-    status: str = "queued"
-    completion_tokens: int = 0
-    created: float = field(default_factory=time.time)
-
-
-class _Row:
-    """One job inside a running batch: decoding, stop strings, reasoning split, its own end."""
-
-    def __init__(self, job: Job, tokenizer: Tokenizer):
-        self.job = job
-        self.decoder = IncrementalDecoder(tokenizer, skip_special_tokens=True)
-        self.stop = StopMatcher(job.params.stop)
-        self.split = ReasoningSplitter()
-        self.done = False
-
-    def _send(self, reasoning: str, content: str) -> None:
-        if reasoning or content:
-            self.job.sink({"type": "delta", "reasoning": reasoning, "content": content})
-
-    def feed(self, token_piece: str) -> bool:
-        """Returns True when a stop string ended the answer."""
-        text, hit = self.stop.push(token_piece)
-        self._send(*self.split.push(text))
-        return hit
-
-    def finish(self, reason: str, hit_stop: bool = False) -> None:
-        """End the row: "stop" (eos, or a stop string when hit_stop), "length", "cancelled" or "error"."""
-        if self.done:
-            return
-        self.done = True
-        job = self.job
-        if reason in ("stop", "length"):
-            if not hit_stop:  # the answer ends here: release what was held back (text after a stop string is not)
-                tail, hit = self.stop.push(self.decoder.flush())
-                self._send(*self.split.push(tail))
-                if not hit:
-                    self._send(*self.split.push(self.stop.flush()))
-            self._send(*self.split.flush())
-        prompt = len(job.params.prompt_ids)
-        usage = {
-            "prompt_tokens": prompt,
-            "completion_tokens": job.completion_tokens,
-            "total_tokens": prompt + job.completion_tokens,
-        }
-        job.status = reason
-        job.finished = True
-        if reason in ("stop", "length"):
-            job.sink({"type": "done", "finish_reason": reason, "usage": usage})
-
-
-class _BatchRun:
-    """One generate_iter over a batch of jobs with the same sampling settings, advanced one step at a time."""
-
-    def __init__(self, engine: Engine, jobs: list[Job]):
-        self.engine = engine
-        self.rows = [_Row(j, engine.tokenizer) for j in jobs]
-        p = jobs[0].params
-        self.eos_id = None if p.ignore_eos else engine.tokenizer.eos_id
-        self.it = generate_iter(
-            engine.model,
-            [j.params.prompt_ids for j in jobs],
-            max(j.params.max_tokens for j in jobs),
-            temperature=p.temperature,
-            top_k=p.top_k,
-            top_p=p.top_p,
-            repetition_penalty=p.repetition_penalty,
-            greedy=p.temperature == 0,
-            eos_id=self.eos_id,
-            pad_id=engine.tokenizer.pad_id,
-            seed=p.seed,
-            compile_decode=engine.compile_decode,
-        )
-        for j in jobs:
-            j.status = "running"
-
-    def close(self) -> None:
-        self.it.close()
-
-    def step(self) -> bool:
-        """Advance by one token; returns True when the batch is over."""
-        for row in self.rows:
-            if not row.done and row.job.cancelled:
-                row.finish("cancelled")
-        if all(r.done for r in self.rows):
-            self.close()
-            return True
-        try:
-            toks = next(self.it)
-        except StopIteration:
-            toks = None
-        except Exception as exc:  # a failure inside generation must not take the worker thread down
-            self.fail(f"generation failed: {type(exc).__name__}: {exc}")
-            return True
-        if toks is None:
-            for row in self.rows:
-                row.finish("length")
-            return True
-        produced = 0
-        for row, tok in zip(self.rows, toks):
-            if row.done or tok is None:
-                continue
-            job = row.job
-            job.completion_tokens += 1
-            produced += 1
-            if tok == self.eos_id:
-                row.finish("stop")
-            elif row.feed(row.decoder.push(tok)):
-                row.finish("stop", hit_stop=True)
-            elif job.completion_tokens >= job.params.max_tokens:
-                row.finish("length")
-        self.engine.count_tokens(produced)
-        if all(r.done for r in self.rows):
-            self.close()
-            return True
-        return False
-
-    def fail(self, message: str) -> None:
-        self.close()
-        for row in self.rows:
-            if not row.done:
-                row.job.sink({"type": "error", "message": message})
-                row.finish("error")
-
-
-class Engine:
-    """Owns the model; requests are submitted from any thread and answered through their sink."""
-
-    def __init__(
-        self,
-        model: torch.nn.Module,
-        tokenizer: Tokenizer,
-        *,
-        max_batch: int = 32,
-        max_batch_tokens: int = 131072,
-        max_active_batches: int = 4,
-        max_queue: int = 256,
-        gather_s: float = 0.005,
-        compile_decode: bool = False,
-    ):
-        self.model, self.tokenizer = model, tokenizer
-        self.context = model.config.max_position_embeddings
-        self.max_batch, self.max_batch_tokens = max_batch, max_batch_tokens
-        self.max_active_batches, self.max_queue = max_active_batches, max_queue
-        self.gather_s, self.compile_decode = gather_s, compile_decode
-        self._queue: deque[Job] = deque()
-        self._cv = threading.Condition()
-        self._stopping = False
-        self._thread: threading.Thread | None = None
-        self.stats = dict(
-            requests_total=0,
-            requests_finished=0,
-            requests_cancelled=0,
-            requests_failed=0,
-            completion_tokens_total=0,
-            batches_total=0,
-            largest_batch=0,
-        )
-        self._running: set[str] = set()
-        self.recent: deque[dict[str, Any]] = deque(maxlen=256)
-
-    # -- life cycle
-    def start(self) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._loop, name="minimind-engine", daemon=True)
-            self._thread.start()
-
-    def stop(self, timeout: float = 10.0) -> None:
-        with self._cv:
-            self._stopping = True
-            while self._queue:
-                job = self._queue.popleft()
-                job.sink({"type": "error", "message": "the server is shutting down"})
-                job.status, job.finished = "error", True
-                self._record(job)
-            self._cv.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout)
-
-    @property
-    def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
-
-    # -- called from the event loop
-    def submit(self, job: Job) -> None:
-        job.key = job.params.batch_key()
-        with self._cv:
-            if len(self._queue) >= self.max_queue:
-                raise ApiError(
-                    503, "the server is busy (request queue full); retry later", "server_error", None, "queue_full"
-                )
-            self.stats["requests_total"] += 1
-            self._queue.append(job)
-            self._cv.notify_all()
-
-    def cancel(self, job: Job) -> None:
-        """Stop a job: dropped from the queue, or its row stops at the next step. Safe to call twice."""
-        with self._cv:
-            if job.finished or job.cancelled:
-                return
-            job.cancelled = True
-            if job in self._queue:
-                self._queue.remove(job)
-                job.status, job.finished = "cancelled", True
-                self._record(job)
-
-    def metrics(self) -> dict[str, Any]:
-        with self._cv:
-            return {
-                **self.stats,
-                "requests_queued": len(self._queue),
-                "requests_running": len(self._running),
-                "requests_active": len(self._queue) + len(self._running),
-                "recent": list(self.recent),
-            }
-
-    # -- worker thread
-    def count_tokens(self, n: int) -> None:
-        with self._cv:
-            self.stats["completion_tokens_total"] += n
-
-    def _record(self, job: Job) -> None:
-        """Book-keeping for a finished job (call with the lock held)."""
-        self._running.discard(job.id)
-        name = {"cancelled": "requests_cancelled", "error": "requests_failed"}.get(job.status, "requests_finished")
-        self.stats[name] += 1
-        self.recent.append(
-            {
-                "id": job.id,
-                "status": job.status,
-                "completion_tokens": job.completion_tokens,
-                "max_tokens": job.params.max_tokens,
-                "prompt_tokens": len(job.params.prompt_ids),
-            }
-        )
-
-    def _take_batch(self) -> list[Job]:
-        """The oldest waiting job and every later one with the same key that fits (lock held)."""
-        if not self._queue:
-            return []
-        first = self._queue[0]
-        chosen, p_len, new = [first], len(first.params.prompt_ids), first.params.max_tokens
-        for job in list(self._queue)[1:]:
-            if len(chosen) >= self.max_batch:
-                break
-            if job.key != first.key:
-                continue
-            p2, n2 = max(p_len, len(job.params.prompt_ids)), max(new, job.params.max_tokens)
-            # The batch's KV cache holds (longest prompt + most new tokens) positions for every row.
-            if p2 + n2 > self.context or (len(chosen) + 1) * (p2 + n2) > self.max_batch_tokens:
-                continue
-            chosen.append(job)
-            p_len, new = p2, n2
-        for job in chosen:
-            self._queue.remove(job)
-            self._running.add(job.id)
-        self.stats["batches_total"] += 1
-        self.stats["largest_batch"] = max(self.stats["largest_batch"], len(chosen))
-        return chosen
-
-    def _loop(self) -> None:
-        active: list[_BatchRun] = []
-        while True:
-            with self._cv:
-                while not self._queue and not active and not self._stopping:
-                    self._cv.wait()
-                if self._stopping:
-                    break
-                idle = not active
-            if idle and self.gather_s > 0:
-                time.sleep(self.gather_s)  # requests sent together arrive a few ms apart: let them share a batch
-            with self._cv:
-                while len(active) < self.max_active_batches:
-                    jobs = self._take_batch()
-                    if not jobs:
-                        break
-                    try:
-                        active.append(_BatchRun(self, jobs))
-                    except Exception as exc:
-                        for job in jobs:
-                            job.sink({"type": "error", "message": f"generation failed: {exc}"})
-                            job.status, job.finished = "error", True
-                            self._record(job)
-            for run in list(active):
-                try:
-                    over = run.step()
-                except Exception as exc:
-                    run.fail(f"generation failed: {type(exc).__name__}: {exc}")
-                    over = True
-                finished = [r.job for r in run.rows if r.done]
-                with self._cv:
-                    for job in finished:
-                        if job.id in self._running:
-                            self._record(job)
-                if over:
-                    active.remove(run)
-        for run in active:
-            run.fail("the server is shutting down")
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # The HTTP layer.
 
 
@@ -807,13 +405,17 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, defa
             with contextlib.suppress(RuntimeError):  # the loop is gone: the server is shutting down
                 loop.call_soon_threadsafe(queue.put_nowait, event)
 
-        job = Job(id=f"chatcmpl-{uuid.uuid4().hex[:24]}", params=params, sink=sink)
+        try:
+            job = engine.submit(params.prompt_ids, params.sampling(), sink, f"chatcmpl-{uuid.uuid4().hex[:24]}")
+        except QueueFull as exc:
+            raise ApiError(503, str(exc), "server_error", None, "queue_full") from None
+        except RequestError as exc:
+            raise bad_request(str(exc), exc.param, exc.code) from None
         created = int(job.created)
-        engine.submit(job)
 
         if params.stream:
             return StreamingResponse(
-                _stream(job, queue, created),
+                _stream(job, params, queue, created),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
@@ -848,7 +450,7 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, defa
             "usage": event["usage"],
         }
 
-    async def _stream(job: Job, queue: asyncio.Queue, created: int):
+    async def _stream(job: Request, params: ChatParams, queue: asyncio.Queue, created: int):
         def chunk(delta: dict[str, Any], finish_reason: str | None = None, **extra: Any) -> str:
             choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
             base = {"id": job.id, "object": "chat.completion.chunk", "created": created, "model": model_name}
@@ -871,7 +473,7 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, defa
                     break
                 else:
                     yield chunk({}, event["finish_reason"], usage=event["usage"])
-                    if job.params.include_usage:
+                    if params.include_usage:
                         base = {"id": job.id, "object": "chat.completion.chunk", "created": created}
                         yield _sse({**base, "model": model_name, "choices": [], "usage": event["usage"]})
                     break
@@ -898,9 +500,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--kernels", default="auto", help="ops spec: auto, torch, triton, liger, triton,rope=torch ...")
     p.add_argument("--yarn", action="store_true", help="YaRN rope scaling (longer contexts than trained on)")
     p.add_argument("--lora", default=None, help="a LoRA adapter folder, merged into the weights at load")
-    p.add_argument("--max_batch", type=int, default=32, help="most requests in one generate batch")
-    p.add_argument("--max_batch_tokens", type=int, default=131072, help="most KV-cache positions in one batch")
-    p.add_argument("--max_active_batches", type=int, default=4, help="batches advanced in turn")
+    p.add_argument("--max_batch", type=int, default=32, help="most requests decoded together")
+    p.add_argument("--max_batch_tokens", type=int, default=131072, help="most KV-cache positions (rows x width)")
     p.add_argument("--max_queue", type=int, default=256, help="waiting requests before 503")
     p.add_argument("--default_max_tokens", type=int, default=512, help="max_tokens when a request gives none")
     p.add_argument("--temperature", type=float, default=0.85, help="default temperature")
@@ -909,7 +510,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true", help="torch.compile the one-token decode step")
     p.add_argument("--log_level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     args = p.parse_args(argv)
-    for name in ("max_batch", "max_batch_tokens", "max_active_batches", "max_queue", "default_max_tokens"):
+    for name in ("max_batch", "max_batch_tokens", "max_queue", "default_max_tokens"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be >= 1")
     if not 0 <= args.temperature <= 2 or not 0 < args.top_p <= 1:
@@ -978,7 +579,6 @@ def main(argv: list[str] | None = None) -> None:
         tokenizer,
         max_batch=args.max_batch,
         max_batch_tokens=args.max_batch_tokens,
-        max_active_batches=args.max_active_batches,
         max_queue=args.max_queue,
         compile_decode=args.compile,
     )

@@ -92,6 +92,60 @@ class KVCache:
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
 
+class RowKVCache:
+    """Per-row KV cache for continuous batching: [layers, slots, Hkv, width, Dh], written in place, never grown.
+
+    Each row holds its own sequence from column 0, at its own length, so rows can join and leave a running batch.
+    Only one-token decode steps use it: before each step the caller names the active rows' write columns with
+    set_rows(); the step writes row i's new key/value at column pos[i] and row i attends to columns 0..pos[i]. Rows
+    0..n-1 are the active ones (the caller keeps them contiguous with move()). The prompt is filled by copying a
+    single-row KVCache in (load_row), so a prefill runs exactly as it would for that request alone.
+    """
+
+    def __init__(self, cfg: MiniMindConfig, slots: int, width: int, device=None, dtype=torch.float32):
+        shape = (cfg.num_hidden_layers, slots, cfg.num_key_value_heads, width, cfg.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.slots, self.max_len = slots, width
+        self.rows = 0
+        self.length = 0  # the widest row's length before this step (what the model's `start` reads)
+        self.pos_N: torch.Tensor | None = None
+        self.mask = None
+
+    def set_rows(self, positions: list[int]) -> None:
+        """The write column of each active row for the next step (= its current length)."""
+        n, span = len(positions), max(positions) + 1
+        if n > self.slots or span > self.max_len:
+            raise ValueError(f"RowKVCache: {n} rows up to column {span - 1} do not fit {self.slots}x{self.max_len}")
+        self.rows, self.length = n, span - 1
+        self.pos_N = torch.tensor(positions, dtype=torch.long, device=self.k.device)
+        self.idx_N = torch.arange(n, device=self.k.device)
+        # Rows of equal length need no mask (SDPA's unmasked path, as for a request alone).
+        same = min(positions) == span - 1
+        cols_S = torch.arange(span, device=self.k.device)
+        self.mask = None if same else (cols_S[None, :] <= self.pos_N[:, None])[:, None, None, :]
+
+    def write(self, layer: int, k_BHkvTD: torch.Tensor, v_BHkvTD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if k_BHkvTD.shape[0] != self.rows or k_BHkvTD.shape[2] != 1:
+            raise ValueError(f"RowKVCache takes one new token for each of its {self.rows} rows")
+        n, span = self.rows, self.length + 1
+        # Advanced indices split by a slice: the indexed view is [n, Hkv, Dh], row i at column pos[i].
+        self.k[layer][self.idx_N, :, self.pos_N] = k_BHkvTD[:, :, 0].to(self.k.dtype)
+        self.v[layer][self.idx_N, :, self.pos_N] = v_BHkvTD[:, :, 0].to(self.v.dtype)
+        return self.k[layer, :n, :, :span], self.v[layer, :n, :, :span]
+
+    def load_row(self, row: int, cache: KVCache) -> None:
+        """Copy a one-row KVCache's filled positions into row `row`, columns 0..cache.length-1."""
+        t = cache.length
+        self.k[:, row, :, :t] = cache.k[:, 0, :, :t]
+        self.v[:, row, :, :t] = cache.v[:, 0, :, :t]
+
+    def move(self, src: int, dst: int, length: int) -> None:
+        """Copy row src's first `length` columns into row dst (to keep the active rows contiguous)."""
+        self.k[:, dst, :, :length] = self.k[:, src, :, :length]
+        self.v[:, dst, :, :length] = self.v[:, src, :, :length]
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: MiniMindConfig, ops: kernels.Ops, layer_idx: int):
         super().__init__()
@@ -104,7 +158,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, d, bias=False)
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x_BTD, cos, sin, attn_mask=None, kv_cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, x_BTD, cos, sin, attn_mask=None, kv_cache: KVCache | RowKVCache | None = None) -> torch.Tensor:
         b, t, _ = x_BTD.shape
         q_BTHD = self.q_proj(x_BTD).view(b, t, self.n_heads, self.head_dim)
         k_BTHD = self.k_proj(x_BTD).view(b, t, self.n_kv, self.head_dim)
@@ -413,7 +467,7 @@ class MiniMind(nn.Module):
         *,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
-        kv_cache: KVCache | None = None,
+        kv_cache: KVCache | RowKVCache | None = None,
         loss_reduction: str = "mean",
         token_weight: torch.Tensor | None = None,
         ignore_index: int = -100,
@@ -434,7 +488,11 @@ class MiniMind(nn.Module):
         else:
             cos, sin = self.rope_cos[position_ids], self.rope_sin[position_ids]
         attn_mask = None
-        if attention_mask is not None or (kv_cache is not None and start > 0 and t > 1):
+        if isinstance(kv_cache, RowKVCache):
+            if position_ids is None:
+                raise ValueError("a RowKVCache step needs position_ids (each row's own position)")
+            attn_mask = kv_cache.mask  # each row sees its own columns only (None when all rows are equally long)
+        elif attention_mask is not None or (kv_cache is not None and start > 0 and t > 1):
             attn_mask = self._attn_mask(attention_mask, b, t, start + t, start, input_ids.device)
 
         inner = self.model
