@@ -4,8 +4,9 @@ first token, with the official async openai client streaming.
     python bench/serve_load.py --against 65fc959            # this checkout's server vs the one at 65fc959
     python bench/serve_load.py --scenarios staggered32 --rounds 1 --preset tiny     # a quick look
 
-Each tree serves the same checkpoint (random weights of --preset, saved once here with the shipped tokenizer) with
-`python tools/serve.py --load CKPT --port 0 --device cpu --kernels torch --threads T`, run from that tree with its
+Each tree serves the same checkpoint (random weights of --preset, with the embedding rows of tokens that print
+nothing visible alone, byte fragments, whitespace and specials, set to zero so that every generated token shows at
+once; saved once here with the shipped tokenizer) with `python tools/serve.py --load CKPT --port 0 --device cpu --kernels torch --threads T`, run from that tree with its
 own sources first on PYTHONPATH (a temporary `git worktree` of --against). Scenarios (all greedy, ignore_eos, so
 every request generates exactly its max_tokens; prompts and answer lengths mixed and fixed by --seed):
   staggered32   32 clients, one arriving every 50 ms, prompts of 1-6 sentences, max_tokens 16-128
@@ -86,7 +87,19 @@ def make_checkpoint(preset: str, seed: int, out: Path) -> Path:
 
     torch.manual_seed(seed)
     cfg = from_preset(preset)
-    return save_checkpoint(out / f"{preset}-random", MiniMind(cfg), cfg, tokenizer=Tokenizer.load(None))
+    model, tok = MiniMind(cfg), Tokenizer.load(None)
+    # A random model may start with tokens a server holds back: byte fragments of a multi-byte character (until the
+    # character is complete) and whitespace (an answer may still open with `<think>` after it). The first text would
+    # then come many tokens in, timing that rather than the scheduler. Zeroing those tokens' (tied) embedding rows
+    # gives them logit 0, far below the best of the others, so every generated token prints at once.
+    silent = [i for i in range(cfg.vocab_size) if _silent(tok.decode([i], skip_special_tokens=True))]
+    with torch.no_grad():
+        model.model.embed_tokens.weight[silent] = 0.0
+    return save_checkpoint(out / f"{preset}-random", model, cfg, tokenizer=tok)
+
+
+def _silent(text: str) -> bool:
+    return text.strip() == "" or "\ufffd" in text
 
 
 def requests_for(name: str, seed: int) -> list[dict[str, Any]]:

@@ -131,7 +131,7 @@ class _Row:
 
     def __init__(self, req: Request, tokenizer, eos_id: int | None, device: torch.device):
         self.req, self.eos_id = req, eos_id
-        self.decoder = IncrementalDecoder(tokenizer, skip_special_tokens=True)
+        self.decoder = IncrementalDecoder(tokenizer, skip_special_tokens=True) if tokenizer is not None else None
         self.stop = StopMatcher(list(req.params.stop))
         self.split = ReasoningSplitter() if req.params.split_reasoning else None
         self.length = len(req.prompt_ids)  # positions in the cache
@@ -162,6 +162,10 @@ class _Row:
         if tok == self.eos_id:
             self.finish("stop")
             return
+        if self.decoder is None:  # ids only (no tokenizer): no text, no stop strings
+            if len(req.output_ids) >= req.params.max_tokens:
+                self.finish("length")
+            return
         text, hit = self.stop.push(self.decoder.push(tok))
         self._send(text)
         if hit:
@@ -175,7 +179,7 @@ class _Row:
             return
         self.done = True
         req = self.req
-        if reason in ("stop", "length"):
+        if reason in ("stop", "length") and self.decoder is not None:
             if not hit_stop:  # the answer ends here: release what was held back (text after a stop is not)
                 tail, hit = self.stop.push(self.decoder.flush())
                 self._send(tail)
@@ -210,11 +214,15 @@ class Engine:
         max_batch: int = 32,
         max_batch_tokens: int = 131072,
         max_queue: int = 256,
+        max_prefill_rows: int = 16,
         compile_decode: bool | str | Callable = False,
+        eos_id: int | None = None,
     ):
-        if max_batch < 1 or max_batch_tokens < 1 or max_queue < 1:
-            raise ValueError("max_batch, max_batch_tokens and max_queue must be >= 1")
+        if min(max_batch, max_batch_tokens, max_queue, max_prefill_rows) < 1:
+            raise ValueError("max_batch, max_batch_tokens, max_queue and max_prefill_rows must be >= 1")
         self.model, self.tokenizer = model, tokenizer
+        self.eos_id = eos_id if eos_id is not None or tokenizer is None else tokenizer.eos_id
+        self.max_prefill_rows = max_prefill_rows
         self.config = model.config
         self.context = model.config.max_position_embeddings
         self.vocab_size = model.config.vocab_size
@@ -392,29 +400,44 @@ class Engine:
     def _amp(self):
         return torch.autocast("cuda", dtype=torch.bfloat16) if self.autocast else contextlib.nullcontext()
 
-    def _width_needed(self, extra: Request | None = None) -> int:
-        reqs = [r.req for r in self._rows] + ([extra] if extra is not None else [])
+    def _width_needed(self, extra: Sequence[Request] = ()) -> int:
+        reqs = [r.req for r in self._rows] + list(extra)
         return max((len(r.prompt_ids) + r.params.max_tokens for r in reqs), default=0)
 
-    def _fits(self, req: Request) -> bool:
-        n = len(self._rows)
+    def _fits(self, req: Request, joining: int = 0) -> bool:
+        """Whether `req` can join the running rows plus `joining` others taken this step."""
+        n = len(self._rows) + joining
         if n >= self.max_batch:
             return False
-        return n == 0 or (n + 1) * self._width_needed(req) <= self.max_batch_tokens
+        return n == 0 or (n + 1) * self._width_needed([req]) <= self.max_batch_tokens
 
     def _admit(self) -> bool:
-        admitted = False
-        while True:
-            with self._cv:
-                if not self._queue or not self._fits(self._queue[0]):
-                    return admitted
+        """Take the waiting requests that fit (FIFO) and prefill them, a few at a time."""
+        joining: list[Request] = []
+        with self._cv:
+            while self._queue and len(joining) < self.max_prefill_rows:
+                if not self._fits(self._queue[0], len(joining)):
+                    break
                 req = self._queue.popleft()
                 req.status = "running"
                 self._running += 1
-            self._prefill(req)
-            admitted = True
+                joining.append(req)
+        if not joining:
+            return False
+        # Prefill in groups of similar length (right padding costs compute, never changes a row's result).
+        joining.sort(key=lambda r: len(r.prompt_ids))
+        group: list[Request] = []
+        for req in joining:
+            longest = len(req.prompt_ids)
+            if group and longest * (len(group) + 1) > 1.25 * sum(len(r.prompt_ids) for r in [*group, req]) + 16:
+                self._prefill(group)
+                group = []
+            group.append(req)
+        self._prefill(group)
+        return True
 
-    def _ensure_cache(self, rows: int) -> None:
+    def _ensure_cache(self, rows: int, cached: int) -> None:
+        """A RowKVCache with room for `rows` rows as wide as the widest request; rows 0..cached-1 carried over."""
         width = self._width_needed()
         c = self._cache
         if c is not None and c.max_len >= width and c.slots >= rows:
@@ -422,33 +445,45 @@ class Engine:
         width = min(self.context, -(-max(width, c.max_len if c is not None else 0) // 64) * 64)
         slots = min(self.max_batch, max(rows, self.max_batch_tokens // width))
         new = RowKVCache(self.config, slots, width, device=self.device, dtype=self.cache_dtype)
-        n = len(self._rows) - 1  # rows already in the old cache (the newest one is loaded by the caller)
-        if c is not None and n > 0:
-            new.k[:, :n, :, : c.max_len] = c.k[:, :n]
-            new.v[:, :n, :, : c.max_len] = c.v[:, :n]
+        if c is not None and cached > 0:
+            new.k[:, :cached, :, : c.max_len] = c.k[:, :cached]
+            new.v[:, :cached, :, : c.max_len] = c.v[:, :cached]
         self._cache = new
 
-    def _prefill(self, req: Request) -> None:
-        row = _Row(req, self.tokenizer, None if req.params.ignore_eos else self.tokenizer.eos_id, self.device)
+    def _prefill(self, reqs: list[Request]) -> None:
+        """Prompts through the model as one right-padded batch: with a causal mask a row never sees the padding after
+        it, so each row's keys, values and last logits are those of its prompt run alone. Then each row's cache is
+        copied into a free row and its first token chosen."""
+        rows = [_Row(r, self.tokenizer, None if r.params.ignore_eos else self.eos_id, self.device) for r in reqs]
         try:
-            t = len(req.prompt_ids)
-            one = KVCache(self.config, 1, t, device=self.device, dtype=self.cache_dtype)
-            ids_1T = torch.tensor([req.prompt_ids], dtype=torch.long, device=self.device)
-            pos_1T = torch.arange(t, device=self.device)[None]
+            lens = [len(r.prompt_ids) for r in reqs]
+            t = max(lens)
+            ids_BT = torch.zeros((len(reqs), t), dtype=torch.long)
+            for i, r in enumerate(reqs):
+                ids_BT[i, : lens[i]] = torch.tensor(r.prompt_ids, dtype=torch.long)
+            ids_BT = ids_BT.to(self.device)
+            pos_BT = torch.arange(t, device=self.device)[None].expand(len(reqs), t)
+            prompt_cache = KVCache(self.config, len(reqs), t, device=self.device, dtype=self.cache_dtype)
+            last_B = torch.tensor(lens, device=self.device) - 1
             with self._amp():
-                logits_1V = _forward_last(self.model, ids_1T, None, pos_1T, one)
-            self._rows.append(row)
-            slot = len(self._rows) - 1
-            self._ensure_cache(slot + 1)
-            self._cache.load_row(slot, one)
-            self._present[slot] = False
-            self._present[slot, ids_1T[0]] = True
-            self._choose(logits_1V, [row], first_slot=slot)
+                out = self.model(ids_BT, position_ids=pos_BT, kv_cache=prompt_cache, return_hidden=True,
+                                 return_logits=False)  # fmt: skip
+                h_BD = out.hidden[torch.arange(len(reqs), device=self.device), last_B][:, None]
+                logits_BV = torch.nn.functional.linear(h_BD, self.model.lm_head.weight)[:, -1].float()
+            first = len(self._rows)
+            self._rows.extend(rows)
+            self._ensure_cache(len(self._rows), first)
+            for i in range(len(reqs)):
+                self._cache.load_row(first + i, prompt_cache, src_row=i, length=lens[i])
+                self._present[first + i] = False
+                self._present[first + i, ids_BT[i, : lens[i]]] = True
+            self._choose(logits_BV, rows, first_slot=first)
         except Exception as exc:
-            if row in self._rows:
-                self._rows.remove(row)
-            row.finish("error", message=f"generation failed: {type(exc).__name__}: {exc}")
-            self._finish_record([row])
+            for row in rows:
+                if row in self._rows:
+                    self._rows.remove(row)
+                row.finish("error", message=f"generation failed: {type(exc).__name__}: {exc}")
+            self._finish_record(rows)
 
     def _decode(self) -> None:
         rows = self._rows

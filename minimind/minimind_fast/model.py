@@ -98,8 +98,8 @@ class RowKVCache:
     Each row holds its own sequence from column 0, at its own length, so rows can join and leave a running batch.
     Only one-token decode steps use it: before each step the caller names the active rows' write columns with
     set_rows(); the step writes row i's new key/value at column pos[i] and row i attends to columns 0..pos[i]. Rows
-    0..n-1 are the active ones (the caller keeps them contiguous with move()). The prompt is filled by copying a
-    single-row KVCache in (load_row), so a prefill runs exactly as it would for that request alone.
+    0..n-1 are the active ones (the caller keeps them contiguous with move()). Prompts are filled by copying rows of
+    an ordinary KVCache in (load_row): prefill runs as the plain causal forward it is for a request alone.
     """
 
     def __init__(self, cfg: MiniMindConfig, slots: int, width: int, device=None, dtype=torch.float32):
@@ -134,11 +134,11 @@ class RowKVCache:
         self.v[layer][self.idx_N, :, self.pos_N] = v_BHkvTD[:, :, 0].to(self.v.dtype)
         return self.k[layer, :n, :, :span], self.v[layer, :n, :, :span]
 
-    def load_row(self, row: int, cache: KVCache) -> None:
-        """Copy a one-row KVCache's filled positions into row `row`, columns 0..cache.length-1."""
-        t = cache.length
-        self.k[:, row, :, :t] = cache.k[:, 0, :, :t]
-        self.v[:, row, :, :t] = cache.v[:, 0, :, :t]
+    def load_row(self, row: int, cache: KVCache, src_row: int = 0, length: int | None = None) -> None:
+        """Copy row src_row of a KVCache (its first `length` positions, default all filled) into row `row`."""
+        t = cache.length if length is None else length
+        self.k[:, row, :, :t] = cache.k[:, src_row, :, :t]
+        self.v[:, row, :, :t] = cache.v[:, src_row, :, :t]
 
     def move(self, src: int, dst: int, length: int) -> None:
         """Copy row src's first `length` columns into row dst (to keep the active rows contiguous)."""

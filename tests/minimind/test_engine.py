@@ -86,14 +86,16 @@ def test_requests_joining_a_running_batch_get_their_lone_answers(moe, tokenizer)
         assert r.content == tokenizer.decode(r.output_ids, skip_special_tokens=True)
 
 
-def test_everything_submitted_at_once_with_a_growing_cache(dense, tokenizer):
-    # Short requests first: the cache is allocated narrow, then widened (rows copied) when a long one joins.
+@pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
+def test_everything_submitted_at_once_with_a_growing_cache(moe, tokenizer):
+    # Prompts of mixed lengths prefilled together, right-padded. Short requests first: the cache is allocated narrow, then widened (rows copied) when a long one joins.
     reqs = [(tokenizer.encode("hi"), SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))] * 2
     reqs += [
         (tokenizer.encode("a longer question " * 6), SamplingParams(max_tokens=150, temperature=0, ignore_eos=True))
     ]
     reqs += mixed_requests(tokenizer, 5)
-    engine = Engine(dense, tokenizer)
+    model = random_model(moe)
+    engine = Engine(model, tokenizer)
     first = engine.submit(*reqs[0])
     engine.step()
     width0 = engine._cache.max_len
@@ -102,7 +104,19 @@ def test_everything_submitted_at_once_with_a_growing_cache(dense, tokenizer):
         engine.step()
     assert engine._cache.max_len > width0
     for r in [first, *done]:
-        assert r.output_ids == alone(dense, tokenizer, r.prompt_ids, r.params)
+        assert r.output_ids == alone(model, tokenizer, r.prompt_ids, r.params)
+
+
+def test_token_ids_only_without_a_tokenizer(dense, tokenizer):
+    """Rollouts need ids, not text: with no tokenizer the engine stops on the eos id it is given, or max_tokens."""
+    prompt = tokenizer.encode("ids only")
+    sp = SamplingParams(max_tokens=12, temperature=0)
+    full = alone(dense, tokenizer, prompt, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
+    engine = Engine(dense, None, eos_id=full[4])
+    r = engine.generate([prompt], sp)[0]
+    assert r.output_ids == full[: full.index(full[4]) + 1] and r.finish_reason == "stop" and r.content == ""
+    r = Engine(dense, None).generate([prompt], sp)[0]
+    assert r.output_ids == full and r.finish_reason == "length"
 
 
 def test_the_cache_budget_limits_the_batch(dense, tokenizer):
