@@ -6,7 +6,8 @@ first token, with the official async openai client streaming.
 
 Each tree serves the same checkpoint (random weights of --preset, with the embedding rows of tokens that print
 nothing visible alone, byte fragments, whitespace and specials, set to zero so that every generated token shows at
-once; saved once here with the shipped tokenizer) with `python tools/serve.py --load CKPT --port 0 --device cpu --kernels torch --threads T`, run from that tree with its
+once; saved once here with the shipped tokenizer) with
+`python tools/serve.py --load CKPT --port 0 --device cpu --kernels torch --threads T`, run from that tree with its
 own sources first on PYTHONPATH (a temporary `git worktree` of --against). Scenarios (all greedy, ignore_eos, so
 every request generates exactly its max_tokens; prompts and answer lengths mixed and fixed by --seed):
   staggered32   32 clients, one arriving every 50 ms, prompts of 1-6 sentences, max_tokens 16-128

@@ -30,11 +30,9 @@ if __package__ in (None, ""):  # run as `python tools/chat.py`: make the reposit
 import torch  # noqa: E402
 
 import minimind_kernels as kernels  # noqa: E402
-from minimind_fast.checkpoint import CheckpointError, load_model  # noqa: E402
-from minimind_fast.config import ConfigError  # noqa: E402
 from minimind_fast.generate import GenerationError, IncrementalDecoder, generate_iter  # noqa: E402
-from minimind_fast.lora import AdapterError, load_adapter, remove_lora  # noqa: E402
-from minimind_fast.tokenizer import Tokenizer, TokenizerError  # noqa: E402
+from minimind_fast.inference import LoadError, load_for_inference  # noqa: E402
+from minimind_fast.tokenizer import Tokenizer  # noqa: E402
 
 
 class ChatError(RuntimeError):
@@ -67,52 +65,22 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def pick_device(spec: str) -> torch.device:
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(spec)
-    except RuntimeError as exc:
-        raise ChatError(f"--device {spec!r} is not a device ({exc})") from exc
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ChatError(f"--device {spec} asked for but CUDA is not available")
-    return dev
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split())[:400]
-
-
 def load_chat_model(args: argparse.Namespace) -> tuple[torch.nn.Module, Tokenizer]:
-    """The model (eval mode, on its device, YaRN switched as asked) and the tokenizer saved with it (or the shipped
-    one when the checkpoint has none)."""
-    folder = Path(args.load)
-    if folder.is_file():
-        raise ChatError(f"--load {folder} is a file; it expects a checkpoint folder (model.safetensors, config.json)")
-    device = pick_device(args.device)
+    """The model (eval mode, on its device, YaRN switched as asked, adapter merged) and the tokenizer saved with it
+    (or the shipped one when the checkpoint has none)."""
     try:
-        ops = kernels.resolve(args.kernels)
-    except kernels.KernelSpecError as exc:
-        raise ChatError(str(exc)) from exc
-    try:
-        model, config, _ = load_model(folder, ops=ops, device=device)
-        tokenizer = Tokenizer.load(folder if (folder / "tokenizer.json").is_file() else None)
-        if args.lora:
-            load_adapter(model, args.lora)
-            remove_lora(model, merge=True)  # folded into plain Linears: decoding costs what the base model costs
-    except (CheckpointError, ConfigError, TokenizerError, AdapterError) as exc:
-        raise ChatError(_one_line(exc)) from exc
-    except (OSError, ValueError, RuntimeError, KeyError) as exc:
-        raise ChatError(f"checkpoint {folder} cannot be loaded: {_one_line(exc)}") from exc
-    model.eval()
-    if args.yarn:
-        model.set_yarn(True)
+        model, tokenizer = load_for_inference(
+            args.load, lora=args.lora, device=args.device, kernels_spec=args.kernels, yarn=args.yarn
+        )
+    except LoadError as exc:
+        raise ChatError(str(exc)) from None
+    device = next(model.parameters()).device
     print(
-        f"loaded {folder}{' + adapter ' + args.lora if args.lora else ''}: {model.num_params() / 1e6:.1f}M parameters, "
-        f"{device}, yarn {'on' if args.yarn else 'off'}",
+        f"loaded {args.load}{' + adapter ' + args.lora if args.lora else ''}: {model.num_params() / 1e6:.1f}M "
+        f"parameters, {device}, yarn {'on' if args.yarn else 'off'}",
         file=sys.stderr,
     )
-    print(kernels.describe(ops), file=sys.stderr)
+    print(kernels.describe(model.ops), file=sys.stderr)
     return model, tokenizer
 
 

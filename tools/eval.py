@@ -32,11 +32,9 @@ import torch  # noqa: E402
 
 import minimind_kernels as kernels  # noqa: E402
 from minimind_fast import evaluate as ev  # noqa: E402
-from minimind_fast import lora  # noqa: E402
-from minimind_fast.checkpoint import CheckpointError, load_model  # noqa: E402
-from minimind_fast.config import ConfigError  # noqa: E402
 from minimind_fast.data import DataError  # noqa: E402
-from minimind_fast.tokenizer import Tokenizer, TokenizerError  # noqa: E402
+from minimind_fast.inference import LoadError, load_for_inference, pick_device  # noqa: E402
+from minimind_fast.tokenizer import Tokenizer  # noqa: E402
 
 IDENTITY_PROMPT = "Who are you?"
 
@@ -79,29 +77,12 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split())[:400]
 
 
-def pick_device(spec: str) -> torch.device:
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(spec)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise EvalError(f"--device {spec} asked for but CUDA is not available")
-    return dev
-
-
-def load(folder: str, adapter: str | None, ops: kernels.Ops, device: torch.device) -> tuple[torch.nn.Module, Tokenizer]:
-    """Model (eval mode; adapter loaded and merged) and the tokenizer saved with it (or the shipped one)."""
-    path = Path(folder)
+def load(folder: str, adapter: str | None, args: argparse.Namespace) -> tuple[torch.nn.Module, Tokenizer]:
+    """Model (eval mode; adapter merged) and the tokenizer saved with it (or the shipped one)."""
     try:
-        model, _, _ = load_model(path, ops=ops, device=device)
-        tokenizer = Tokenizer.load(path if (path / "tokenizer.json").is_file() else None)
-        if adapter:
-            lora.load_adapter(model, adapter)
-            lora.merge_lora(model)
-    except (CheckpointError, ConfigError, TokenizerError, lora.AdapterError) as exc:
-        raise EvalError(_one_line(exc)) from exc
-    except (OSError, ValueError, RuntimeError, KeyError) as exc:
-        raise EvalError(f"checkpoint {path} cannot be loaded: {_one_line(exc)}") from exc
-    return model.eval(), tokenizer
+        return load_for_inference(folder, lora=adapter, device=args.device, kernels_spec=args.kernels)
+    except LoadError as exc:
+        raise EvalError(str(exc)) from None
 
 
 def sample_prompts(args: argparse.Namespace, items: list[ev.HeldoutItem] | None) -> list[tuple[str, str]]:
@@ -117,10 +98,8 @@ def sample_prompts(args: argparse.Namespace, items: list[ev.HeldoutItem] | None)
     return chosen + [(IDENTITY_PROMPT, "")]
 
 
-def evaluate_one(
-    args: argparse.Namespace, folder: str, adapter: str | None, items, ops, device, sheet_path: Path | None
-) -> dict:
-    model, tok = load(folder, adapter, ops, device)
+def evaluate_one(args: argparse.Namespace, folder: str, adapter: str | None, items, sheet_path: Path | None) -> dict:
+    model, tok = load(folder, adapter, args)
     res: dict = {"load": folder, "lora": adapter, "params": model.num_params()}
     name = Path(folder).name + (f"+{Path(adapter).name}" if adapter else "")
     t0 = time.perf_counter()
@@ -231,11 +210,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     stem = "_vs_".join(lab.replace("/", "-") for lab in labels)
     out = Path(args.out) if args.out else Path(args.load[0]).parent / f"eval_{stem}.json"
     try:
-        device = pick_device(args.device)
-        try:
-            ops = kernels.resolve(args.kernels)
-        except kernels.KernelSpecError as exc:
-            raise EvalError(str(exc)) from exc
+        try:  # the device and the kernels spec are checked before any file is read
+            pick_device(args.device)
+            kernels.resolve(args.kernels)
+        except (LoadError, kernels.KernelSpecError) as exc:
+            raise EvalError(str(exc)) from None
         items = None
         if args.heldout and args.heldout.lower() != "none":
             items = ev.read_heldout(args.heldout)
@@ -244,7 +223,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         results = []
         for i, (folder, adapter) in enumerate(zip(args.load, adapters)):
             sheet = out.with_name(f"{out.stem}_samples_{labels[i].replace('/', '-')}.md")
-            results.append(evaluate_one(args, folder, adapter, items, ops, device, sheet))
+            results.append(evaluate_one(args, folder, adapter, items, sheet))
     except (EvalError, DataError, FileNotFoundError) as exc:
         print(f"error: {_one_line(exc)}", file=sys.stderr)
         return 1

@@ -64,9 +64,8 @@ if __package__ in (None, ""):  # run as `python tools/serve.py`: make the reposi
 import torch  # noqa: E402
 
 import minimind_kernels as kernels  # noqa: E402
-from minimind_fast.checkpoint import CheckpointError, load_model  # noqa: E402
-from minimind_fast.config import ConfigError  # noqa: E402
 from minimind_fast.engine import Engine, QueueFull, Request, RequestError, SamplingParams  # noqa: E402
+from minimind_fast.inference import LoadError, load_for_inference  # noqa: E402
 from minimind_fast.textstream import ReasoningSplitter, StopMatcher, split_reasoning  # noqa: E402,F401
 from minimind_fast.tokenizer import Tokenizer, TokenizerError  # noqa: E402
 
@@ -520,42 +519,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split())[:400]
-
-
 def load_for_serving(args: argparse.Namespace) -> tuple[torch.nn.Module, Tokenizer]:
     """The model in eval mode on its device (YaRN and a merged LoRA adapter as asked) and its tokenizer."""
-    folder = Path(args.load)
-    if args.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        try:
-            device = torch.device(args.device)
-        except RuntimeError as exc:
-            raise ServeError(f"--device {args.device!r} is not a device ({exc})") from exc
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ServeError(f"--device {args.device} asked for but CUDA is not available")
     try:
-        ops = kernels.resolve(args.kernels)
-        model, _, _ = load_model(folder, ops=ops, device=device)
-        tokenizer = Tokenizer.load(folder if (folder / "tokenizer.json").is_file() else None)
-    except (CheckpointError, ConfigError, TokenizerError, kernels.KernelSpecError) as exc:
-        raise ServeError(_one_line(exc)) from exc
-    except (OSError, ValueError, RuntimeError, KeyError) as exc:
-        raise ServeError(f"checkpoint {folder} cannot be loaded: {_one_line(exc)}") from exc
-    if args.lora:
-        from minimind_fast import lora
-
-        try:
-            lora.load_adapter(model, args.lora)
-            lora.remove_lora(model, merge=True)  # merged: inference runs at the base model's speed
-        except (lora.AdapterError, CheckpointError, OSError) as exc:
-            raise ServeError(_one_line(exc)) from exc
-    model.eval()
-    if args.yarn:
-        model.set_yarn(True)
-    print(kernels.describe(ops), file=sys.stderr)
+        model, tokenizer = load_for_inference(
+            args.load, lora=args.lora, device=args.device, kernels_spec=args.kernels, yarn=args.yarn
+        )
+    except LoadError as exc:
+        raise ServeError(str(exc)) from None
+    print(kernels.describe(model.ops), file=sys.stderr)
     return model, tokenizer
 
 

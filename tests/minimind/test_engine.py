@@ -88,7 +88,8 @@ def test_requests_joining_a_running_batch_get_their_lone_answers(moe, tokenizer)
 
 @pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
 def test_everything_submitted_at_once_with_a_growing_cache(moe, tokenizer):
-    # Prompts of mixed lengths prefilled together, right-padded. Short requests first: the cache is allocated narrow, then widened (rows copied) when a long one joins.
+    # Prompts of mixed lengths prefilled together, right-padded. Short requests first: the cache is allocated
+    # narrow, then widened (rows copied) when a long one joins.
     reqs = [(tokenizer.encode("hi"), SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))] * 2
     reqs += [
         (tokenizer.encode("a longer question " * 6), SamplingParams(max_tokens=150, temperature=0, ignore_eos=True))

@@ -134,4 +134,4 @@ def test_chat_lora_flag_answers_with_the_merged_adapter(files, capsys, tokenizer
     base_reply = ev.sample_sheet(ckpt.load_model(files["base"])[0].eval(), tokenizer, ["Who are you?"], 6)[0]["reply"]
     assert printed.strip() == want and want and want != base_reply
     assert chat.main([*argv, "--lora", str(files["root"] / "missing")]) == 1
-    assert "error: adapter" in capsys.readouterr().err
+    assert "error: --lora: adapter" in capsys.readouterr().err

@@ -17,7 +17,8 @@ from minimind_fast.model import MiniMind
 from train import pretrain
 
 REPO = Path(__file__).resolve().parents[2]
-# --dtype float32: a subprocess on a CPU with fast bf16 would otherwise pick bf16 autocast (the suite pins fp32 in-process)
+# --dtype float32: a subprocess on a CPU with fast bf16 would otherwise pick bf16 autocast (in-process runs are
+# pinned to fp32 by the suite)
 SMALL = ["--preset", "tiny", "--max_seq_len", "64", "--batch_size", "4", "--kernels", "torch", "--log_interval", "1"]
 SMALL += ["--dtype", "float32"]
 
