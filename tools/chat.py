@@ -8,12 +8,16 @@
              --yarn (YaRN rope scaling for long contexts) --seed S --compile (torch.compile the decode step)
              --show_prompt (print the exact prompt text before each answer)
              --lora PATH (a LoRA adapter folder from train/lora.py, merged into the loaded model)
+             --stop TEXT (end the answer at this text; repeatable)
 
 Interactive mode reads one user turn per line from stdin; `exit` or end of input quits, `/clear` forgets the
 conversation. Chat mode renders the last --history turns (user + assistant pairs) plus the new line through the
 ChatML template with the assistant generation prompt; pretrain mode continues [bos] + the line as plain text, without
 history. After each answer a line `[N tokens in S s, R tokens/s]` reports the speed, prompt processing included.
-Temperature 0 decodes greedily. A missing or corrupt checkpoint stops with one `error: ...` line and exit status 1.
+Temperature 0 decodes greedily; with --seed S, turn i samples from a generator seeded S + i (reproducible). In chat
+mode an answer that opens with `<think>` shows its reasoning after `[thinking]` and the rest after `[answer]`; the
+history keeps the answer only. Generation runs through minimind_fast.engine, as the server's does. A missing or
+corrupt checkpoint stops with one `error: ...` line and exit status 1.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ if __package__ in (None, ""):  # run as `python tools/chat.py`: make the reposit
 import torch  # noqa: E402
 
 import minimind_kernels as kernels  # noqa: E402
-from minimind_fast.generate import GenerationError, IncrementalDecoder, generate_iter  # noqa: E402
+from minimind_fast.engine import Engine, RequestError, SamplingParams  # noqa: E402
 from minimind_fast.inference import LoadError, load_for_inference  # noqa: E402
 from minimind_fast.tokenizer import Tokenizer  # noqa: E402
 
@@ -57,6 +61,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true", help="torch.compile the one-token decode step")
     p.add_argument("--show_prompt", action="store_true", help="print the prompt text the model sees")
     p.add_argument("--lora", default=None, help="LoRA adapter folder (train/lora.py output) to apply to --load")
+    p.add_argument("--stop", action="append", default=[], help="end the answer at this text (repeatable)")
     args = p.parse_args(argv)
     if args.history < 0:
         p.error("--history must be >= 0")
@@ -89,10 +94,9 @@ class Session:
 
     def __init__(self, model: torch.nn.Module, tokenizer: Tokenizer, args: argparse.Namespace):
         self.model, self.tokenizer, self.args = model, tokenizer, args
+        self.engine = Engine(model, tokenizer, max_batch=1, compile_decode=args.compile)
         self.history: list[dict[str, str]] = []
-        self.generator = None
-        if args.seed is not None:
-            self.generator = torch.Generator(device=next(model.parameters()).device).manual_seed(args.seed)
+        self.turns = 0
 
     def prompt_ids(self, line: str) -> list[int]:
         if self.args.mode == "pretrain":
@@ -105,7 +109,8 @@ class Session:
         self.history.clear()
 
     def answer(self, line: str, out=None) -> str:
-        """Generate, streaming text to `out` (stdout), then the speed line; returns the answer (specials removed)."""
+        """Generate, streaming text to `out` (stdout), then the speed line; returns the answer (specials removed,
+        reasoning apart). Raises RequestError when the prompt leaves no room in the context."""
         out = sys.stdout if out is None else out
         a = self.args
         ids = self.prompt_ids(line)
@@ -113,39 +118,51 @@ class Session:
             print(f"[prompt] {self.tokenizer.decode(ids)!r}", file=out, flush=True)
         limit = self.model.config.max_position_embeddings
         if len(ids) >= limit:
-            raise GenerationError(f"prompt of {len(ids)} tokens does not fit max_position_embeddings {limit}")
-        decoder = IncrementalDecoder(self.tokenizer, skip_special_tokens=True)
-        pieces: list[str] = []
-        n_tokens = 0
-        t0 = time.perf_counter()
-        steps = generate_iter(
-            self.model,
-            [ids],
-            min(a.max_new_tokens, limit - len(ids)),
+            raise RequestError(f"prompt of {len(ids)} tokens does not fit max_position_embeddings {limit}")
+        params = SamplingParams(
+            max_tokens=min(a.max_new_tokens, limit - len(ids)),
             temperature=a.temperature,
-            top_k=a.top_k,
             top_p=a.top_p,
+            top_k=a.top_k,
             repetition_penalty=a.repetition_penalty,
-            eos_id=self.tokenizer.eos_id,
-            pad_id=self.tokenizer.pad_id,
-            generator=self.generator,
-            compile_decode=a.compile,
+            stop=tuple(a.stop),
+            seed=None if a.seed is None else a.seed + self.turns,  # each turn its own, reproducible draw
+            split_reasoning=a.mode == "chat",
         )
-        for (tok,) in steps:
-            n_tokens += 1
-            piece = decoder.push(tok)
-            if piece:
-                pieces.append(piece)
-                print(piece, end="", file=out, flush=True)
+        self.turns += 1
+        shown = {"reasoning": False, "content": False}
+
+        def show(event: dict) -> None:
+            if event["type"] != "delta":
+                return
+            if event["reasoning"]:
+                if not shown["reasoning"]:
+                    print("[thinking] ", end="", file=out)
+                shown["reasoning"] = True
+                print(event["reasoning"], end="", file=out, flush=True)
+            if event["content"]:
+                if shown["reasoning"] and not shown["content"]:
+                    print("\n[answer] ", end="", file=out)
+                shown["content"] = True
+                print(event["content"], end="", file=out, flush=True)
+
+        t0 = time.perf_counter()
+        req = self.engine.submit(ids, params, sink=show)
+        try:
+            while not req.finished:
+                self.engine.step()
+        except KeyboardInterrupt:
+            self.engine.cancel(req)
+            self.engine.step()  # the row leaves
+            raise
         seconds = time.perf_counter() - t0
-        tail = decoder.flush()
-        if tail:
-            pieces.append(tail)
-            print(tail, end="", file=out)
+        if req.status == "error":
+            raise RequestError(req.error or "generation failed")
+        n_tokens = req.completion_tokens
         print(file=out)
         print(f"[{n_tokens} tokens in {seconds:.2f} s, {n_tokens / max(seconds, 1e-9):.1f} tokens/s]", file=out)
         out.flush()
-        text = "".join(pieces).strip()
+        text = req.content.strip()
         if a.mode == "chat":
             self.history += [{"role": "user", "content": line}, {"role": "assistant", "content": text}]
             keep = 2 * a.history
@@ -172,7 +189,7 @@ def interactive(session: Session) -> None:
             continue
         try:
             session.answer(line)
-        except GenerationError as exc:
+        except RequestError as exc:
             print(f"error: {exc}")
         except KeyboardInterrupt:
             print("\n(interrupted)")
@@ -189,7 +206,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.prompt is not None:
         try:
             session.answer(args.prompt)
-        except GenerationError as exc:
+        except RequestError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
         return 0

@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from minimind_fast.generate import generate
+from minimind_fast.engine import Engine, SamplingParams
 from train import common
 from train.args import StageArgs, arg, resolve_auto
 from train.models import frozen_model, load_base_model, open_dataset, stage_tokenizer
@@ -98,23 +98,23 @@ def sample_completions(
     top_p: float = 1.0,
     top_k: int = 0,
     eos_id: int = 2,
-    pad_id: int = 0,
     generator: torch.Generator | None = None,
 ) -> list[list[int]]:
-    """num_samples completions per prompt, all in one batch: row i*num_samples + j is sample j of prompt i."""
+    """num_samples completions per prompt, all in one batch of the inference engine: row i*num_samples + j is sample
+    j of prompt i. With a generator, each row samples from its own generator, seeded from it (reproducible, and the
+    same on a resume)."""
     rows = [list(p) for p in prompts for _ in range(num_samples)]
+    if generator is not None:
+        seeds = torch.randint(0, 2**62, (len(rows),), generator=generator, device=generator.device).tolist()
+    else:
+        seeds = [None] * len(rows)
+    params = [
+        SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=s)
+        for s in seeds
+    ]
+    engine = Engine(model, None, eos_id=eos_id, max_batch=len(rows), max_batch_tokens=1 << 62)
     with eval_mode(model):
-        return generate(
-            model,
-            rows,
-            max_new_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=top_k,
-            eos_id=eos_id,
-            pad_id=pad_id,
-            generator=generator,
-        )
+        return [r.output_ids for r in engine.generate(rows, params)]
 
 
 def mask_through_first_eos(completion_ids_NR: torch.Tensor, valid_NR: torch.Tensor, eos_id: int) -> torch.Tensor:
@@ -232,7 +232,6 @@ def collect(
             top_p=top_p,
             top_k=top_k,
             eos_id=tokenizer.eos_id,
-            pad_id=tokenizer.pad_id,
             generator=generator,
         )
     rows = [p for p in prompts for _ in range(g)]

@@ -49,7 +49,7 @@ from typing import Any
 import torch
 
 from minimind_fast.data import ChatEncoder, DataError, check_sft, check_text, iter_jsonl
-from minimind_fast.generate import generate
+from minimind_fast.engine import Engine, SamplingParams
 from minimind_fast.tokenizer import Tokenizer
 
 IGNORE_INDEX = -100
@@ -280,26 +280,29 @@ def generate_replies(
     prompts: Sequence[list[int]],
     max_new_tokens: int = 48,
     batch_size: int = 32,
-    **sampling: Any,
+    *,
+    greedy: bool = True,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    seed: int | None = None,
 ) -> list[str]:
-    """Replies (special tokens removed, stripped) to token-id prompts, batched by similar length. Greedy unless
-    sampling arguments (temperature, top_p, ...) say otherwise."""
-    sampling = {"greedy": True, **sampling}
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    replies = [""] * len(prompts)
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        outs = generate(
-            model,
-            [prompts[i] for i in idx],
-            max_new_tokens,
-            eos_id=tokenizer.eos_id,
-            pad_id=tokenizer.pad_id,
-            **sampling,
+    """Replies (special tokens removed, stripped; `<think>` text kept in) to token-id prompts, through the inference
+    engine with up to batch_size rows at a time. Greedy unless greedy=False; with a seed, prompt i samples from a
+    generator seeded seed + i (so a reply does not depend on the batch it ran in)."""
+    engine = Engine(model, tokenizer, max_batch=batch_size, max_batch_tokens=1 << 62)
+    params = [
+        SamplingParams(
+            max_tokens=max_new_tokens,
+            temperature=0.0 if greedy else temperature,
+            top_p=top_p,
+            top_k=top_k,
+            seed=None if seed is None else seed + i,
+            split_reasoning=False,
         )
-        for i, toks in zip(idx, outs):
-            replies[i] = tokenizer.decode(toks, skip_special_tokens=True).strip()
-    return replies
+        for i in range(len(prompts))
+    ]
+    return [r.content.strip() for r in engine.generate(prompts, params)] if prompts else []
 
 
 def heldout_generation(

@@ -134,3 +134,22 @@ def test_bad_checkpoint_or_option_is_one_error_line(checkpoint, tmp_path, capsys
     assert chat.main(["--load", str(folder), "--prompt", "hi", "--device", "cpu", *extra]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: ") and msg in err, err
+
+
+def test_stop_string_ends_the_answer_and_each_seeded_turn_is_its_own_draw(checkpoint, tokenizer, capsys):
+    prompt = "Where do the rivers go?"
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], True, tokenize=True)
+    _, full = expected_answer(checkpoint, tokenizer, ids, max_new_tokens=24, greedy=True, eos_id=None)
+    stop = full.strip()[6:9]
+    assert stop and full.find(stop) > 0
+    base = ["--load", str(checkpoint), "--device", "cpu", "--kernels", "torch", "--temperature", "0"]
+    assert chat.main([*base, "--prompt", prompt, "--max_new_tokens", "24", "--stop", stop]) == 0
+    printed = capsys.readouterr().out.split("\n[")[0]
+    assert printed == full[: full.find(stop)]
+    # --seed S: turn i draws from a generator seeded S + i, so turn 2 is the one-shot answer with seed S + 1.
+    args = chat.parse_args([*base, "--temperature", "0.9", "--seed", "5"])
+    session = chat.Session(*chat.load_chat_model(args), args)
+    turns = [session.answer(prompt, out=io.StringIO()) for _ in range(2)]
+    want = [expected_answer(checkpoint, tokenizer, ids, max_new_tokens=256, temperature=0.9, top_p=0.85, seed=s)[1]
+            for s in (5, 6)]  # fmt: skip
+    assert turns == [w.strip() for w in want] and turns[0] != turns[1]

@@ -61,11 +61,12 @@ def rl_prompts(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def rank_rollouts(tokenizer, rl_prompts):
-    """find(start, reward, num_samples, batch_size, premise) -> (max_gen_len, policy, [rollout of rank 0, of rank 1]):
-    the first rollout of each rank of a 2-rank RL run on rl_prompts from checkpoint `start`, sampled again in this
-    process (rank r's prompts are the r-th batch of the epoch-0 order, its RNG rollout number r, seed 42), for the
-    shortest max_gen_len from 3 to 10 whose rollouts satisfy premise(rollouts). Sampling from a random model depends
-    on the tokenizer, so the length is searched rather than fixed. Completion masks and rewards only."""
+    """find(start, reward, num_samples, batch_size, premise) -> ((max_gen_len, seed), policy, [rollout of rank 0, of
+    rank 1]): the first rollout of each rank of a 2-rank RL run on rl_prompts from checkpoint `start`, sampled again
+    in this process (rank r's prompts are the r-th batch of the epoch-0 order, its RNG rollout number r), for the
+    first seed (42, 7, 123) and shortest max_gen_len from 3 to 10 whose rollouts satisfy premise(rollouts). Sampling
+    from a random model depends on the tokenizer and the sampler, so both are searched rather than fixed. Completion
+    masks and rewards only."""
     import torch
 
     from minimind_fast import checkpoint as ckpt
@@ -75,19 +76,20 @@ def rank_rollouts(tokenizer, rl_prompts):
     def find(start, reward, num_samples, batch_size, premise, max_seq_len=40):
         policy, _, _ = ckpt.load_model(start)
         data = RLPromptDataset(rl_prompts, tokenizer, max_seq_len)
-        order = step.epoch_order(len(data), 42, 0)
         reward_fn = rewards.build_rewards(reward, "none", torch.device("cpu"), False, 16)
-        for max_gen_len in range(3, 11):
-            kw = dict(num_samples=num_samples, max_new_tokens=max_gen_len, device=torch.device("cpu"))
-            out = []
-            for r in (0, 1):
-                b = rollout.prompt_batch(data, order, r, batch_size)
-                g = rollout.rollout_generator(torch.device("cpu"), 42, r)
-                args = (policy, None, b["ids"], b["texts"], b["records"], reward_fn, tokenizer)
-                out.append(rollout.collect(*args, with_old_logp=False, generator=g, **kw))
-            if premise(out):
-                return max_gen_len, policy, out
-        pytest.fail("no completion length from 3 to 10 gives rollouts that satisfy the test's premise")
+        for seed in (42, 7, 123):
+            order = step.epoch_order(len(data), seed, 0)
+            for max_gen_len in range(3, 11):
+                kw = dict(num_samples=num_samples, max_new_tokens=max_gen_len, device=torch.device("cpu"))
+                out = []
+                for r in (0, 1):
+                    b = rollout.prompt_batch(data, order, r, batch_size)
+                    g = rollout.rollout_generator(torch.device("cpu"), seed, r)
+                    args = (policy, None, b["ids"], b["texts"], b["records"], reward_fn, tokenizer)
+                    out.append(rollout.collect(*args, with_old_logp=False, generator=g, **kw))
+                if premise(out):
+                    return (max_gen_len, seed), policy, out
+        pytest.fail("no seed and completion length from 3 to 10 give rollouts that satisfy the test's premise")
 
     return find
 
@@ -99,8 +101,9 @@ def rl_two_ranks(torchrun, rank_rollouts, rl_prompts):
     are those rank_rollouts finds for the premise, and the policy they were sampled from."""
 
     def run(script, start, out, flags, num_samples, batch_size, premise):
-        gen, policy, ros = rank_rollouts(start, "rule+shaping", num_samples, batch_size, premise)
+        (gen, seed), policy, ros = rank_rollouts(start, "rule+shaping", num_samples, batch_size, premise)
         argv = ["--from_weight", start, "--data_path", rl_prompts, "--out_dir", out, "--reward", "rule+shaping"]
+        argv += ["--seed", seed]
         torchrun(script, flags + argv + ["--max_steps", 2, "--batch_size", batch_size, "--max_gen_len", gen])
         return policy, ros
 
