@@ -2,11 +2,12 @@
 
     python tools/serve.py --load out/full_sft                         # http://127.0.0.1:8998
     python tools/serve.py --load out/full_sft --port 0                # any free port (the log line says which)
-    python tools/serve.py --load out/full_sft --host 0.0.0.0 --api_key SECRET    # reachable from other machines
+    MINIMIND_API_KEY=SECRET python tools/serve.py --load out/full_sft --host 0.0.0.0   # reachable from elsewhere
     options: --model_name NAME (default: the folder's name) --device auto|cpu|cuda[:i] --kernels auto|torch|triton
              --yarn --lora ADAPTER_FOLDER (merged into the weights at load) --max_batch 32 --max_batch_tokens 131072
-             --max_queue 256 --default_max_tokens 512 --temperature 0.85 --top_p 0.85
-             --threads N --compile
+             --max_queue 256 --default_max_tokens 512 --temperature 0.85 --top_p 0.85 --threads N --compile
+             --api_key_file PATH (or --api_key KEY, visible in the process list) --cors_origins URL,URL
+             --max_body_bytes 1048576 --read_timeout 30 --max_connections 256
 
     from openai import OpenAI
     client = OpenAI(base_url="http://127.0.0.1:8998/v1", api_key="SECRET or anything")
@@ -20,6 +21,8 @@ Endpoints
                              `chat.completion.chunk` objects ending with `data: [DONE]`; the chunk carrying
                              finish_reason also carries `usage`. finish_reason: "stop" (eos or a stop string) or
                              "length" (max_tokens). completion_tokens counts every token generated, eos included.
+  POST /v1/completions       prompt (a string, or a list holding one) continued as plain text after bos, no template;
+                             the same sampling fields; `text_completion` objects, streamed or not.
   GET  /v1/models, /v1/models/{id}, /health (no key needed), /metrics (JSON counters and the last finished requests),
   GET  /                     the chat page (tools/web/chat.html).
 
@@ -32,13 +35,19 @@ Scheduling: minimind_fast.engine.Engine, stepped by one worker thread (never the
 a request that arrives while others are generating joins the running batch at the next decode step (prefilled
 alone, then decoded with the others, each row at its own position), and leaves it as soon as it ends (eos, a stop
 string, its max_tokens). Each request's tokens are those it would get alone (greedy, or with the same seed). A
-client that disconnects, or a stream that is closed, cancels its row: it leaves before the next step.
+client that disconnects, streaming or not, or a stream that is closed, cancels its row: it leaves before the next
+step. Reading, parsing and tokenizing a request run off the event loop (a huge prompt does not stall /health).
+
+Limits: a body over --max_body_bytes, nested deeper than 32 levels, not UTF-8 or holding lone surrogates is a 400;
+a body that does not arrive within --read_timeout seconds is a 408, and a connection whose request headers do not
+arrive within it is closed; beyond --max_connections open connections new requests get 503. CORS is off (no
+browser page from another origin may call the API) unless --cors_origins names the origins allowed.
 
 Errors are OpenAI-shaped, {"error": {"message", "type", "param", "code"}}: 400 for a bad request (malformed JSON, no
 messages, an unknown role, max_tokens beyond the context, a non-numeric temperature ...), 401 for a missing or wrong
 API key, 404 for an unknown model or route, 503 when the queue is full. The server binds 127.0.0.1 unless told
-otherwise; with --api_key (or the MINIMIND_API_KEY environment variable) every /v1 and /metrics request needs
-`Authorization: Bearer <key>`.
+otherwise; with a key (--api_key_file, the MINIMIND_API_KEY environment variable, or --api_key) every /v1 and
+/metrics request needs `Authorization: Bearer <key>`.
 """
 
 from __future__ import annotations
@@ -46,10 +55,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import hmac
 import json
 import math
 import os
+import re
 import socket
 import sys
 import time
@@ -64,7 +75,8 @@ if __package__ in (None, ""):  # run as `python tools/serve.py`: make the reposi
 import torch  # noqa: E402
 
 import minimind_kernels as kernels  # noqa: E402
-from minimind_fast.engine import Engine, QueueFull, Request, RequestError, SamplingParams  # noqa: E402
+from minimind_fast.engine import Engine, QueueFull, RequestError, SamplingParams  # noqa: E402
+from minimind_fast.engine import Request as Job  # noqa: E402
 from minimind_fast.inference import LoadError, load_for_inference  # noqa: E402
 from minimind_fast.textstream import ReasoningSplitter, StopMatcher, split_reasoning  # noqa: E402,F401
 from minimind_fast.tokenizer import Tokenizer, TokenizerError  # noqa: E402
@@ -72,6 +84,7 @@ from minimind_fast.tokenizer import Tokenizer, TokenizerError  # noqa: E402
 try:  # the web stack is an optional dependency: the module still imports (and says what to install) without it
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
+    from fastapi.middleware.cors import CORSMiddleware
     from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
 except ImportError:  # pragma: no cover
@@ -205,25 +218,61 @@ def parse_messages(raw: Any) -> list[dict[str, str]]:
     return out
 
 
-def parse_chat_request(
-    body: Any,
-    tokenizer: Tokenizer,
+MAX_JSON_DEPTH = 32
+_JSON_STRING = re.compile(r'"(?:\\.|[^"\\])*"')
+
+
+def read_json(raw: bytes) -> Any:
+    """The body as JSON, or a 400: not UTF-8, not JSON, nested deeper than MAX_JSON_DEPTH, or holding text that is
+    not valid Unicode (a lone surrogate escape such as "\\ud800")."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise bad_request(f"the request body is not valid UTF-8 ({exc})") from None
+    depth = deepest = 0
+    for m in re.finditer(r"[\[\]{}]", _JSON_STRING.sub('""', text)):
+        depth += 1 if m.group() in "[{" else -1
+        deepest = max(deepest, depth)
+    if deepest > MAX_JSON_DEPTH:
+        raise bad_request(f"the request body nests {deepest} levels deep; at most {MAX_JSON_DEPTH} are accepted")
+    try:
+        body = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise bad_request(f"the request body is not valid JSON ({exc})") from None
+    _check_text(body, "")
+    return body
+
+
+def _check_text(v: Any, where: str) -> None:
+    if isinstance(v, str):
+        try:
+            v.encode("utf-8")
+        except UnicodeEncodeError:
+            raise bad_request(f"{where or 'a string'} is not valid Unicode text (a lone surrogate)", where) from None
+    elif isinstance(v, dict):
+        for k, x in v.items():
+            _check_text(k, where)
+            _check_text(x, f"{where}.{k}" if where else str(k))
+    elif isinstance(v, list):
+        for i, x in enumerate(v):
+            _check_text(x, f"{where}[{i}]")
+
+
+def parse_sampling(
+    body: dict,
+    prompt_ids: list[int],
     context: int,
     *,
     default_max_tokens: int,
     default_temperature: float,
     default_top_p: float,
+    prompt_param: str = "messages",
 ) -> ChatParams:
-    """Validate a /v1/chat/completions body and build the prompt; raises ApiError(400) with the offending param."""
-    if not isinstance(body, dict):
-        raise bad_request("the request body must be a JSON object")
-    messages = parse_messages(body.get("messages"))
+    """The sampling, length and streaming fields shared by /v1/chat/completions and /v1/completions."""
     if body.get("n") not in (None, 1):
         raise bad_request("only n=1 is supported", "n")
     if body.get("logprobs"):
         raise bad_request("logprobs are not supported", "logprobs")
-    if body.get("tools") or body.get("functions"):
-        raise bad_request("tools / function calling are not supported", "tools")
     for name in ("presence_penalty", "frequency_penalty"):
         if _number(body, name, 0.0, -2.0, 2.0) != 0.0:
             raise bad_request(f"'{name}' is not supported (use repetition_penalty)", name)
@@ -248,12 +297,11 @@ def parse_chat_request(
     if len(stop) > MAX_STOP_STRINGS:
         raise bad_request(f"'stop' may hold at most {MAX_STOP_STRINGS} strings", "stop")
 
-    prompt_ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
     room = context - len(prompt_ids)
     if room < 1:
         raise bad_request(
             f"the prompt has {len(prompt_ids)} tokens and leaves no room in the model's context of {context}",
-            "messages",
+            prompt_param,
             "context_length_exceeded",
         )
     max_tokens = _integer(body, "max_tokens", 1)
@@ -282,16 +330,71 @@ def parse_chat_request(
     )
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# The HTTP layer.
+def parse_chat_request(body: Any, tokenizer: Tokenizer, context: int, **defaults: float) -> ChatParams:
+    """Validate a /v1/chat/completions body and build the prompt; raises ApiError(400) with the offending param."""
+    if not isinstance(body, dict):
+        raise bad_request("the request body must be a JSON object")
+    messages = parse_messages(body.get("messages"))
+    if body.get("tools") or body.get("functions"):
+        raise bad_request("tools / function calling are not supported", "tools")
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    return parse_sampling(body, encode_prompt(tokenizer, text, context, "messages"), context, **defaults)
+
+
+def parse_completion_request(body: Any, tokenizer: Tokenizer, context: int, **defaults: float) -> ChatParams:
+    """Validate a /v1/completions body: `prompt` is a string (or a list holding one), continued as plain text after
+    bos, the way a pretrained model reads text. No chat template, no reasoning split."""
+    if not isinstance(body, dict):
+        raise bad_request("the request body must be a JSON object")
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1:
+        prompt = prompt[0]
+    if not isinstance(prompt, str):
+        raise bad_request("'prompt' must be a string (or a list holding one string)", "prompt")
+    for name in ("echo", "suffix", "best_of"):
+        if body.get(name) not in (None, False, 1):
+            raise bad_request(f"'{name}' is not supported", name)
+    prompt_ids = [tokenizer.bos_id] + encode_prompt(tokenizer, prompt, context, "prompt")
+    return parse_sampling(body, prompt_ids, context, prompt_param="prompt", **defaults)
+
+
+_LONGEST_TOKEN: dict[int, int] = {}
+
+
+def encode_prompt(tokenizer: Tokenizer, text: str, context: int, param: str) -> list[int]:
+    """Token ids of a prompt. A text longer than context x (the longest token's characters) cannot fit, and is
+    refused before spending time on it; the rest is encoded through encode_batch, which lets other threads run (the
+    event loop keeps answering while a long prompt is tokenized)."""
+    longest = _LONGEST_TOKEN.get(id(tokenizer))
+    if longest is None:
+        longest = max(len(tokenizer.decode([i])) for i in range(tokenizer.vocab_size))
+        _LONGEST_TOKEN[id(tokenizer)] = longest
+    if len(text) > context * longest:
+        raise bad_request(
+            f"the prompt has {len(text)} characters: more than the model's context of {context} tokens can hold",
+            param,
+            "context_length_exceeded",
+        )
+    return tokenizer.encode_batch([text])[0]
 
 
 def _sse(obj: Any) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-def create_app(engine: Engine, model_name: str, api_key: str | None = None, defaults: dict[str, float] | None = None):
-    """The FastAPI application. The engine's worker thread is started and stopped with the app's lifespan."""
+def create_app(
+    engine: Engine,
+    model_name: str,
+    api_key: str | None = None,
+    defaults: dict[str, float] | None = None,
+    *,
+    cors_origins: list[str] | tuple[str, ...] = (),
+    max_body_bytes: int = 1 << 20,
+    read_timeout_s: float = 30.0,
+):
+    """The FastAPI application. The engine's worker thread is started and stopped with the app's lifespan.
+    cors_origins: origins whose browsers may call the API (none by default); max_body_bytes and read_timeout_s bound
+    what one request may send and how slowly."""
     if FastAPI is None:
         raise ServeError("tools/serve.py needs fastapi and uvicorn: pip install fastapi uvicorn")
     defaults = {"default_max_tokens": 512, "default_temperature": 0.85, "default_top_p": 0.85, **(defaults or {})}
@@ -304,6 +407,13 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, defa
         await asyncio.to_thread(engine.stop)
 
     app = FastAPI(title="MiniMind", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    if cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(cors_origins),
+            allow_methods=["GET", "POST", "OPTIONS"],
+            allow_headers=["Authorization", "Content-Type"],
+        )
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError):
@@ -375,14 +485,35 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, defa
             )
         return model_card()
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
-        check_auth(request)
-        raw = await request.body()
+    async def read_body(request: Request) -> bytes:
+        """The whole body, refused (400) beyond max_body_bytes and (408) when it does not arrive in read_timeout_s."""
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > max_body_bytes:
+            raise bad_request(f"the request body has {declared} bytes; at most {max_body_bytes} are accepted",
+                              code="request_too_large")  # fmt: skip
+        chunks: list[bytes] = []
+        size = 0
+
+        async def collect() -> None:
+            nonlocal size
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > max_body_bytes:
+                    raise bad_request(f"the request body exceeds {max_body_bytes} bytes", code="request_too_large")
+                chunks.append(chunk)
+
         try:
-            body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise bad_request(f"the request body is not valid JSON ({exc})") from None
+            await asyncio.wait_for(collect(), read_timeout_s)
+        except asyncio.TimeoutError:
+            raise ApiError(
+                408, f"the request body did not arrive within {read_timeout_s:g} s", code="timeout"
+            ) from None
+        return b"".join(chunks)
+
+    async def start_job(request: Request, kind: str) -> tuple[Job, ChatParams, asyncio.Queue]:
+        """Authorise, read and validate the request (tokenizing off the event loop), then queue it."""
+        check_auth(request)
+        body = await asyncio.to_thread(read_json, await read_body(request))  # parsing a big body takes a while
         if isinstance(body, dict) and body.get("model") not in (None, model_name):
             raise ApiError(
                 404,
@@ -390,12 +521,16 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, defa
                 param="model",
                 code="model_not_found",
             )
+        parse = parse_chat_request if kind == "chat" else parse_completion_request
         try:
-            params = parse_chat_request(body, engine.tokenizer, engine.context, **defaults)
+            params = await asyncio.to_thread(parse, body, engine.tokenizer, engine.context, **defaults)
         except (TokenizerError, ValueError) as exc:
             if isinstance(exc, ApiError):
                 raise
-            raise bad_request(str(exc), "messages") from None
+            raise bad_request(str(exc), "messages" if kind == "chat" else "prompt") from None
+        sampling = params.sampling()
+        if kind == "text":
+            sampling = dataclasses.replace(sampling, split_reasoning=False)
 
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
@@ -404,59 +539,98 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, defa
             with contextlib.suppress(RuntimeError):  # the loop is gone: the server is shutting down
                 loop.call_soon_threadsafe(queue.put_nowait, event)
 
+        prefix = "chatcmpl" if kind == "chat" else "cmpl"
         try:
-            job = engine.submit(params.prompt_ids, params.sampling(), sink, f"chatcmpl-{uuid.uuid4().hex[:24]}")
+            job = engine.submit(params.prompt_ids, sampling, sink, f"{prefix}-{uuid.uuid4().hex[:24]}")
         except QueueFull as exc:
             raise ApiError(503, str(exc), "server_error", None, "queue_full") from None
         except RequestError as exc:
             raise bad_request(str(exc), exc.param, exc.code) from None
-        created = int(job.created)
+        return job, params, queue
 
-        if params.stream:
-            return StreamingResponse(
-                _stream(job, params, queue, created),
-                media_type="text/event-stream",
-                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-            )
+    async def until_disconnect(request: Request) -> None:
+        """Returns when the client goes away (the body has been read, so the next message is the disconnect)."""
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    async def collect_answer(request: Request, job: Job, queue: asyncio.Queue) -> dict[str, Any] | None:
+        """The non-streamed answer: {"reasoning", "content", "finish_reason", "usage"}, or None when the client went
+        away first (the job is then cancelled: its row leaves before the next decode step)."""
+        gone = asyncio.ensure_future(until_disconnect(request))
         reasoning, content = [], []
         try:
             while True:
-                try:
-                    event = await asyncio.wait_for(queue.get(), timeout=0.5)
-                except asyncio.TimeoutError:
-                    if await request.is_disconnected():
-                        engine.cancel(job)
-                        return Response(status_code=499)
-                    continue
+                get = asyncio.ensure_future(queue.get())
+                done, _ = await asyncio.wait({get, gone}, return_when=asyncio.FIRST_COMPLETED)
+                if get not in done:
+                    get.cancel()
+                    engine.cancel(job)
+                    return None
+                event = get.result()
                 if event["type"] == "delta":
                     reasoning.append(event["reasoning"])
                     content.append(event["content"])
                 elif event["type"] == "error":
                     raise ApiError(500, event["message"], "server_error", None, "generation_failed")
                 else:
-                    break
+                    r = "".join(reasoning)
+                    return {"reasoning": r, "content": "".join(content), **event}
         finally:
+            gone.cancel()
             engine.cancel(job)
-        message = {"role": "assistant", "content": "".join(content)}
-        if reasoning and any(reasoning):
-            message["reasoning_content"] = "".join(reasoning)
-        return {
-            "id": job.id,
-            "object": "chat.completion",
-            "created": created,
-            "model": model_name,
-            "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": event["finish_reason"]}],
-            "usage": event["usage"],
-        }
 
-    async def _stream(job: Request, params: ChatParams, queue: asyncio.Queue, created: int):
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        job, params, queue = await start_job(request, "chat")
+        created = int(job.created)
+        if params.stream:
+            return sse_response(_stream(job, params, queue, created, "chat"))
+        answer = await collect_answer(request, job, queue)
+        if answer is None:
+            return Response(status_code=499)
+        message = {"role": "assistant", "content": answer["content"]}
+        if answer["reasoning"]:
+            message["reasoning_content"] = answer["reasoning"]
+        choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": answer["finish_reason"]}
+        base = {"id": job.id, "object": "chat.completion", "created": created, "model": model_name}
+        return {**base, "choices": [choice], "usage": answer["usage"]}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        job, params, queue = await start_job(request, "text")
+        created = int(job.created)
+        if params.stream:
+            return sse_response(_stream(job, params, queue, created, "text"))
+        answer = await collect_answer(request, job, queue)
+        if answer is None:
+            return Response(status_code=499)
+        choice = {"index": 0, "text": answer["content"], "logprobs": None, "finish_reason": answer["finish_reason"]}
+        base = {"id": job.id, "object": "text_completion", "created": created, "model": model_name}
+        return {**base, "choices": [choice], "usage": answer["usage"]}
+
+    def sse_response(events) -> StreamingResponse:
+        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        return StreamingResponse(events, media_type="text/event-stream", headers=headers)
+
+    async def _stream(job: Job, params: ChatParams, queue: asyncio.Queue, created: int, kind: str):
+        obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
+        base = {"id": job.id, "object": obj, "created": created, "model": model_name}
+
         def chunk(delta: dict[str, Any], finish_reason: str | None = None, **extra: Any) -> str:
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
-            base = {"id": job.id, "object": "chat.completion.chunk", "created": created, "model": model_name}
+            if kind == "chat":
+                choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+            else:
+                choice = {
+                    "index": 0,
+                    "text": delta.get("content", ""),
+                    "logprobs": None,
+                    "finish_reason": finish_reason,
+                }
             return _sse({**base, "choices": [choice], **extra})
 
         try:
-            yield chunk({"role": "assistant", "content": ""})
+            if kind == "chat":
+                yield chunk({"role": "assistant", "content": ""})
             while True:
                 event = await queue.get()
                 if event["type"] == "delta":
@@ -473,8 +647,7 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, defa
                 else:
                     yield chunk({}, event["finish_reason"], usage=event["usage"])
                     if params.include_usage:
-                        base = {"id": job.id, "object": "chat.completion.chunk", "created": created}
-                        yield _sse({**base, "model": model_name, "choices": [], "usage": event["usage"]})
+                        yield _sse({**base, "choices": [], "usage": event["usage"]})
                     break
             yield "data: [DONE]\n\n"
         finally:
@@ -493,7 +666,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--load", required=True, help="checkpoint folder (model.safetensors, config.json, manifest.json)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
     p.add_argument("--port", type=int, default=8998, help="port (0 = any free port)")
-    p.add_argument("--api_key", default=os.environ.get("MINIMIND_API_KEY"), help="require Authorization: Bearer KEY")
+    p.add_argument(
+        "--api_key",
+        default=None,
+        help="require Authorization: Bearer KEY (visible in the process list:"
+        " prefer MINIMIND_API_KEY or --api_key_file)",
+    )
+    p.add_argument("--api_key_file", default=None, help="read the API key from this file (its first line)")
+    p.add_argument(
+        "--cors_origins",
+        default="",
+        help="comma-separated origins whose web pages may call the API, e.g."
+        " http://localhost:3000 ('*' for any); default none",
+    )
+    p.add_argument("--max_body_bytes", type=int, default=1 << 20, help="largest request body accepted")
+    p.add_argument("--read_timeout", type=float, default=30.0, help="seconds a client may take to send a request")
+    p.add_argument("--max_connections", type=int, default=256, help="open connections before new requests get 503")
     p.add_argument("--model_name", default=None, help="the model id clients use (default: the folder's name)")
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
     p.add_argument("--kernels", default="auto", help="ops spec: auto, torch, triton, liger, triton,rope=torch ...")
@@ -509,14 +697,43 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true", help="torch.compile the one-token decode step")
     p.add_argument("--log_level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     args = p.parse_args(argv)
-    for name in ("max_batch", "max_batch_tokens", "max_queue", "default_max_tokens"):
+    for name in (
+        "max_batch",
+        "max_batch_tokens",
+        "max_queue",
+        "default_max_tokens",
+        "max_body_bytes",
+        "max_connections",
+    ):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be >= 1")
     if not 0 <= args.temperature <= 2 or not 0 < args.top_p <= 1:
         p.error("--temperature must be in [0, 2] and --top_p in (0, 1]")
     if not 0 <= args.port < 65536:
         p.error("--port must be in [0, 65535]")
+    if not args.read_timeout > 0:
+        p.error("--read_timeout must be > 0")
+    if args.api_key is not None and args.api_key_file is not None:
+        p.error("give --api_key or --api_key_file, not both")
+    args.cors_origins = [o.strip() for o in args.cors_origins.split(",") if o.strip()]
     return args
+
+
+def resolve_api_key(args: argparse.Namespace) -> str | None:
+    """--api_key_file, else --api_key, else the MINIMIND_API_KEY environment variable, else None (no key)."""
+    if args.api_key_file is not None:
+        try:
+            key = Path(args.api_key_file).read_text(encoding="utf-8").splitlines()[0].strip()
+        except (OSError, UnicodeDecodeError, IndexError) as exc:
+            raise ServeError(f"--api_key_file {args.api_key_file}: cannot read a key ({exc or 'empty file'})") from None
+        if not key:
+            raise ServeError(f"--api_key_file {args.api_key_file}: the first line is empty")
+        return key
+    if args.api_key is not None:
+        print("warning: --api_key is visible to every user of this machine (ps); prefer MINIMIND_API_KEY or "
+              "--api_key_file", file=sys.stderr)  # fmt: skip
+        return args.api_key
+    return os.environ.get("MINIMIND_API_KEY") or None
 
 
 def load_for_serving(args: argparse.Namespace) -> tuple[torch.nn.Module, Tokenizer]:
@@ -531,6 +748,37 @@ def load_for_serving(args: argparse.Namespace) -> tuple[torch.nn.Module, Tokeniz
     return model, tokenizer
 
 
+def header_timeout_protocol(read_timeout_s: float):
+    """uvicorn's h11 protocol with a deadline for a request's headers: a connection that has not sent complete
+    headers within read_timeout_s of opening (or of its last response) is closed. Without it a client that sends
+    half a request holds its connection forever (uvicorn only times out idle keep-alive connections)."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeaderTimeoutH11(H11Protocol):
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._arm_header_timer()
+
+        def _arm_header_timer(self) -> None:
+            self._header_timer = self.loop.call_later(read_timeout_s, self._headers_overdue)
+
+        def _headers_overdue(self) -> None:
+            waiting = self.cycle is None or self.cycle.response_complete  # no request whose headers arrived
+            if waiting and not self.transport.is_closing():
+                self.transport.close()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._header_timer.cancel()
+            self._arm_header_timer()
+
+        def connection_lost(self, exc) -> None:
+            self._header_timer.cancel()
+            super().connection_lost(exc)
+
+    return HeaderTimeoutH11
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     try:
@@ -542,6 +790,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
+        api_key = resolve_api_key(args)
         model, tokenizer = load_for_serving(args)
     except ServeError as exc:
         raise SystemExit(f"error: {exc}") from None
@@ -557,7 +806,15 @@ def main(argv: list[str] | None = None) -> None:
     defaults = dict(
         default_max_tokens=args.default_max_tokens, default_temperature=args.temperature, default_top_p=args.top_p
     )
-    app = create_app(engine, name, api_key=args.api_key, defaults=defaults)
+    app = create_app(
+        engine,
+        name,
+        api_key=api_key,
+        defaults=defaults,
+        cors_origins=args.cors_origins,
+        max_body_bytes=args.max_body_bytes,
+        read_timeout_s=args.read_timeout,
+    )
     try:
         sock = socket.create_server(
             (args.host, args.port), family=socket.AF_INET6 if ":" in args.host else socket.AF_INET
@@ -567,11 +824,17 @@ def main(argv: list[str] | None = None) -> None:
     port = sock.getsockname()[1]
     print(
         f"serving {name} ({model.num_params() / 1e6:.1f}M parameters) on http://{args.host}:{port} "
-        f"(api key {'required' if args.api_key else 'off'})",
+        f"(api key {'required' if api_key else 'off'}; CORS {', '.join(args.cors_origins) or 'off'})",
         file=sys.stderr,
         flush=True,
     )
-    config = uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=5)
+    config = uvicorn.Config(
+        app,
+        log_level=args.log_level,
+        timeout_graceful_shutdown=5,
+        http=header_timeout_protocol(args.read_timeout),
+        limit_concurrency=args.max_connections,
+    )
     uvicorn.Server(config).run(sockets=[sock])
 
 
