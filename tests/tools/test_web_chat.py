@@ -173,3 +173,43 @@ def test_page_streams_answers_with_thinking_apart_and_keeps_history(server, brow
     recent = httpx.get(server + "/metrics").json()["recent"]
     assert recent[-1]["max_tokens"] == 5 and recent[-1]["prompt_tokens"] == len(ids)
     assert browser.find_elements(By.CSS_SELECTOR, ".msg.error") == []
+
+
+def test_keyed_server_page_names_the_model_and_asks_for_the_key(model, tokenizer, browser):
+    """With a key required: the model name still shows (from /health), a turn sent without the key fails with a
+    message about the key box and leaves neither its question nor an answer on the page (its text goes back into the
+    input), and with the key typed the same turn is answered and the error is gone."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    app = serve.create_app(serve.Engine(model, tokenizer), "reasoner-keyed", api_key="page-key")
+    sock = socket.create_server(("127.0.0.1", 0))
+    srv = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        _wait(lambda: srv.started)
+        browser.get(f"http://127.0.0.1:{sock.getsockname()[1]}/")
+        _wait(lambda: browser.find_element(By.ID, "model-name").text == "reasoner-keyed")
+        icon = browser.execute_script("return document.querySelector('link[rel=icon]').href")
+        assert icon.startswith("data:image/svg+xml")  # no /favicon.ico request
+        _set(browser, "temperature", 0)
+        _set(browser, "max-tokens", 60)
+        browser.find_element(By.ID, "input").send_keys(QUESTION, Keys.ENTER)
+        _wait(lambda: browser.find_element(By.ID, "status").text == "error")
+        error = browser.find_element(By.CSS_SELECTOR, ".msg.error").text
+        assert "API key box" in error and "header" not in error.lower()
+        assert browser.find_elements(By.CSS_SELECTOR, ".msg.user") == []
+        assert browser.find_elements(By.CSS_SELECTOR, ".msg.assistant") == []
+        assert browser.find_element(By.ID, "input").get_attribute("value") == QUESTION
+        assert browser.switch_to.active_element.get_attribute("id") == "api-key"
+        _set(browser, "api-key", "page-key")
+        browser.find_element(By.ID, "send").click()
+        _wait(lambda: browser.find_element(By.ID, "status").text == "done")
+        assert browser.find_elements(By.CSS_SELECTOR, ".msg.error") == []
+        assert [e.text for e in browser.find_elements(By.CSS_SELECTOR, ".msg.user")] == [QUESTION]
+        answer = browser.find_element(By.CSS_SELECTOR, ".msg.assistant .content").text
+        assert answer == ANSWER
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=15)
