@@ -92,14 +92,16 @@ def cpu_bf16_speedup() -> float:
 
 
 _CPU_BF16_SPEEDUP: float | None = None
-CPU_BF16_MIN_SPEEDUP = 1.5  # --dtype auto takes bf16 autocast on a CPU whose bf16 matmul is at least this much faster
+CPU_BF16_MIN_SPEEDUP = 1.5  # the start-up line mentions --dtype bfloat16 on a CPU whose bf16 matmul is this much faster
+# Why --dtype auto stays fp32 on every CPU: on an avx512_bf16 EPYC the default pretrain + SFT under bf16 autocast ran
+# 1.49x faster but ended at loss 1.21 instead of 1.02 and answered 0-5% of the held-out person facts instead of
+# 30-53% (bench/results/cpu/default-run-2_cpu_20261205.md): bf16 gradients lose what the tiny model memorises.
 
 
 def setup_runtime(device: str = "auto", dtype: str = "auto", seed: int = 42, dist_timeout: float = 600.0) -> Runtime:
-    """Pick the device and precision: bf16 autocast on CUDA (fp16 is not offered: no loss scaling here); on a CPU,
-    bf16 autocast where the CPU multiplies bf16 at least CPU_BF16_MIN_SPEEDUP times faster than fp32
-    (cpu_bf16_speedup, one probe at start-up, one process only: ranks must agree), else fp32.
-    --dtype float32 / bfloat16 overrides the choice.
+    """Pick the device and precision: bf16 autocast on CUDA (fp16 is not offered: no loss scaling here), fp32 on a
+    CPU (see CPU_BF16_MIN_SPEEDUP for why; where the CPU multiplies bf16 at least that much faster, one probe at
+    start-up, the start-up line says so). --dtype float32 / bfloat16 overrides the choice.
 
     Under torchrun (WORLD_SIZE > 1) it also joins the process group: NCCL on CUDA (one GPU per LOCAL_RANK), gloo on
     CPU. Every rank seeds identically, so models start equal before DDP/FSDP broadcast anything. A collective that
@@ -117,8 +119,9 @@ def setup_runtime(device: str = "auto", dtype: str = "auto", seed: int = 42, dis
     note = ""
     if dtype == "auto" and dev.type == "cpu" and world == 1:
         speedup = cpu_bf16_speedup()
-        dtype = "bfloat16" if speedup >= CPU_BF16_MIN_SPEEDUP else "float32"
-        note = f"bf16 matmul {speedup:.2g}x fp32 on this CPU"
+        dtype = "float32"
+        if speedup >= CPU_BF16_MIN_SPEEDUP:
+            note = f"bf16 matmul {speedup:.2g}x fp32 on this CPU: --dtype bfloat16 trains faster but learns less"
     if dtype == "auto":
         dtype = "bfloat16" if dev.type == "cuda" else "float32"
     if dtype not in ("bfloat16", "float32"):
