@@ -8,6 +8,7 @@ checkout without an install.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import importlib.metadata
 import os
@@ -199,3 +200,14 @@ def measure_bf16_matmul_peak(n: int = 8192, reps: int = 20) -> dict[str, Any] | 
     del a, b, c
     torch.cuda.empty_cache()
     return {"n": n, "reps": reps, "median_ms": round(median_s * 1e3, 4), "tflops": round(2 * n**3 / median_s / 1e12, 1)}
+
+
+@contextlib.contextmanager
+def worktree(rev: str, path: str | Path):
+    """A temporary detached `git worktree` of rev at path, removed on exit; yields rev's full commit hash."""
+    git = ["git", "-C", str(REPO_ROOT)]
+    subprocess.run([*git, "worktree", "add", "--detach", str(path), rev], check=True, capture_output=True)
+    try:
+        yield subprocess.run([*git, "rev-parse", rev], capture_output=True, text=True, check=True).stdout.strip()
+    finally:
+        subprocess.run([*git, "worktree", "remove", "--force", str(path)], capture_output=True)

@@ -21,6 +21,7 @@ CUDA (CPU figures stay apart from the GPU results in bench/results/).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -188,40 +189,31 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "data_sha256": {"this checkout": sha256(_ROOT / DATA)},
         "paths": [str(p) for p in paths],
     }
-    with tempfile.TemporaryDirectory(prefix="default-run-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="default-run-") as tmp, contextlib.ExitStack() as stack:
         work = Path(tmp)
         trees = [(_ROOT, "this checkout")]
         if args.against:
             old = work / "against"
-            git = ["git", "-C", str(_ROOT)]
-            subprocess.run([*git, "worktree", "add", "--detach", str(old), args.against], check=True,
-                           capture_output=True)  # fmt: skip
-            commit = subprocess.run([*git, "rev-parse", args.against], capture_output=True, text=True, check=True)
-            result["against_commit"] = commit.stdout.strip()
+            result["against_commit"] = stack.enter_context(bench.worktree(args.against, old))
             result["data_sha256"][args.against] = sha256(old / DATA)
             trees.insert(0, (old, args.against))
-        try:
-            for i in range(args.pairs):
-                pair = []
-                for tree, label in trees:
-                    print(f"[{i + 1}/{args.pairs}] {label}: python train/pretrain.py {args.pretrain_args}", flush=True)
-                    rec = one_run(tree, label, args, work)
-                    print(f"    {rec['status']}: {rec['wall_s']} s, {rec['steps']} steps, {rec['tokens_per_s']} tok/s, "
-                          f"loss {rec['last_loss']}" + (f", held-out {rec['heldout']}" if "heldout" in rec else ""),
-                          flush=True)  # fmt: skip
-                    result["runs"].append(rec)
-                    pair.append(rec)
-                if len(pair) == 2 and all(r["status"] == "ok" for r in pair):
-                    old_r, new_r = pair
-                    ratio = {"wall_s": old_r["wall_s"] / new_r["wall_s"]}
-                    if old_r["tokens_per_s"] and new_r["tokens_per_s"]:
-                        ratio["tokens_per_s"] = new_r["tokens_per_s"] / old_r["tokens_per_s"]
-                    result["pairs"].append(ratio)
-                write(result, paths)
-        finally:
-            if args.against:
-                subprocess.run(["git", "-C", str(_ROOT), "worktree", "remove", "--force", str(work / "against")],
-                               capture_output=True)  # fmt: skip
+        for i in range(args.pairs):
+            pair = []
+            for tree, label in trees:
+                print(f"[{i + 1}/{args.pairs}] {label}: python train/pretrain.py {args.pretrain_args}", flush=True)
+                rec = one_run(tree, label, args, work)
+                print(f"    {rec['status']}: {rec['wall_s']} s, {rec['steps']} steps, {rec['tokens_per_s']} tok/s, "
+                      f"loss {rec['last_loss']}" + (f", held-out {rec['heldout']}" if "heldout" in rec else ""),
+                      flush=True)  # fmt: skip
+                result["runs"].append(rec)
+                pair.append(rec)
+            if len(pair) == 2 and all(r["status"] == "ok" for r in pair):
+                old_r, new_r = pair
+                ratio = {"wall_s": old_r["wall_s"] / new_r["wall_s"]}
+                if old_r["tokens_per_s"] and new_r["tokens_per_s"]:
+                    ratio["tokens_per_s"] = new_r["tokens_per_s"] / old_r["tokens_per_s"]
+                result["pairs"].append(ratio)
+            write(result, paths)
     result["meta"]["finished"] = True
     write(result, paths)
     print(markdown(result, paths[0].name))

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -255,45 +256,40 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "runs": [],
         "ratios": {},
     }
-    with tempfile.TemporaryDirectory(prefix="serve-load-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="serve-load-") as tmp, contextlib.ExitStack() as stack:
         work = Path(tmp)
         ckpt = make_checkpoint(args.preset, args.seed, work)
         trees = [(_ROOT, "this checkout")]
-        git = ["git", "-C", str(_ROOT)]
         if args.against:
-            old = work / "against"
-            subprocess.run([*git, "worktree", "add", "--detach", str(old), args.against], check=True,
-                           capture_output=True)  # fmt: skip
-            commit = subprocess.run([*git, "rev-parse", args.against], capture_output=True, text=True, check=True)
-            result["against_commit"] = commit.stdout.strip()
-            trees.insert(0, (old, args.against))
-        try:
-            for rnd in range(1, args.rounds + 1):
-                for name in args.scenarios:
-                    reqs = requests_for(name, args.seed)
-                    pair = []
-                    for tree, label in trees:
-                        server = Server(tree, ckpt, args.threads)
-                        try:
-                            run_scenario(server.base, ckpt.name, reqs[:1])  # warm-up: first-call costs
-                            rec = {"scenario": name, "round": rnd, "tree": label,
-                                   **run_scenario(server.base, ckpt.name, reqs)}  # fmt: skip
-                        finally:
-                            server.close()
-                        print(f"[round {rnd}] {name} {label}: {rec['tokens_per_s']} tok/s, TTFT p50 "
-                              f"{rec['ttft_p50_s']} s p95 {rec['ttft_p95_s']} s", flush=True)  # fmt: skip
-                        result["runs"].append(rec)
-                        pair.append(rec)
-                    if len(pair) == 2:
-                        o, n = pair
-                        result["ratios"].setdefault(name, []).append({
-                            "tokens_per_s": round(n["tokens_per_s"] / o["tokens_per_s"], 3),
-                            "ttft_p95_new": n["ttft_p95_s"], "ttft_p95_old": o["ttft_p95_s"],
-                        })  # fmt: skip
-                    write(result, paths)
-        finally:
-            if args.against:
-                subprocess.run([*git, "worktree", "remove", "--force", str(work / "against")], capture_output=True)
+            result["against_commit"] = stack.enter_context(bench.worktree(args.against, work / "against"))
+            trees.insert(0, (work / "against", args.against))
+        for rnd in range(1, args.rounds + 1):
+            for name in args.scenarios:
+                reqs = requests_for(name, args.seed)
+                pair = []
+                for tree, label in trees:
+                    server = Server(tree, ckpt, args.threads)
+                    try:
+                        run_scenario(server.base, ckpt.name, reqs[:1])  # warm-up: first-call costs
+                        rec = {
+                            "scenario": name,
+                            "round": rnd,
+                            "tree": label,
+                            **run_scenario(server.base, ckpt.name, reqs),
+                        }
+                    finally:
+                        server.close()
+                    print(f"[round {rnd}] {name} {label}: {rec['tokens_per_s']} tok/s, TTFT p50 "
+                          f"{rec['ttft_p50_s']} s p95 {rec['ttft_p95_s']} s", flush=True)  # fmt: skip
+                    result["runs"].append(rec)
+                    pair.append(rec)
+                if len(pair) == 2:
+                    o, n = pair
+                    result["ratios"].setdefault(name, []).append({
+                        "tokens_per_s": round(n["tokens_per_s"] / o["tokens_per_s"], 3),
+                        "ttft_p95_new": n["ttft_p95_s"], "ttft_p95_old": o["ttft_p95_s"],
+                    })  # fmt: skip
+                write(result, paths)
     result["meta"]["finished"] = True
     write(result, paths)
     print(markdown(result, paths[0].name))

@@ -2,6 +2,8 @@
 
     python tools/export.py hf --load out/full_sft --out out/hf/full_sft           # -> a transformers folder
          [--dtype float32|bfloat16|float16] [--lora out/lora_identity] [--yarn] [--moe_format qwen2_moe|minimind]
+    python tools/export.py gguf --load out/full_sft --out out/minimind.gguf      # -> one file for llama.cpp / ollama
+         [--dtype f16|bf16|f32] [--lora out/lora_identity]
     python tools/export.py import-pth --pth MiniMind2.pth --out out/minimind2    # MiniMind2 release -> checkpoint
          [--num_attention_heads 8] [--num_experts_per_tok 2] [--tokenizer DIR]
     python tools/export.py import-hf --hf out/hf/full_sft --out out/back          # transformers folder -> checkpoint
@@ -30,6 +32,20 @@ Exported folders (`hf`)
       from tools.export import load_exported; model = load_exported(folder)
   or turn it back into a checkpoint with `import-hf`.
 
+GGUF (`gguf`, written with the gguf package, llama.cpp's gguf-py)
+  One file that llama.cpp's llama-cli / llama-server and ollama run: hyperparameters, tensors under llama.cpp's
+  names, tokenizer and chat template. Dense models are llama.cpp's `llama` architecture. MoE models are its
+  `bailingmoe` (Ling): its graph (src/models/bailingmoe.cpp) is MiniMind's MoE exactly (softmax router, top-k,
+  weights renormalised by the expert_weights_norm flag, shared experts added without a gate) around standard GQA
+  attention. qwen2moe is not: it gates its shared expert by a sigmoid and ignores norm_topk_prob; deepseek never
+  renormalises; qwen3moe has no shared expert and adds QK-norm. Both architectures use llama.cpp's "normal" RoPE on
+  adjacent pairs, so q and k rows are permuted from our rotate-half order (rope_halves_to_pairs), as llama.cpp's own
+  converter does for HF Llama. The tokenizer is llama.cpp's "gpt2" BPE with the "gpt-2" pre-tokenizer, which runs
+  the same regex as our byte-level pre-tokenizer. Matrices are f16 by default (--dtype), norms and router f32.
+  YaRN is not exported (an error). tests/tools/test_export_gguf.py checks the file field by field, recomputes our
+  logits from the file alone with llama.cpp's semantics, and, where llama-cpp-python is installed, compares
+  llama.cpp's tokenization and greedy tokens with ours.
+
 Imports
   import-pth: a MiniMind2 .pth is a plain fp16 state dict under the same names; it is read with
   torch.load(weights_only=True) (no code can run) through checkpoint.load_minimind_pth, in fp32. Its config
@@ -54,6 +70,7 @@ from typing import Any
 if __package__ in (None, ""):  # run as `python tools/export.py`: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
@@ -245,6 +262,207 @@ def export_hf(
         f"{config['torch_dtype']}), exported by tools/export.py.\n\nLoad it with `{how}`; the tokenizer with "
         "`AutoTokenizer.from_pretrained(folder)` (ChatML chat template).\n"
     )
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# GGUF (llama.cpp, ollama)
+
+GGUF_DTYPES = ("f32", "f16", "bf16")
+GGUF_DENSE_ARCH, GGUF_MOE_ARCH = "llama", "bailingmoe"
+
+
+def _gguf():
+    """The gguf package (llama.cpp's gguf-py, on PyPI as gguf), imported when a GGUF is written."""
+    try:
+        import gguf
+    except ImportError as exc:
+        raise ExportError("writing GGUF needs the gguf package: pip install gguf") from exc
+    return gguf
+
+
+def rope_halves_to_pairs(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Rows of a q or k projection [n_heads * Dh, D] reordered, within every head, from rotate-half order to
+    adjacent pairs: new row 2i takes row i, new row 2i+1 takes row i + Dh/2 (i < Dh/2).
+
+    Why: our RoPE (HF Llama's) rotates the pair (x[i], x[i + Dh/2]) by angle p * theta^(-2i/Dh); llama.cpp's `llama`
+    and `bailingmoe` architectures use LLAMA_ROPE_TYPE_NORM (src/llama-model.cpp, llama_model_rope_type: "normal
+    RoPE, operating on pairs of consecutive head values"), which rotates (x[2i], x[2i+1]) by the same angle: Meta's
+    original layout, which HF's Llama conversion had permuted into rotate-half. llama.cpp's HF converter undoes that
+    permutation (convert_hf_to_gguf.py, LlamaModel.permute and BailingMoeModel.permute: reshape to
+    (heads, 2, Dh/2, D), swap axes 1 and 2). Doing the same to q and k changes nothing else: the attention score
+    q.k sums over the same products in another order, and v and o are untouched."""
+    rows, cols = w.shape
+    dh = rows // n_heads
+    return w.reshape(n_heads, 2, dh // 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def gguf_tensors(model: MiniMind) -> dict[str, torch.Tensor]:
+    """GGUF tensor name -> fp32 tensor (torch layout [out, in]; gguf lists the dims reversed) for model.
+
+    Names are llama.cpp's (gguf-py constants.py TENSOR_NAMES). Dense: LLM_ARCH_LLAMA's tensors; the tied head is
+    left out (llama.cpp's llama loader falls back to token_embd when output.weight is absent). MoE:
+    LLM_ARCH_BAILINGMOE's (src/models/bailingmoe.cpp, load_arch_tensors), where output.weight is required, so the tied
+    embedding is written a second time; the routed experts stacked as [E, F, D] / [E, D, F] (ggml {D, F, E} and
+    {F, D, E}); the shared experts fused into one of width F * n_shared (rows of gate/up, columns of down concatenated:
+    a sum of SwiGLUs over disjoint hidden units is one SwiGLU over their concatenation)."""
+    cfg = model.config
+    sd = {k: v.detach().float() for k, v in model_state_dict(model).items()}
+    hq, hkv = cfg.num_attention_heads, cfg.num_key_value_heads
+    out = {"token_embd.weight": sd[EMBED_KEY], "output_norm.weight": sd["model.norm.weight"]}
+    if cfg.use_moe:
+        out["output.weight"] = sd[EMBED_KEY]
+    for i in range(cfg.num_hidden_layers):
+        p, b = f"model.layers.{i}.", f"blk.{i}."
+        out[b + "attn_norm.weight"] = sd[p + "input_layernorm.weight"]
+        out[b + "attn_q.weight"] = rope_halves_to_pairs(sd[p + "self_attn.q_proj.weight"], hq)
+        out[b + "attn_k.weight"] = rope_halves_to_pairs(sd[p + "self_attn.k_proj.weight"], hkv)
+        out[b + "attn_v.weight"] = sd[p + "self_attn.v_proj.weight"]
+        out[b + "attn_output.weight"] = sd[p + "self_attn.o_proj.weight"]
+        out[b + "ffn_norm.weight"] = sd[p + "post_attention_layernorm.weight"]
+        if not cfg.use_moe:
+            for proj in ("gate", "up", "down"):
+                out[b + f"ffn_{proj}.weight"] = sd[p + f"mlp.{proj}_proj.weight"]
+            continue
+        out[b + "ffn_gate_inp.weight"] = sd[p + "mlp.gate.weight"]
+        for proj in ("gate", "up", "down"):
+            experts = [sd[p + f"mlp.experts.{e}.{proj}_proj.weight"] for e in range(cfg.n_routed_experts)]
+            out[b + f"ffn_{proj}_exps.weight"] = torch.stack(experts)
+        d, f = cfg.hidden_size, cfg.intermediate_size
+        shared = [f"{p}mlp.shared_experts.{j}." for j in range(cfg.n_shared_experts)]
+        if shared:
+            out[b + "ffn_gate_shexp.weight"] = torch.cat([sd[s + "gate_proj.weight"] for s in shared], dim=0)
+            out[b + "ffn_up_shexp.weight"] = torch.cat([sd[s + "up_proj.weight"] for s in shared], dim=0)
+            out[b + "ffn_down_shexp.weight"] = torch.cat([sd[s + "down_proj.weight"] for s in shared], dim=1)
+        else:  # bailingmoe requires a shared expert: a zero one adds exactly nothing
+            out[b + "ffn_gate_shexp.weight"] = out[b + "ffn_up_shexp.weight"] = torch.zeros(f, d)
+            out[b + "ffn_down_shexp.weight"] = torch.zeros(d, f)
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def gguf_vocab(tokenizer: Tokenizer, vocab_size: int) -> tuple[list[str], list[int], list[str]]:
+    r"""(tokens by id, token types, merges "a b") for tokenizer.ggml.model "gpt2", padded to vocab_size with unused
+    tokens. Refuses a tokenizer that llama.cpp's "gpt-2" pre-tokenizer would not split exactly as ours: only a BPE model
+    behind HF's plain ByteLevel pre-tokenizer (GPT-2's regex, no prefix space, no normaliser) is accepted. llama.cpp's
+    "gpt-2" type runs that same regex ('s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+,
+    src/unicode.cpp unicode_regex_split_custom_gpt2) before the same byte-to-unicode mapping and merges."""
+    gguf = _gguf()
+    spec = json.loads(tokenizer.hf.to_str())
+    model, pre = spec.get("model") or {}, spec.get("pre_tokenizer") or {}
+    if model.get("type") != "BPE" or model.get("byte_fallback"):
+        raise ExportError(
+            f"tokenizer {tokenizer.source}: a byte-level BPE model is needed for GGUF, not {model.get('type')}"
+        )
+    if spec.get("normalizer") is not None:
+        raise ExportError(f"tokenizer {tokenizer.source}: has a normalizer, which llama.cpp's gpt2 tokenizer lacks")
+    if pre.get("type") != "ByteLevel" or not pre.get("use_regex", True) or pre.get("add_prefix_space"):
+        raise ExportError(
+            f"tokenizer {tokenizer.source}: pre-tokenizer {json.dumps(pre)[:120]} is not GPT-2's byte-level regex "
+            "(the only one exported as llama.cpp's 'gpt-2')"
+        )
+    vocab = tokenizer.hf.get_vocab(with_added_tokens=True)
+    n = len(vocab)
+    if n > vocab_size:
+        raise ExportError(f"tokenizer {tokenizer.source} has {n} tokens, more than the model's vocab_size {vocab_size}")
+    tokens: list[str | None] = [None] * vocab_size
+    for text, i in vocab.items():
+        tokens[i] = text
+    if any(t is None for t in tokens[:n]):
+        raise ExportError(f"tokenizer {tokenizer.source}: token ids are not contiguous from 0")
+    types = [int(gguf.TokenType.NORMAL)] * n + [int(gguf.TokenType.UNUSED)] * (vocab_size - n)
+    for i, tok in tokenizer.hf.get_added_tokens_decoder().items():
+        types[i] = int(gguf.TokenType.CONTROL if tok.special else gguf.TokenType.USER_DEFINED)
+    for i in range(n, vocab_size):  # as llama.cpp's converter pads a vocabulary shorter than the embedding
+        tokens[i] = f"[PAD{i}]"
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    return [t for t in tokens if t is not None], types, merges
+
+
+def _gguf_array(t: torch.Tensor, dtype: str) -> tuple[np.ndarray, Any]:
+    """(numpy array, raw ggml type or None) of an fp32 tensor in the file's dtype."""
+    gguf = _gguf()
+    if dtype == "f32":
+        return t.numpy(), None
+    if dtype == "f16":
+        return t.half().numpy(), None
+    return t.bfloat16().view(torch.int16).numpy().view(np.uint16), gguf.GGMLQuantizationType.BF16
+
+
+def export_gguf(model: MiniMind, tokenizer: Tokenizer, out: str | Path, dtype: str = "f16", name: str | None = None):
+    """Write model and tokenizer as one GGUF file that llama.cpp (and ollama) run. Returns the file's path.
+
+    dtype applies to the matrices; norms and the MoE router stay f32 (llama.cpp's converter keeps 1-D tensors and
+    ffn_gate_inp in f32 too; the router's softmax over few experts is sensitive to it)."""
+    if dtype not in GGUF_DTYPES:
+        raise ExportError(f"--dtype {dtype!r} is not one of {', '.join(GGUF_DTYPES)}")
+    cfg = model.config
+    if cfg.inference_rope_scaling:
+        raise ExportError("YaRN rope scaling is not exported to GGUF (export the checkpoint without it)")
+    gguf = _gguf()
+    tokens, types, merges = gguf_vocab(tokenizer, cfg.vocab_size)
+    tensors = gguf_tensors(model)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".partial")  # renamed into place once complete
+    arch = GGUF_MOE_ARCH if cfg.use_moe else GGUF_DENSE_ARCH
+    w = gguf.GGUFWriter(str(tmp), arch)
+    w.add_name(name or out.stem)
+    w.add_file_type(
+        {
+            "f32": gguf.LlamaFileType.ALL_F32,
+            "f16": gguf.LlamaFileType.MOSTLY_F16,
+            "bf16": gguf.LlamaFileType.MOSTLY_BF16,
+        }[dtype]
+    )
+    # Hyperparameters under {arch}.*: the keys llama.cpp's load_hparams / load_arch_hparams read.
+    w.add_vocab_size(cfg.vocab_size)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_key_length(cfg.head_dim)
+    w.add_value_length(cfg.head_dim)
+    w.add_rope_dimension_count(cfg.head_dim)
+    w.add_rope_freq_base(float(cfg.rope_theta))
+    w.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
+    if cfg.use_moe:
+        # bailingmoe (src/models/bailingmoe.cpp): build_moe_ffn with LLAMA_EXPERT_GATING_FUNC_TYPE_SOFTMAX, top-k,
+        # weights renormalised when expert_weights_norm, times expert_weights_scale; then the shared expert's plain
+        # SwiGLU is added (ggml_add, no gate): MiniMind's MoE exactly. MiniMind renormalises only when k > 1 (one
+        # expert keeps its softmax score); llama.cpp's norm with k = 1 would make that weight 1, so the flag is off.
+        w.add_expert_count(cfg.n_routed_experts)
+        w.add_expert_used_count(cfg.num_experts_per_tok)
+        w.add_expert_feed_forward_length(cfg.intermediate_size)
+        w.add_expert_shared_count(max(cfg.n_shared_experts, 1))
+        w.add_expert_weights_norm(bool(cfg.norm_topk_prob and cfg.num_experts_per_tok > 1))
+        w.add_expert_weights_scale(1.0)
+        w.add_leading_dense_block_count(0)
+    # Tokenizer: HF byte-level BPE = llama.cpp's "gpt2" model with the "gpt-2" pre-tokenizer (see gguf_vocab).
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("gpt-2")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    w.add_bos_token_id(cfg.bos_token_id)
+    w.add_eos_token_id(cfg.eos_token_id)
+    w.add_pad_token_id(cfg.pad_token_id)
+    w.add_add_bos_token(False)  # our prompts carry their specials in the text (the chat template writes them)
+    w.add_add_eos_token(False)
+    w.add_chat_template(tokenizer.config["chat_template"])
+    for key, t in tensors.items():
+        keep_f32 = t.dim() == 1 or key.endswith("ffn_gate_inp.weight")
+        arr, raw = _gguf_array(t, "f32" if keep_f32 else dtype)
+        w.add_tensor(key, arr, raw_dtype=raw)
+    try:
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        tmp.replace(out)
+    finally:
+        tmp.unlink(missing_ok=True)
     return out
 
 
@@ -464,6 +682,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     e.add_argument("--lora", default=None, help="a LoRA adapter folder to merge into the weights first")
     e.add_argument("--yarn", action="store_true", help="export with YaRN rope scaling on")
     e.add_argument("--moe_format", choices=("qwen2_moe", "minimind"), default="qwen2_moe")
+    g = sub.add_parser("gguf", help="checkpoint -> one GGUF file for llama.cpp / ollama")
+    g.add_argument("--load", required=True, help="our checkpoint folder")
+    g.add_argument("--out", required=True, help="the .gguf file to write (replaced if it exists)")
+    g.add_argument("--dtype", choices=GGUF_DTYPES, default="f16", help="matrix weights (norms and router stay f32)")
+    g.add_argument("--lora", default=None, help="a LoRA adapter folder to merge into the weights first")
     i = sub.add_parser("import-pth", help="MiniMind2 .pth state dict -> checkpoint")
     i.add_argument("--pth", required=True)
     i.add_argument("--out", required=True)
@@ -480,19 +703,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     try:
-        if args.command == "hf":
+        if args.command in ("hf", "gguf"):
             model, _, _ = load_model(args.load)
             if args.lora:
                 from minimind_fast import lora
 
                 lora.load_adapter(model, args.lora)
                 lora.remove_lora(model, merge=True)
-            if args.yarn:
-                model.set_yarn(True)
             folder = Path(args.load)
             tok = Tokenizer.load(folder if (folder / "tokenizer.json").is_file() else None)
+        if args.command == "hf":
+            if args.yarn:
+                model.set_yarn(True)
             out = export_hf(model, tok, args.out, DTYPES.get(args.dtype), args.moe_format)
             print(f"exported {args.load} -> {out} ({json.loads((out / 'config.json').read_text())['model_type']})")
+        elif args.command == "gguf":
+            out = export_gguf(model, tok, args.out, args.dtype, name=folder.name)
+            arch = GGUF_MOE_ARCH if model.config.use_moe else GGUF_DENSE_ARCH
+            print(f"exported {args.load} -> {out} (GGUF, llama.cpp architecture {arch}, {args.dtype})")
         elif args.command == "import-pth":
             out = import_pth(args.pth, args.out, args.num_attention_heads, args.num_experts_per_tok, args.tokenizer)
             print(f"imported {args.pth} -> {out}")

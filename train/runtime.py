@@ -93,9 +93,9 @@ def cpu_bf16_speedup() -> float:
 
 _CPU_BF16_SPEEDUP: float | None = None
 CPU_BF16_MIN_SPEEDUP = 1.5  # the start-up line mentions --dtype bfloat16 on a CPU whose bf16 matmul is this much faster
-# Why --dtype auto stays fp32 on every CPU: on an avx512_bf16 EPYC the default pretrain + SFT under bf16 autocast ran
-# 1.49x faster but ended at loss 1.21 instead of 1.02 and answered 0-5% of the held-out person facts instead of
-# 30-53% (bench/results/cpu/default-run-2_cpu_20261205.md): bf16 gradients lose what the tiny model memorises.
+# Why --dtype auto stays fp32 on every CPU: on an avx512_bf16 EPYC the default pretrain under bf16 autocast ran
+# 1.49x faster but ended at loss 1.21 where fp32 on the same code ended at 0.95
+# (bench/results/cpu/default-run-fp32-vs-bf16_cpu_20261205.md).
 
 
 def setup_runtime(device: str = "auto", dtype: str = "auto", seed: int = 42, dist_timeout: float = 600.0) -> Runtime:

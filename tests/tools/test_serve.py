@@ -10,7 +10,6 @@ import asyncio
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import threading
@@ -21,7 +20,6 @@ import httpx
 import openai
 import pytest
 import torch
-import uvicorn
 
 from minimind_fast.checkpoint import load_model, save_checkpoint
 from minimind_fast.config import MiniMindConfig, from_preset
@@ -94,29 +92,6 @@ def server(checkpoint):
     assert proc.returncode is not None
 
 
-class ServerThread:
-    """create_app + uvicorn on a free loopback port, in a thread of this process."""
-
-    def __init__(self, app):
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.base = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        deadline = time.time() + 30
-        while not self.server.started and time.time() < deadline:
-            time.sleep(0.02)
-        assert self.server.started
-        return self.base
-
-    def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(timeout=15)
-        assert not self.thread.is_alive()
-
-
 REASON_QUESTION = "Is the sky blue?"
 REASON_THOUGHT = "Light scatters; blue scatters most."
 REASON_ANSWER = "Yes, it is blue."
@@ -153,12 +128,12 @@ API_KEY = "s3cret-key"
 
 
 @pytest.fixture(scope="module")
-def keyed_server(tokenizer):
+def keyed_server(tokenizer, server_thread):
     model = train_reasoner(tokenizer)
     engine = serve.Engine(model, tokenizer)
     app = serve.create_app(engine, "reasoner", api_key=API_KEY)
-    with ServerThread(app) as base:
-        yield base
+    with server_thread(app) as srv:
+        yield srv.base
 
 
 def prompt_ids(tokenizer, messages):

@@ -16,7 +16,6 @@ import httpx
 import openai
 import pytest
 import torch
-import uvicorn
 from fastapi.testclient import TestClient
 
 from minimind_fast.checkpoint import save_checkpoint
@@ -49,27 +48,6 @@ def app_client(model, tokenizer):
     app = serve.create_app(Engine(model, tokenizer), "m", max_body_bytes=4096)
     with TestClient(app) as c:
         yield c
-
-
-class ServerThread:
-    def __init__(self, app):
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        self.base = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        deadline = time.time() + 30
-        while not self.server.started and time.time() < deadline:
-            time.sleep(0.02)
-        assert self.server.started
-        return self
-
-    def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(timeout=15)
 
 
 def chat_body(text, **kw):
@@ -167,11 +145,11 @@ def test_api_key_from_a_file_or_the_environment(tmp_path, monkeypatch, capsys):
 # /v1/completions
 
 
-def test_completions_endpoint_through_the_openai_client(model, tokenizer):
+def test_completions_endpoint_through_the_openai_client(model, tokenizer, server_thread):
     prompt = "The river runs"
     ids = [tokenizer.bos_id] + tokenizer.encode(prompt)
     want = tokenizer.decode(generate(model, [ids], 12, greedy=True, eos_id=None)[0], skip_special_tokens=True)
-    with ServerThread(serve.create_app(Engine(model, tokenizer), "m")) as srv:
+    with server_thread(serve.create_app(Engine(model, tokenizer), "m")) as srv:
         c = openai.OpenAI(base_url=srv.base + "/v1", api_key="x", max_retries=0, timeout=60)
         r = c.completions.create(
             model="m", prompt=prompt, max_tokens=12, temperature=0, extra_body={"ignore_eos": True}
@@ -195,10 +173,10 @@ def test_completions_endpoint_through_the_openai_client(model, tokenizer):
 # Real connections: disconnects, slow senders, big prompts beside /health
 
 
-def test_non_streaming_disconnect_cancels_within_a_step(tokenizer):
+def test_non_streaming_disconnect_cancels_within_a_step(tokenizer, server_thread):
     slow = random_model("small", num_hidden_layers=4)  # ~10 ms a step here: a step is long next to the event loop
     engine = Engine(slow, tokenizer)
-    with ServerThread(serve.create_app(engine, "m")) as srv:
+    with server_thread(serve.create_app(engine, "m")) as srv:
         body = json.dumps(chat_body("a long story", max_tokens=400, ignore_eos=True)).encode()
         s = socket.create_connection(("127.0.0.1", srv.port))
         s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
@@ -216,12 +194,12 @@ def test_non_streaming_disconnect_cancels_within_a_step(tokenizer):
 
 
 @pytest.mark.parametrize("messages", [100_000, 12_000], ids=["beyond-any-context", "tokenized"])
-def test_slow_body_gets_408_and_health_stays_fast_beside_a_huge_prompt(tokenizer, messages):
+def test_slow_body_gets_408_and_health_stays_fast_beside_a_huge_prompt(tokenizer, messages, server_thread):
     # A 32k context: 12,000 short messages (~400,000 characters) are tokenized in full before they are refused,
     # 100,000 (~3.4 M characters) are longer than any 32k-token prompt and refused from their length.
     model = random_model(context=32768, num_hidden_layers=1)
     app = serve.create_app(Engine(model, tokenizer), "m", read_timeout_s=1.0, max_body_bytes=64 << 20)
-    with ServerThread(app) as srv:
+    with server_thread(app) as srv:
         s = socket.create_connection(("127.0.0.1", srv.port))
         s.sendall(b'POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{"messages"')
         s.settimeout(10)
