@@ -211,3 +211,11 @@ def worktree(rev: str, path: str | Path):
         yield subprocess.run([*git, "rev-parse", rev], capture_output=True, text=True, check=True).stdout.strip()
     finally:
         subprocess.run([*git, "worktree", "remove", "--force", str(path)], capture_output=True)
+
+
+def write_result(result: dict[str, Any], paths: tuple[Path, Path], markdown) -> None:
+    """The raw result as JSON and its markdown summary (markdown(result, json_name)) beside it."""
+    import json
+
+    paths[0].write_text(json.dumps(result, indent=1) + "\n")
+    paths[1].write_text(markdown(result, paths[0].name))

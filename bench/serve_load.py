@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import os
 import random
 import re
@@ -238,8 +237,7 @@ def markdown(result: dict[str, Any], json_name: str) -> str:
 
 
 def write(result: dict[str, Any], paths: tuple[Path, Path]) -> None:
-    paths[0].write_text(json.dumps(result, indent=1) + "\n")
-    paths[1].write_text(markdown(result, paths[0].name))
+    bench.write_result(result, paths, markdown)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -579,34 +579,33 @@ def create_app(
             gone.cancel()
             engine.cancel(job)
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
-        job, params, queue = await start_job(request, "chat")
+    async def respond(request: Request, kind: str):
+        """One request of either endpoint: "chat" (chat.completion objects) or "text" (text_completion objects)."""
+        job, params, queue = await start_job(request, kind)
         created = int(job.created)
         if params.stream:
-            return sse_response(_stream(job, params, queue, created, "chat"))
+            return sse_response(_stream(job, params, queue, created, kind))
         answer = await collect_answer(request, job, queue)
         if answer is None:
             return Response(status_code=499)
-        message = {"role": "assistant", "content": answer["content"]}
-        if answer["reasoning"]:
-            message["reasoning_content"] = answer["reasoning"]
-        choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": answer["finish_reason"]}
-        base = {"id": job.id, "object": "chat.completion", "created": created, "model": model_name}
+        choice = {"index": 0, "logprobs": None, "finish_reason": answer["finish_reason"]}
+        if kind == "chat":
+            choice["message"] = {"role": "assistant", "content": answer["content"]}
+            if answer["reasoning"]:
+                choice["message"]["reasoning_content"] = answer["reasoning"]
+        else:
+            choice["text"] = answer["content"]
+        obj = "chat.completion" if kind == "chat" else "text_completion"
+        base = {"id": job.id, "object": obj, "created": created, "model": model_name}
         return {**base, "choices": [choice], "usage": answer["usage"]}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await respond(request, "chat")
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        job, params, queue = await start_job(request, "text")
-        created = int(job.created)
-        if params.stream:
-            return sse_response(_stream(job, params, queue, created, "text"))
-        answer = await collect_answer(request, job, queue)
-        if answer is None:
-            return Response(status_code=499)
-        choice = {"index": 0, "text": answer["content"], "logprobs": None, "finish_reason": answer["finish_reason"]}
-        base = {"id": job.id, "object": "text_completion", "created": created, "model": model_name}
-        return {**base, "choices": [choice], "usage": answer["usage"]}
+        return await respond(request, "text")
 
     def sse_response(events) -> StreamingResponse:
         headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
