@@ -3,13 +3,16 @@
     python bench/default_run.py                                # one default run of this checkout
     python bench/default_run.py --against 868c4f1 --pairs 2    # side by side with an older commit, alternating
     python bench/default_run.py --quality                      # + the default SFT and the held-out evaluation
+    python bench/default_run.py --quality --seeds 42,1,2,3     # run-to-run spread: one run (pair) per seed
 
 A run is `python train/pretrain.py --out_dir <tmp>` (plus --pretrain_args, for short checks), and with --quality
 then `python train/sft.py --out_dir <tmp>` and `python tools/eval.py --load <tmp>/full_sft --heldout
-data/sample/eval.jsonl --samples 0`. --against REV runs the same commands from a temporary `git worktree` of REV,
-its own sources first on PYTHONPATH, with the same Python; the runs alternate (REV, this checkout) so that load from
-other work on the machine falls on both, and each pair gives a ratio. The sample data's sha256 is recorded for both
-trees (a ratio between different data means nothing, and the report says so).
+data/sample/eval.jsonl --samples 0`. --seeds S1,S2,...: one run (or pair) per seed, `--seed S` given to pretrain and
+SFT, and the report adds each tree's median and range per held-out kind: on the tiny model these figures move a lot
+from seed to seed, and a single run says little about a change. --against REV runs the same commands from a
+temporary `git worktree` of REV, its own sources first on PYTHONPATH, with the same Python; the runs alternate (REV,
+this checkout) so that load from other work on the machine falls on both, and each pair gives a ratio. The sample
+data's sha256 is recorded for both trees (a ratio between different data means nothing, and the report says so).
 
 Per run: wall seconds (start-up, tokenization and saving included: what a user waits), optimizer steps, tokens per
 second over the training steps (from the run's metrics file: each log record's rate weighted by its steps), the
@@ -50,6 +53,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--against", default="", help="a git revision to run side by side with this checkout")
     p.add_argument("--pairs", type=int, default=1, help="runs of each tree (alternating when --against is given)")
+    p.add_argument("--seeds", default="", help="comma-separated seeds, one run (pair) each; replaces --pairs")
     p.add_argument("--quality", action="store_true", help="also run the default SFT and the held-out evaluation")
     p.add_argument("--pretrain_args", default="", help="extra train/pretrain.py flags, e.g. '--max_steps 50'")
     p.add_argument("--out_dir", default="", help="where the results go (default: bench/results/cpu without CUDA)")
@@ -58,6 +62,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.pairs < 1:
         p.error(f"--pairs must be >= 1, got {args.pairs}")
+    try:
+        args.seed_list = [int(x) for x in args.seeds.split(",")] if args.seeds.strip() else [None] * args.pairs
+    except ValueError:
+        p.error(f"--seeds must be comma-separated integers, got {args.seeds!r}")
+    if "--seed" in shlex.split(args.pretrain_args) and args.seeds.strip():
+        p.error("--seeds sets --seed itself; leave it out of --pretrain_args")
     return args
 
 
@@ -99,15 +109,17 @@ def run_cmd(cmd: list[str], cwd: Path, timeout_s: float, log: Path) -> tuple[int
     return rc, time.perf_counter() - t
 
 
-def one_run(tree: Path, label: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
+def one_run(tree: Path, label: str, args: argparse.Namespace, work: Path, seed: int | None) -> dict[str, Any]:
     out = Path(tempfile.mkdtemp(prefix="run-", dir=work))
     log = out / "log.txt"
-    cmd = [sys.executable, "train/pretrain.py", "--out_dir", str(out), *shlex.split(args.pretrain_args)]
+    seed_args = [] if seed is None else ["--seed", str(seed)]
+    cmd = [sys.executable, "train/pretrain.py", "--out_dir", str(out), *shlex.split(args.pretrain_args), *seed_args]
     rc, wall = run_cmd(cmd, tree, args.timeout_s, log)
     rate, steps, losses = training_rate(out / "pretrain_metrics.jsonl")
     rec: dict[str, Any] = {
         "tree": label,
-        "command": "python train/pretrain.py " + args.pretrain_args,
+        "seed": seed,
+        "command": shlex.join(["python", "train/pretrain.py", *shlex.split(args.pretrain_args), *seed_args]),
         "status": "ok" if rc == 0 else f"exit {rc}",
         "wall_s": round(wall, 1),
         "steps": steps,
@@ -116,7 +128,9 @@ def one_run(tree: Path, label: str, args: argparse.Namespace, work: Path) -> dic
         "last_loss": losses[-1] if losses else None,
     }
     if rc == 0 and args.quality:
-        rc, sft_wall = run_cmd([sys.executable, "train/sft.py", "--out_dir", str(out)], tree, args.timeout_s, log)
+        rc, sft_wall = run_cmd(
+            [sys.executable, "train/sft.py", "--out_dir", str(out), *seed_args], tree, args.timeout_s, log
+        )
         rec["sft_wall_s"] = round(sft_wall, 1)
         evaluation = out / "eval.json"
         if rc == 0:
@@ -148,16 +162,27 @@ def markdown(result: dict[str, Any], json_name: str) -> str:
     if not m.get("finished"):
         lines.append("- **incomplete**: written before the last run ended")
     kinds = sorted({k for r in result["runs"] for k in r.get("heldout", {})})
-    head = "| run | tree | wall s | steps | tokens/s | first loss | last loss |" + "".join(f" {k} % |" for k in kinds)
-    lines += ["", head + " status |", "|---" * (8 + len(kinds)) + "|"]
+    head = "| run | tree | seed | wall s | steps | tokens/s | first loss | last loss |"
+    head += "".join(f" {k} % |" for k in kinds)
+    lines += ["", head + " status |", "|---" * (9 + len(kinds)) + "|"]
     for i, r in enumerate(result["runs"]):
         ho = r.get("heldout", {})
         cells = "".join(f" {format(100 * ho[k], '.1f') if ho.get(k) is not None else ''} |" for k in kinds)
+        seed = r.get("seed")
         lines.append(
-            f"| {i + 1} | {r['tree']} | {r['wall_s']} | {r['steps']} | {r['tokens_per_s'] or ''} | "
+            f"| {i + 1} | {r['tree']} | {'default' if seed is None else seed} | {r['wall_s']} | {r['steps']} | "
+            f"{r['tokens_per_s'] or ''} | "
             f"{r['first_loss'] if r['first_loss'] is not None else ''} | "
             f"{r['last_loss'] if r['last_loss'] is not None else ''} |{cells} {r['status']} |"
         )
+    spread = heldout_spread(result["runs"])
+    if spread:
+        lines += ["", "Held-out accuracy over the runs of each tree, median [min, max] in %:", ""]
+        for tree, per_kind in spread.items():
+            lines.append(
+                f"- {tree} ({per_kind['runs']} runs): "
+                + "; ".join(f"{k} {v[0]:.1f} [{v[1]:.1f}, {v[2]:.1f}]" for k, v in per_kind.items() if k != "runs")
+            )
     if result.get("pairs"):
         lines.append("")
         for key, what in (("tokens_per_s", "training tokens/s"), ("wall_s", "wall time (old / new)")):
@@ -169,6 +194,23 @@ def markdown(result: dict[str, Any], json_name: str) -> str:
                     + f"; median {statistics.median(vals):.2f}x."
                 )
     return "\n".join(lines) + "\n"
+
+
+def heldout_spread(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """-> {tree: {"runs": n, kind: (median, min, max) in %}} over the tree's runs that have held-out figures, for
+    trees with at least two such runs."""
+    out: dict[str, dict[str, Any]] = {}
+    for tree in dict.fromkeys(r["tree"] for r in runs):
+        scored = [r["heldout"] for r in runs if r["tree"] == tree and r.get("heldout")]
+        if len(scored) < 2:
+            continue
+        per_kind: dict[str, Any] = {"runs": len(scored)}
+        for kind in sorted({k for h in scored for k in h}):
+            vals = [100 * h[kind] for h in scored if h.get(kind) is not None]
+            if vals:
+                per_kind[kind] = (statistics.median(vals), min(vals), max(vals))
+        out[tree] = per_kind
+    return out
 
 
 def write(result: dict[str, Any], paths: tuple[Path, Path]) -> None:
@@ -196,11 +238,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             result["against_commit"] = stack.enter_context(bench.worktree(args.against, old))
             result["data_sha256"][args.against] = sha256(old / DATA)
             trees.insert(0, (old, args.against))
-        for i in range(args.pairs):
+        for i, seed in enumerate(args.seed_list):
             pair = []
             for tree, label in trees:
-                print(f"[{i + 1}/{args.pairs}] {label}: python train/pretrain.py {args.pretrain_args}", flush=True)
-                rec = one_run(tree, label, args, work)
+                what = args.pretrain_args + ("" if seed is None else f" --seed {seed}")
+                print(f"[{i + 1}/{len(args.seed_list)}] {label}: python train/pretrain.py {what}", flush=True)
+                rec = one_run(tree, label, args, work, seed)
                 print(f"    {rec['status']}: {rec['wall_s']} s, {rec['steps']} steps, {rec['tokens_per_s']} tok/s, "
                       f"loss {rec['last_loss']}" + (f", held-out {rec['heldout']}" if "heldout" in rec else ""),
                       flush=True)  # fmt: skip

@@ -52,3 +52,25 @@ def test_side_by_side_with_a_commit_runs_both_trees_and_writes_the_ratio(tmp_pat
         if models:
             assert meta["device"] == f"cpu ({models[0]})" and meta["cpu"]["model"] == models[0]
             assert f"timed: cpu ({models[0]})" in md
+
+
+def test_seeds_give_one_run_each_and_the_report_gives_median_and_range(tmp_path, monkeypatch):
+    seen = []
+
+    def fake_run(tree, label, args, work, seed):  # the commands themselves are covered by the test above
+        seen.append(seed)
+        return {"tree": label, "seed": seed, "status": "ok", "wall_s": 1.0, "steps": 4, "tokens_per_s": 10.0,
+                "first_loss": 6.0, "last_loss": 4.0, "heldout": {"age": seed / 100, "all": None}}  # fmt: skip
+
+    monkeypatch.setattr(default_run, "one_run", fake_run)
+    result = default_run.main(["--seeds", "5,1,30", "--out_dir", str(tmp_path)])
+    assert seen == [5, 1, 30] and [r["seed"] for r in result["runs"]] == [5, 1, 30]
+    spread = default_run.heldout_spread(result["runs"])
+    assert spread == {"this checkout": {"runs": 3, "age": (5.0, 1.0, 30.0)}}  # kinds without a figure are left out
+    md = Path(result["paths"][1]).read_text()
+    assert "- this checkout (3 runs): age 5.0 [1.0, 30.0]" in md
+    assert "| 2 | this checkout | 1 |" in md
+    with pytest.raises(SystemExit):
+        default_run.parse(["--seeds", "1,x"])
+    with pytest.raises(SystemExit):
+        default_run.parse(["--seeds", "1,2", "--pretrain_args", "--seed 3"])
