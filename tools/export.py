@@ -484,11 +484,11 @@ def _tokenizer_for(folder: Path | None, fallback: str | None = None) -> Tokenize
 def import_pth(
     pth: str | Path,
     out: str | Path,
-    num_attention_heads: int = 8,
-    num_experts_per_tok: int = 2,
+    num_attention_heads: int | None = None,
+    num_experts_per_tok: int | None = None,
     tokenizer: str | None = None,
 ) -> Path:
-    """A MiniMind2 .pth state dict -> our checkpoint folder (fp32)."""
+    """A MiniMind2 or MiniMind-3 .pth state dict -> our checkpoint folder (fp32)."""
     pth = Path(pth)
     if not pth.is_file():
         raise ExportError(f"{pth} is not a file")
@@ -690,8 +690,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     i = sub.add_parser("import-pth", help="MiniMind2 .pth state dict -> checkpoint")
     i.add_argument("--pth", required=True)
     i.add_argument("--out", required=True)
-    i.add_argument("--num_attention_heads", type=int, default=8)
-    i.add_argument("--num_experts_per_tok", type=int, default=2)
+    i.add_argument("--num_attention_heads", type=int, default=None, help="MiniMind2: 8; MiniMind-3 reads it off q_norm")
+    i.add_argument("--num_experts_per_tok", type=int, default=None, help="top-k of a MoE: MiniMind2 2, MiniMind-3 1")
     i.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the shipped one)")
     h = sub.add_parser("import-hf", help="Hugging Face folder -> checkpoint")
     h.add_argument("--hf", required=True)

@@ -72,7 +72,9 @@ class Args(StageArgs):
     save_weight: str = arg("full_dist", "name of the checkpoint folder under --out_dir")
     teacher: str = arg("out/full_sft_base", "checkpoint folder of the teacher (any size, same tokenizer)")
     from_weight: str = arg("out/full_sft", "checkpoint folder the student starts from (unless --student_preset)")
-    student_preset: str | None = arg(None, "start a fresh student from this preset (tiny, small, base, moe)")
+    student_preset: str | None = arg(
+        None, "start a fresh student from this preset (tiny, small, base, moe, m3, m3-moe, m3-tiny)"
+    )
     hidden_size: int = arg(0, "with --student_preset: the student's hidden size (0 = the preset's)")
     num_hidden_layers: int = arg(0, "with --student_preset: the student's depth (0 = the preset's)")
     tokenizer: str | None = arg(None, "tokenizer folder (default: the one saved with the student, else the teacher)")

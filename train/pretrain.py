@@ -63,14 +63,18 @@ class Args(StageArgs):
     save_weight: str = arg("pretrain", "name of the checkpoint folder under --out_dir")
     from_weight: str = arg("none", "checkpoint folder (or MiniMind .pth) to initialise from; 'none' = scratch")
     tokenizer: str | None = arg(None, "tokenizer folder or tokenizer.json (default: the shipped one)")
-    preset: str | None = arg(None, "model preset: tiny, small, base, moe (default: tiny on CPU, small on CUDA)")
+    preset: str | None = arg(
+        None, "model preset: tiny, small, base, moe, m3, m3-moe, m3-tiny (default: tiny on CPU, small on CUDA)"
+    )
     use_moe: int = arg(0, "1: mixture-of-experts feed-forward on the chosen preset")
     epochs: int | None = arg(None, "passes over the data (default: 2 on CPU for the small sample data, 1 on CUDA)")
     batch_size: int | None = arg(None, "sequences per micro-batch (default: 4 on CPU, 32 on CUDA)")
     accumulation_steps: int | None = arg(None, "micro-batches per optimizer step (default: 1 on CPU, 8 on CUDA)")
     learning_rate: float | None = arg(None, "peak learning rate (default: 3e-3 on CPU for tiny, 5e-4 on CUDA)")
     max_seq_len: int | None = arg(None, "tokens per packed row (default: 256 on CPU, 340 on CUDA)")
-    aux_loss_alpha: float = arg(0.01, "MoE balance-loss weight (MiniMind's first release used 0.1)")
+    aux_loss_alpha: float | None = arg(
+        None, "MoE balance-loss weight (default: the preset's, 0.01 for MiniMind2, 5e-4 for MiniMind-3)"
+    )
     seed: int = arg(42, "seed for initialisation and data order")
     compile: bool | None = arg(None, "torch.compile the model (default: on with CUDA, off on CPU; --compile 0 = off)")
 
@@ -80,8 +84,10 @@ def main(argv: list[str] | None = None) -> dict:
     rt = setup_runtime(args.device, args.dtype, args.seed, args.dist_timeout)
     args = resolve_auto(args, rt.is_cuda, _AUTO)
     tok = load_tokenizer(args.tokenizer)
-    overrides = {"use_moe": True} if args.use_moe else {}
-    cfg = build_config(args.preset, tok, aux_loss_alpha=args.aux_loss_alpha, **overrides)
+    overrides: dict = {"use_moe": True} if args.use_moe else {}
+    if args.aux_loss_alpha is not None:
+        overrides["aux_loss_alpha"] = args.aux_loss_alpha
+    cfg = build_config(args.preset, tok, **overrides)
     if args.max_seq_len > cfg.max_position_embeddings:
         checks.fail(
             f"error: --max_seq_len {args.max_seq_len} exceeds the rotary table ({cfg.max_position_embeddings} "

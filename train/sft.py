@@ -77,7 +77,7 @@ class Args(StageArgs):
     batch_size: int | None = arg(None, "conversations per micro-batch and rank (default: 16)")
     learning_rate: float | None = arg(None, "peak learning rate (default: 1e-3 on CPU for tiny, 5e-6 on CUDA)")
     max_seq_len: int | None = arg(None, "tokens kept per conversation (default: 256 on CPU, 512 on CUDA)")
-    aux_loss_alpha: float = arg(0.01, "MoE balance-loss weight")
+    aux_loss_alpha: float | None = arg(None, "MoE balance-loss weight (default: the one the model was trained with)")
     compile: bool = arg(False, "torch.compile the model (dynamic shapes: batches are padded to their own length)")
     group_by_length: bool = arg(True, "batch conversations of similar length (less padding); 0 = plain shuffle")
 
@@ -133,7 +133,8 @@ def main(argv: list[str] | None = None) -> dict:
         args.from_weight = default_start(args.out_dir)
     tok = stage_tokenizer(args.tokenizer, args.from_weight)
     ops = resolve_kernels(args.kernels, rt)
-    model = load_base_model(args.from_weight, ops, rt.device, aux_loss_alpha=args.aux_loss_alpha)
+    alpha = {} if args.aux_loss_alpha is None else {"aux_loss_alpha": args.aux_loss_alpha}
+    model = load_base_model(args.from_weight, ops, rt.device, **alpha)
     cfg = model.config
     if tok.vocab_size > cfg.vocab_size:
         checks.fail(f"error: tokenizer has {tok.vocab_size} tokens, the model's vocab {cfg.vocab_size}")

@@ -31,6 +31,7 @@ OP_NAMES: tuple[str, ...] = (
     "rmsnorm",
     "add_rmsnorm",
     "rope",
+    "qk_norm_rope",
     "swiglu",
     "linear_cross_entropy",
     "moe_experts",
@@ -73,6 +74,7 @@ class Ops:
     rmsnorm: Callable
     add_rmsnorm: Callable
     rope: Callable
+    qk_norm_rope: Callable
     swiglu: Callable
     linear_cross_entropy: Callable
     moe_experts: Callable

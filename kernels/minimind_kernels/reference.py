@@ -61,6 +61,24 @@ def rope(
     return _rotate(q_BTHD, cos, sin), _rotate(k_BTHkvD, cos, sin)
 
 
+def qk_norm_rope(
+    q_BTHD: torch.Tensor,
+    k_BTHkvD: torch.Tensor,
+    q_weight_D: torch.Tensor,
+    k_weight_D: torch.Tensor,
+    eps: float,
+    cos_TD2: torch.Tensor,
+    sin_TD2: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """QK-norm then rotary embedding (MiniMind-3 / Qwen3 attention): each query head and each key head is
+    RMS-normalised over head_dim with its own learned gain (q_weight [D] shared by the query heads, k_weight [D] by
+    the key heads), then rotated as rope() does. Shapes and tables as in rope(); the result has q's dtype.
+
+    Defined as exactly rope(rmsnorm(q, q_weight, eps), rmsnorm(k, k_weight, eps), cos, sin): a fused kernel computes
+    both in fp32 and rounds once, which is no less accurate."""
+    return rope(rmsnorm(q_BTHD, q_weight_D, eps), rmsnorm(k_BTHkvD, k_weight_D, eps), cos_TD2, sin_TD2)
+
+
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up (Shazeer 2020, "GLU Variants Improve Transformer", FFN_SwiGLU without the projections)."""
     return (F.silu(gate) * up).to(gate.dtype)

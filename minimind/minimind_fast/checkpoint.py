@@ -44,7 +44,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from minimind_fast.config import ConfigError, MiniMindConfig
+from minimind_fast.config import PRESETS, ConfigError, MiniMindConfig
 
 MODEL_FILE, CONFIG_FILE, STATE_FILE, MANIFEST_FILE = (
     "model.safetensors",
@@ -437,9 +437,17 @@ def clean_state_keys(sd: dict[str, Any]) -> dict[str, torch.Tensor]:
 
 
 def infer_config(
-    sd: dict[str, torch.Tensor], num_attention_heads: int = 8, num_experts_per_tok: int = 2, **overrides: Any
+    sd: dict[str, torch.Tensor],
+    num_attention_heads: int | None = None,
+    num_experts_per_tok: int | None = None,
+    **overrides: Any,
 ) -> MiniMindConfig:
-    """A MiniMind state dict's config, read off its tensor shapes (query heads and top-k must be given)."""
+    """A MiniMind state dict's config, read off its tensor shapes.
+
+    MiniMind2 (no q_norm): query heads cannot be read off the shapes (default 8, every MiniMind2 model), nor top-k
+    (default 2). MiniMind-3 (self_attn.q_norm.weight present): head_dim is the q_norm length, so the query heads are
+    read off q_proj; its other fields are MiniMind-3's (eps 1e-6, QK-norm; MoE top-1 by default, no shared expert,
+    the batch-level balance loss, the single weight renormalised)."""
     if EMBED_KEY not in sd:
         if any("lora_A" in k or "lora_B" in k for k in sd):
             raise StateDictError("this is a LoRA adapter, not a full model: merge it with a base model first")
@@ -448,17 +456,34 @@ def infer_config(
     layers = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"model\.layers\.(\d+)\.", k)))
     q = sd["model.layers.0.self_attn.q_proj.weight"]
     k = sd["model.layers.0.self_attn.k_proj.weight"]
-    if q.shape[0] != hidden or hidden % num_attention_heads:
-        raise StateDictError(
-            f"q_proj has {q.shape[0]} rows for hidden size {hidden}: MiniMind needs heads * head_dim == hidden with "
-            f"{num_attention_heads} heads (--num_attention_heads)"
-        )
-    head_dim = hidden // num_attention_heads
-    fields: dict[str, Any] = dict(
+    q_norm = sd.get("model.layers.0.self_attn.q_norm.weight")
+    if q_norm is not None:  # MiniMind-3
+        head_dim = q_norm.shape[0]
+        if q.shape[0] % head_dim or k.shape[0] % head_dim:
+            raise StateDictError(
+                f"q_proj/k_proj rows {q.shape[0]}/{k.shape[0]} are not multiples of head_dim {head_dim}"
+            )
+        heads = q.shape[0] // head_dim
+        if num_attention_heads not in (None, heads):
+            raise StateDictError(f"q_proj holds {heads} heads of {head_dim}, not {num_attention_heads}")
+        sizes = ("hidden_size", "num_hidden_layers")
+        fields: dict[str, Any] = {f: v for f, v in PRESETS["m3"].items() if f not in sizes}
+        fields.update(head_dim=head_dim, num_attention_heads=heads)
+        top_k = num_experts_per_tok or 1
+    else:
+        heads = num_attention_heads or 8
+        if q.shape[0] != hidden or hidden % heads:
+            raise StateDictError(
+                f"q_proj has {q.shape[0]} rows for hidden size {hidden}: MiniMind needs heads * head_dim == hidden "
+                f"with {heads} heads (--num_attention_heads)"
+            )
+        head_dim = hidden // heads
+        fields = {"num_attention_heads": heads}
+        top_k = num_experts_per_tok or 2
+    fields.update(
         vocab_size=vocab,
         hidden_size=hidden,
         num_hidden_layers=layers,
-        num_attention_heads=num_attention_heads,
         num_key_value_heads=k.shape[0] // head_dim,
     )
     if "model.layers.0.mlp.gate.weight" in sd:
@@ -467,7 +492,7 @@ def infer_config(
             n_routed_experts=sd["model.layers.0.mlp.gate.weight"].shape[0],
             n_shared_experts=sum(1 for key in sd if re.match(r"model\.layers\.0\.mlp\.shared_experts\.\d+\.up_", key)),
             intermediate_size=sd["model.layers.0.mlp.experts.0.gate_proj.weight"].shape[0],
-            num_experts_per_tok=num_experts_per_tok,
+            num_experts_per_tok=top_k,
         )
     else:
         fields["intermediate_size"] = sd["model.layers.0.mlp.gate_proj.weight"].shape[0]

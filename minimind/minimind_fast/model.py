@@ -2,6 +2,9 @@
 
 A decoder-only, LLaMA-style transformer: pre-norm blocks of grouped-query attention with rotary embeddings and a
 SwiGLU feed-forward (or a DeepSeek-style mixture of experts), RMSNorm, no biases, embeddings tied to the output head.
+MiniMind-3 (Qwen3-style) is the same model with two switches of its config: qk_norm (a learned RMSNorm over head_dim
+on each query and key head before RoPE, see Attention) and MiniMind-3's MoE form (top-1 without shared experts, the
+one weight renormalised to 1, a batch-level balance loss: fields of the config read by MoEFeedForward).
 
 Every numeric op goes through `self.ops` (kernels.resolve(...)): the same module runs the pure-PyTorch reference on a
 CPU and the Triton kernels on a GPU, and parameter names never change, so checkpoints move between them. Parameter
@@ -157,13 +160,21 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(d, self.n_kv * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, d, bias=False)
         self.resid_dropout = nn.Dropout(cfg.dropout)
+        self.eps = cfg.rms_norm_eps
+        if cfg.qk_norm:  # MiniMind-3 / Qwen3: one gain over head_dim for all query heads, one for all key heads
+            self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, ops)
+            self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, ops)
 
     def forward(self, x_BTD, cos, sin, attn_mask=None, kv_cache: KVCache | RowKVCache | None = None) -> torch.Tensor:
         b, t, _ = x_BTD.shape
         q_BTHD = self.q_proj(x_BTD).view(b, t, self.n_heads, self.head_dim)
         k_BTHD = self.k_proj(x_BTD).view(b, t, self.n_kv, self.head_dim)
         v_BTHD = self.v_proj(x_BTD).view(b, t, self.n_kv, self.head_dim)
-        q_BTHD, k_BTHD = self.ops.rope(q_BTHD, k_BTHD, cos, sin)
+        if hasattr(self, "q_norm"):  # norm each head, then rotate: one fused op
+            qw, kw = self.q_norm.weight, self.k_norm.weight
+            q_BTHD, k_BTHD = self.ops.qk_norm_rope(q_BTHD, k_BTHD, qw, kw, self.eps, cos, sin)
+        else:
+            q_BTHD, k_BTHD = self.ops.rope(q_BTHD, k_BTHD, cos, sin)
         q, k, v = q_BTHD.transpose(1, 2), k_BTHD.transpose(1, 2), v_BTHD.transpose(1, 2)
         is_causal = True
         if kv_cache is not None:
@@ -290,9 +301,10 @@ class MoEFeedForward(nn.Module):
     """DeepSeek-style MoE: softmax router over E experts, top-K with renormalised weights, plus shared experts.
 
     The router runs in fp32. The auxiliary balance loss (DeepSeek-V2, Dai et al. 2024, sec. 2.1.2 / eq. 23-25,
-    sequence-level as in MiniMind): for each sequence b, ce[b,e] = count of e among its top-K picks / (T*K/E);
+    sequence-level as in MiniMind2): for each sequence b, ce[b,e] = count of e among its top-K picks / (T*K/E);
     aux = alpha * mean_b sum_e ce[b,e] * mean_t score[b,t,e]. With seq_aux off, the batch-level variant
-    aux = alpha * sum_e (E * frac_e) * mean score_e.
+    aux = alpha * sum_e (E * frac_e) * mean score_e, frac_e = the share of the N*K picks that went to e (MiniMind-3's
+    `coef * E * sum_e load_e * mean_score_e` at its top-1; with no shared experts, n_shared_experts = 0).
     """
 
     def __init__(self, cfg: MiniMindConfig, ops: kernels.Ops):
@@ -307,7 +319,7 @@ class MoEFeedForward(nn.Module):
         with torch.autocast(x_ND.device.type, enabled=False):
             scores_NE = F.linear(x_ND.float(), self.gate.weight.float()).softmax(dim=-1)
         topk_w, topk_idx = scores_NE.topk(self.cfg.num_experts_per_tok, dim=-1)
-        if self.cfg.num_experts_per_tok > 1 and self.cfg.norm_topk_prob:
+        if self.cfg.norm_topk_prob and (self.cfg.num_experts_per_tok > 1 or self.cfg.norm_topk_k1):
             topk_w = topk_w / (topk_w.sum(dim=-1, keepdim=True) + 1e-20)
         return scores_NE, topk_w, topk_idx
 
