@@ -394,11 +394,18 @@ class Tokenizer:
         enable_thinking: bool | None = None,
     ) -> str | list[int]:
         """messages rendered with this tokenizer's chat template (ids when tokenize). enable_thinking=None leaves it
-        undefined in the template, as not passing it to transformers does."""
+        undefined in the template, as not passing it to transformers does; True/False is given to a Jinja template
+        both as enable_thinking and as open_thinking (MiniMind-3's name for the switch: its generation prompt closes
+        the thinking block unless open_thinking is true)."""
         if self.renders_in_python(tools):
             text = render_chatml(messages, add_generation_prompt, tools, enable_thinking)
         else:
-            extra = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
+            # MiniMind2's and Qwen3's templates read enable_thinking, MiniMind-3's reads open_thinking: pass both.
+            extra = (
+                {}
+                if enable_thinking is None
+                else {"enable_thinking": enable_thinking, "open_thinking": enable_thinking}
+            )
             text = self._render_jinja(messages, add_generation_prompt, tools, **extra)
         return self.encode(text) if tokenize else text
 
