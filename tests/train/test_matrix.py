@@ -1,6 +1,8 @@
 """Every preset through every stage, chained as users chain them, on CPU: tiny dense and tiny MoE (preset tiny with
 --use_moe 1) through pretrain -> sft -> lora / dpo / distill / grpo / ppo / spo (each from the SFT output) and
-dpo -> distill_reason (MiniMind's order), two optimizer steps each on tiny batches.
+dpo -> distill_reason (MiniMind's order), two optimizer steps each on tiny batches. The MiniMind-3-shaped m3-tiny,
+dense and MoE, takes a shorter path (pretrain -> sft -> lora / grpo, and pretrain -> sft -> dpo): its stages run the
+same code as MiniMind2's; what differs is the model, which every stage exercises through pretrain and SFT.
 
 Each stage runs once per preset (a module-scoped cache). Most stages run one step, then `--from_resume 1
 --max_steps 2` continues in the same folder from the step-1 checkpoint. For pretrain and SFT an uninterrupted 2-step
@@ -46,8 +48,17 @@ from train import lora as lora_stage
 pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 REPO = Path(__file__).resolve().parents[2]
-PRESETS = {"dense": [], "moe": ["--use_moe", "1"]}
+PRESETS = {
+    "dense": ["--preset", "tiny"],
+    "moe": ["--preset", "tiny", "--use_moe", "1"],
+    "m3": ["--preset", "m3-tiny"],
+    "m3-moe": ["--preset", "m3-tiny", "--use_moe", "1"],
+}
 STAGES = ("pretrain", "sft", "lora", "dpo", "distill", "distill_reason", "grpo", "ppo", "spo")
+PRESET_STAGES = {"m3": ("pretrain", "sft", "lora", "grpo"), "m3-moe": ("pretrain", "sft", "dpo")}  # else all
+# What tools/export.py hf makes of each preset.
+HF_CLASS = {"dense": "LlamaForCausalLM", "moe": "Qwen2MoeForCausalLM", "m3": "Qwen3ForCausalLM"}
+HF_CLASS["m3-moe"] = "Qwen3MoeForCausalLM"
 # Where each stage starts: the SFT model, except SFT (pretrain) and reasoning distillation (DPO).
 PARENT = {s: "sft" for s in STAGES[2:]} | {"sft": "pretrain", "distill_reason": "dpo"}
 EXACT = ("pretrain", "sft")  # resumed runs compared with an uninterrupted one
@@ -97,7 +108,7 @@ class Matrix:
         """(stage module, its argv without --out_dir and step flags, the checkpoint it starts from)."""
         start = self.run(preset, PARENT[stage])["out"] if stage in PARENT else None
         table = {
-            "pretrain": (pretrain, ["--preset", "tiny", *PRESETS[preset], "--max_seq_len", "32", "--batch_size", "2"]),
+            "pretrain": (pretrain, [*PRESETS[preset], "--max_seq_len", "32", "--batch_size", "2"]),
             "sft": (sft, [*POST, "--group_by_length", "0"]),
             "lora": (lora_stage, [*POST, "--lora_rank", "4"]),
             "dpo": (dpo, [*POST, "--eval_fraction", "0"]),
@@ -189,14 +200,14 @@ def _tool_load(rec: dict, stage: str) -> list[str]:
     return ["--load", str(rec["out"])]
 
 
-CASES = [pytest.param(p, s, id=f"{p}-{s}") for p in PRESETS for s in STAGES]
+CASES = [pytest.param(p, s, id=f"{p}-{s}") for p in PRESETS for s in PRESET_STAGES.get(p, STAGES)]
 
 
 @pytest.mark.parametrize("preset,stage", CASES)
 def test_result_is_saved_under_minimind_names_and_reloads(matrix, preset, stage, tmp_path):
     rec = matrix.run(preset, stage)
     model = matrix.model(preset, stage)
-    assert model.config.use_moe is (preset == "moe")
+    assert model.config.use_moe is preset.endswith("moe") and model.config.qk_norm is preset.startswith("m3")
     if stage == "lora":  # only the adapter is saved; merged, it moves exactly the square projections it targets
         saved = load_file(rec["out"] / "adapter.safetensors")
         assert saved and all(".lora_A" in k or ".lora_B" in k for k in saved), sorted(saved)[:4]
@@ -253,7 +264,7 @@ def test_export_to_transformers_gives_our_logits(matrix, preset, stage, tmp_path
     rec = matrix.run(preset, stage)
     _quiet(export.main, ["hf", "--out", str(tmp_path / "hf"), *_tool_load(rec, stage)])
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", local_files_only=True, dtype=torch.float32)
-    assert type(hf) is (transformers.Qwen2MoeForCausalLM if preset == "moe" else transformers.LlamaForCausalLM)
+    assert type(hf).__name__ == HF_CLASS[preset]
     with torch.no_grad():
         theirs = hf.eval()(IDS).logits.float()
     assert torch.allclose(theirs, _logits(matrix.model(preset, stage)), atol=ATOL, rtol=0)
