@@ -14,6 +14,8 @@ nothing.
 
 Shapes (full scale): B=32 rows of T=512 tokens (N=16384) at each preset's width: small D=512 F=1408 Dh=64, base D=768
 F=2048 Dh=96, moe D=640 F=1728 Dh=80; 8 query and 2 key/value heads; vocab 6400; MoE E=4 K=2 (moe preset only).
+qk_norm_rope runs only at MiniMind-3's shape (preset m3: Dh=96, 8 query and 4 key/value heads, eps 1e-6), the model
+that has QK-norm; make_inputs builds it at any preset's head shape (tools/compile_check.py uses small/base/moe too).
 Activations are bf16 on a GPU (fp32 on a CPU); norm gains are fp32 parameters as in the model under autocast.
 Tiny scale (CPU smoke runs): B=2, T=16, widths and vocab divided by 8 (heads kept, FFN width by MiniMind's rule).
 
@@ -49,7 +51,9 @@ MODES = ("fwd", "fwd+bwd")
 IMPLS = ("eager", "compile", "triton", "liger")
 SDPA_BACKENDS = ("flash", "cudnn", "efficient", "math")  # minimind_kernels.sdpa: one SDPA backend forced per run
 # (op, preset) pairs: the dense ops at every preset's width, the routed experts only where the model has them.
-CASES = [(op, p) for op in kernels.OP_NAMES if op != "moe_experts" for p in PRESETS] + [("moe_experts", "moe")]
+# QK-norm + RoPE only at MiniMind-3's shape (the only model with QK-norm): preset m3, H=8, Hkv=4, Dh=96.
+OWN_PRESETS = {"moe_experts": ("moe",), "qk_norm_rope": ("m3",)}
+CASES = [(op, p) for op in kernels.OP_NAMES for p in OWN_PRESETS.get(op, PRESETS)]
 SHAPES = {"full": (32, 512), "tiny": (2, 16)}  # (B, T)
 TINY_SHRINK = 8  # tiny scale: widths and vocab / 8, so a CPU smoke run takes seconds
 # A result further than this from eager (relative L2) is wrong, not fast. bf16 rounding alone stays near 1e-2.
@@ -112,6 +116,16 @@ def make_inputs(
         )
         qk = (q.numel() + k.numel()) * es
         inp.bytes_fwd, inp.bytes_fwdbwd = 2 * qk + 2 * t * dh * 2, 4 * qk + 2 * t * dh * 4
+    elif op == "qk_norm_rope":
+        from minimind_fast.model import rope_tables
+
+        cos, sin = rope_tables(cfg)
+        q, k = act(b, t, h, dh), act(b, t, hkv, dh)
+        args = (q, k, gain(dh), gain(dh), cfg.rms_norm_eps, cos[:t].to(device), sin[:t].to(device))
+        inp = Inputs(args, (0, 1, 2, 3), f"q {b}x{t}x{h}x{dh}, k {b}x{t}x{hkv}x{dh}")
+        qk = (q.numel() + k.numel()) * es
+        # fwd q,k -> outputs; bwd q,k,dq_out,dk_out -> dq,dk (it re-reads the inputs; the gains are negligible)
+        inp.bytes_fwd, inp.bytes_fwdbwd = 2 * qk + 2 * t * dh * 2, 5 * qk + 2 * t * dh * 4
     elif op == "swiglu":
         inp = Inputs((act(n, f), act(n, f)), (0, 1), f"{n}x{f}")
         inp.bytes_fwd, inp.bytes_fwdbwd = 3 * n * f * es, 8 * n * f * es  # fwd g,u->o; bwd g,u,do->dg,du

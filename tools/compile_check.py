@@ -8,14 +8,14 @@ Triton's interpreter (the CPU tests) runs the kernels' arithmetic but never comp
 the GPU compiler sees: a tile that needs more shared memory than the card has, more registers than a launch may hold,
 register spills, or code the compiler rejects. This tool closes that gap. Each Triton op runs forward and backward
 on CPU tensors at the benchmark's shapes (bench/bench_kernels.py make_inputs, B=32 rows of T=512 tokens unless
---tokens says otherwise), and so does one training step of each preset's whole model with the Triton ops (bf16
-autocast, B=2, T=64), with the launchers planning their tiles and grids as on the target card
-(_compat.plan_as_gpu) and every kernel launch turned into a compile-only warm-up for the target: nothing
-executes, so the tensors the kernels would write hold garbage, and only the launches matter. An autotuned launch
-(triton.autotune: the MoE grouped GEMMs, with moe.AUTOTUNE forced on here) compiles every candidate config the
-autotuner would time, instead of timing them; the fixed tiles used with autotuning off are the first candidate of
-each list, so they are covered too. Each distinct compiled kernel's binary is then read with cuobjdump for its
-registers and local memory (spills).
+--tokens says otherwise; qk_norm_rope also at MiniMind-3's heads, preset m3), and so does one training step of each
+preset's whole model with the Triton ops (bf16 autocast, B=2, T=64), with the launchers planning their tiles and
+grids as on the target card (_compat.plan_as_gpu) and every kernel launch turned into a compile-only warm-up for the
+target: nothing executes, so the tensors the kernels would write hold garbage, and only the launches matter. An
+autotuned launch (triton.autotune: the MoE grouped GEMMs, with moe.AUTOTUNE forced on here) compiles every candidate
+config the autotuner would time, instead of timing them; the fixed tiles used with autotuning off are the first
+candidate of each list, so they are covered too. Each distinct compiled kernel's binary is then read with cuobjdump
+for its registers and local memory (spills).
 
 It fails (exit status 1) when a kernel does not compile, when its shared memory exceeds the card's per-block limit,
 or when its registers times its threads exceed the 64K registers of a multiprocessor (the launch would be refused).
@@ -50,7 +50,10 @@ import torch  # noqa: E402  (after the sys.path line, for running as a script)
 MAX_SHARED_PER_BLOCK = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
 REGISTERS_PER_SM = 65536  # 64K 32-bit registers per multiprocessor on every one of these (same table)
 SMS = {80: 108, 86: 84, 89: 128, 90: 132}  # A100, RTX 3090 / A6000 class, L40S, H100 SXM (H200: 132 as well)
-OPS = ("rmsnorm", "add_rmsnorm", "rope", "swiglu", "linear_cross_entropy", "moe_experts")
+OPS = ("rmsnorm", "add_rmsnorm", "rope", "qk_norm_rope", "swiglu", "linear_cross_entropy", "moe_experts")
+# qk_norm_rope also runs at MiniMind-3's own head shape (preset m3: head_dim 96, 8 query and 4 key/value heads; the
+# only model with QK-norm), beside head_dim 64/96/80 (8 and 2 heads) at small/base/moe.
+QK_NORM_PRESET = "m3"
 PRESETS = ("small", "base", "moe")
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -276,6 +279,10 @@ def check(
                 cases.append((f"{op} {preset} {dname}", _op_case(op, preset, DTYPES[dname], tokens)))
         if models:
             cases.append((f"model {preset} bf16-autocast", _model_case(preset)))
+    if "qk_norm_rope" in ops:
+        for dname in dtypes:
+            op_case = _op_case("qk_norm_rope", QK_NORM_PRESET, DTYPES[dname], tokens)
+            cases.append((f"qk_norm_rope {QK_NORM_PRESET} {dname}", op_case))
 
     from minimind_kernels import moe
 

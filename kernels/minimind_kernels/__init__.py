@@ -45,6 +45,7 @@ _IMPLS: dict[str, dict[str, str]] = {
         "rmsnorm": "minimind_kernels.rmsnorm:rmsnorm",
         "add_rmsnorm": "minimind_kernels.rmsnorm:add_rmsnorm",
         "rope": "minimind_kernels.rope:rope",
+        "qk_norm_rope": "minimind_kernels.qk_norm_rope:qk_norm_rope",
         "swiglu": "minimind_kernels.swiglu:swiglu",
         "linear_cross_entropy": "minimind_kernels.linear_ce:linear_cross_entropy",
         "moe_experts": "minimind_kernels.moe:moe_experts",

@@ -28,6 +28,26 @@ render_chatml, the same rendering in Python, which training calls (no Jinja per 
 every assistant turn comes with it). tests/minimind/test_template_fidelity.py checks both against MiniMind's own
 template through transformers' apply_chat_template.
 
+CHAT_TEMPLATE_M3 is our Jinja for the prompt format of MiniMind-3 (jingyaogong/minimind's model/tokenizer_config.json at
+its 2026 HEAD), written from the format's description; tests/minimind/test_minimind3_template.py checks it against what
+MiniMind-3's own template renders (tests/minimind/data/minimind3_renders.json). In words, where it differs from the
+above:
+  - No default system turn: a system turn comes first only when the first message is a system message (its text), or
+    when `tools` are given (then as above: the system text and "\n\n" if any, the tools block, the instruction).
+  - Every assistant turn opens with a thought block: `<|im_start|>assistant\n<think>\n{thought}\n</think>\n\n{answer}`.
+    The thought is the message's `reasoning_content` when that is a string (the content is then the answer as it
+    is); else, when the content holds `</think>`, the thought is what lies between the last `<think>` before the
+    first `</think>` and that `</think>`, and the answer is what follows the last `</think>` minus leading newlines;
+    else the thought is empty and the content is the answer. Newlines at either end of the thought, and at the
+    start of the answer, are not rendered. An assistant turn with nothing to think still renders the empty block.
+  - Tool calls follow the answer as above; the "\n" before the first one is written when the answer (before its
+    leading newlines are dropped) is not empty.
+  - Users, later system messages and runs of tool messages render as above; other roles are left out.
+  - add_generation_prompt appends `<|im_start|>assistant\n<think>\n\n</think>\n\n` (the thought closed, empty),
+    or `<|im_start|>assistant\n<think>\n` (the thought left open) when the template variable open_thinking is
+    true; apply_chat_template(enable_thinking=True/False) passes it.
+No Python renderer exists for it: a tokenizer carrying it renders through Jinja, as for any other template.
+
 A tokenizer keeps the chat template of the folder it was loaded from (chat_template.jinja, else tokenizer_config.json's
 chat_template; the shipped one when there is none) and saves that one again, so a model trained with MiniMind's or
 anyone's tokenizer is saved with the template it was trained on. apply_chat_template renders through the tokenizer's
@@ -111,6 +131,58 @@ CHAT_TEMPLATE = "".join(
         "{% endfor %}",
         "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}",
         "{% if enable_thinking is defined and enable_thinking is false %}{{ " + _jinja_str(NO_THINKING) + " }}",
+        "{% endif %}{% endif %}",
+    ]
+)
+
+# MiniMind-3's prompt format (see the module docstring), written here from its description. Not rendered in Python:
+# a tokenizer that carries it renders through Jinja, as any template other than ours or MiniMind2's.
+THINK_OPEN, THINK_CLOSE = "<think>\n", "\n</think>\n\n"
+CHAT_TEMPLATE_M3 = "".join(
+    [
+        "{% set lead_system = messages and messages[0].role == 'system' %}",
+        "{% if tools %}",
+        "{{ '<|im_start|>system\\n' }}",
+        "{% if lead_system %}{{ messages[0].content + '\\n\\n' }}{% endif %}",
+        "{{ " + _jinja_str(TOOLS_INTRO) + " }}",
+        "{% for tool in tools %}{{ '\\n' + tool | tojson }}{% endfor %}",
+        "{{ " + _jinja_str(TOOLS_OUTRO + TURN_END) + " }}",
+        "{% elif lead_system %}{{ '<|im_start|>system\\n' + messages[0].content + '<|im_end|>\\n' }}",
+        "{% endif %}",
+        "{% for m in messages %}",
+        "{% set text = m.content if m.content is string else '' %}",
+        "{% if m.role == 'user' or (m.role == 'system' and not loop.first) %}",
+        "{{ '<|im_start|>' + m.role + '\\n' + text + '<|im_end|>\\n' }}",
+        "{% elif m.role == 'assistant' %}",
+        # thought: reasoning_content when it is a string; else what lies between the last <think> before the first
+        # </think> and that </think>, the answer being what follows the last </think> (text without </think>: all
+        # answer). Edge newlines of the thought are dropped, leading ones of the answer too.
+        "{% if m.reasoning_content is string %}{% set thought, answer = m.reasoning_content, text %}",
+        "{% elif '</think>' in text %}",
+        "{% set thought = text.split('</think>')[0].split('<think>')[-1] %}",
+        "{% set answer = text.split('</think>')[-1].lstrip('\\n') %}",
+        "{% else %}{% set thought, answer = '', text %}",
+        "{% endif %}",
+        "{{ '<|im_start|>assistant\\n' + " + _jinja_str(THINK_OPEN) + " + thought.strip('\\n') }}",
+        "{{ " + _jinja_str(THINK_CLOSE) + " + answer.lstrip('\\n') }}",
+        "{% for call in (m.tool_calls or []) %}",
+        "{% set fn = call.function if call.function else call %}",
+        # The separator before the first call follows the answer as given (a lone "\n" shows as nothing, yet counts).
+        "{% if answer or not loop.first %}{{ '\\n' }}{% endif %}",
+        '{{ \'<tool_call>\\n{"name": "\' ~ fn.name ~ \'", "arguments": \' }}',
+        "{{ fn.arguments if fn.arguments is string else fn.arguments | tojson }}",
+        "{{ '}\\n</tool_call>' }}",
+        "{% endfor %}",
+        "{{ '<|im_end|>\\n' }}",
+        "{% elif m.role == 'tool' %}",
+        "{% if loop.first or loop.previtem.role != 'tool' %}{{ '<|im_start|>user' }}{% endif %}",
+        "{{ '\\n<tool_response>\\n' + text + '\\n</tool_response>' }}",
+        "{% if loop.last or loop.nextitem.role != 'tool' %}{{ '<|im_end|>\\n' }}{% endif %}",
+        "{% endif %}",
+        "{% endfor %}",
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}",
+        "{% if open_thinking is defined and open_thinking is true %}{{ " + _jinja_str(THINK_OPEN) + " }}",
+        "{% else %}{{ " + _jinja_str(NO_THINKING) + " }}",
         "{% endif %}{% endif %}",
     ]
 )

@@ -18,7 +18,16 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
-OP_NAMES = ("rmsnorm", "add_rmsnorm", "rope", "swiglu", "linear_cross_entropy", "moe_experts", "attention")
+OP_NAMES = (
+    "rmsnorm",
+    "add_rmsnorm",
+    "rope",
+    "qk_norm_rope",
+    "swiglu",
+    "linear_cross_entropy",
+    "moe_experts",
+    "attention",
+)
 
 
 def _load(name: str, path: Path):
@@ -53,7 +62,7 @@ def test_kernel_benchmarks_run_and_record_every_op(tmp_path):
         f"--bench-record={tmp_path}",
         f"--benchmark-json={raw}",
         "-k",
-        "eager or small or moe_experts",
+        "eager or small or moe_experts or qk_norm_rope",
     ]  # every op eager; torch.compile at one preset per op
     proc = subprocess.run(cmd, cwd=ROOT, env=_cpu_env(), capture_output=True, text=True, timeout=300)
     out = proc.stdout + proc.stderr

@@ -149,7 +149,11 @@ CASES = [
     ("pretrain", "--max_seq_len 0", "error: --max_seq_len 0: "),
     ("pretrain", "--max_seq_len 1", "error: --max_seq_len 1: "),
     ("pretrain", "--max_seq_len 40000", "error: --max_seq_len 40000: exceeds the rotary table"),
-    ("pretrain", "--preset huge", "error: --preset huge: unknown preset (accepted: tiny, small, base, moe, m3, m3-moe, m3-tiny)"),
+    (
+        "pretrain",
+        "--preset huge",
+        "error: --preset huge: unknown preset (accepted: tiny, small, base, moe, m3, m3-moe, m3-tiny)",
+    ),
     ("pretrain", "--device foo", "error: --device foo: unknown device"),
     pytest.param("pretrain", "--device cuda", "error: --device cuda: CUDA is not available", marks=NO_CUDA),
     ("pretrain", "--learning_rate nan", "error: --learning_rate nan: not a number"),
