@@ -78,7 +78,7 @@ IGNORE = -100
 
 @dataclass
 class Args:
-    preset: str = arg("small", "model preset: tiny, small, base, moe")
+    preset: str = arg("small", "model preset: tiny, small, base, moe, m3, m3-moe, m3-tiny")
     kernels: str = arg("auto", "ops spec: torch | triton | liger | auto (+ overrides like 'triton,rope=torch')")
     compile: bool = arg(False, "torch.compile the model")
     steps: int = arg(30, "optimizer steps, warm-up included")

@@ -9,8 +9,10 @@
 #   1. env        the card, driver, torch / triton versions, git commit                         OUT/env.txt
 #   2. gpu tests  `pytest -m gpu -x` (kernels natively in fp32 and bf16)                         OUT/gpu_tests.{log,xml}
 #   3. e2e        presets small and base x kernels torch/triton x compile 0/1, plus MiniMind's
-#                 own loop as the baseline per preset (bench/e2e.py --matrix)                   OUT/e2e-matrix_*.{json,md}
-#   4. kernels    bench_kernels for rmsnorm, linear+CE, MoE and attention                      OUT/kernels_*.{json,md}
+#                 own loop as the baseline per preset (bench/e2e.py --matrix). MiniMind-3 stays out of the
+#                 time box (each preset multiplies every configuration); on a longer loan run
+#                 `python bench/e2e.py --matrix --presets m3,m3-moe --out_dir OUT`             OUT/e2e-matrix_*.{json,md}
+#   4. kernels    bench_kernels for rmsnorm, linear+CE, MoE, attention and QK-norm+RoPE        OUT/kernels_*.{json,md}
 # OUT/summary.txt has one line per step: its exit status and seconds. The script exits 0 when every step ran to its
 # end (a failing test or benchmark entry is in its log, not in the exit status), 1 otherwise.
 set -uo pipefail
@@ -33,13 +35,13 @@ if [[ $DRY == 1 ]]; then
     TESTS=(-m gpu --collect-only -q tests/)
     E2E=(--matrix --presets tiny --kernels_list torch --compiles 0 --steps 2 --warmup_steps 1 --batch_size 2
          --accumulation_steps 1 --max_seq_len 32 --device cpu --dtype float32)
-    KERNELS=(--bench-rounds 1 -k "(eager or math) and (rmsnorm or linear_cross_entropy or moe_experts or attention)")
+    KERNELS=(--bench-rounds 1 -k "(eager or math) and (rmsnorm or linear_cross_entropy or moe_experts or attention or qk_norm_rope)")
 else
     T_TESTS=120 T_E2E=250 T_KERNELS=150
     TESTS=(-m gpu -x -q tests/ "--junitxml=$OUT/gpu_tests.xml")
     E2E=(--matrix --presets small,base --kernels_list torch,triton --compiles 0,1 --steps 10 --warmup_steps 2
          --budget_s $((T_E2E - 40)))
-    KERNELS=(--bench-rounds 20 -k "rmsnorm or linear_cross_entropy or moe_experts or attention")
+    KERNELS=(--bench-rounds 20 -k "rmsnorm or linear_cross_entropy or moe_experts or attention or qk_norm_rope")
 fi
 
 : > "$OUT/summary.txt"
