@@ -8,7 +8,8 @@ dynamo cache per benchmark so shapes never share a graph), triton (ours, kernels
 liger (Liger-Kernel through the registry, where it has the op). Beside them: linear+CE at a second chunk size
 (test_linear_cross_entropy_chunk), attention with each SDPA backend forced (test_attention_backend), the routed
 experts through torch._grouped_mm (test_moe_experts_grouped, impl "grouped") and our Triton MoE with autotuning off
-(test_moe_experts_fixed_tiles, impl "triton-fixed"). One that cannot run here (no CUDA, not importable, no such op) is
+(test_moe_experts_fixed_tiles, impl "triton-fixed") and QK-norm + RoPE as three unfused Triton launches
+(test_qk_norm_rope_unfused, impl "triton-unfused"). One that cannot run here (no CUDA, not importable, no such op) is
 skipped with the reason; on a CPU only eager, compile, grouped and the math backend run, and their figures mean
 nothing.
 
@@ -335,6 +336,23 @@ def test_moe_experts_fixed_tiles(benchmark, bench_settings, bench_recorder, mode
     recorded as impl "triton-fixed", beside test_op's "triton" (autotuned; its first_call_s includes the tuning)."""
     entry = _entry(bench_settings, "moe_experts", "moe", mode, "triton-fixed")
     _bench_triton_with(benchmark, bench_settings, bench_recorder, entry, "moe", "AUTOTUNE", False)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_qk_norm_rope_unfused(benchmark, bench_settings, bench_recorder, mode: str):
+    """QK-norm + RoPE as a model without the fused op would run it on our Triton kernels: rmsnorm on q, rmsnorm on k,
+    then rope (three launches forward), recorded as impl "triton-unfused" beside test_op's fused "triton"."""
+    op, preset = "qk_norm_rope", "m3"
+    parts, why = implementation("rope", "triton", bench_settings)  # the same runnability rule as the fused entry
+    fn = None
+    if parts is not None:
+        ops = kernels.resolve("triton")
+
+        def fn(q, k, q_weight, k_weight, eps, cos, sin):
+            return ops.rope(ops.rmsnorm(q, q_weight, eps), ops.rmsnorm(k, k_weight, eps), cos, sin)
+
+    entry = _entry(bench_settings, op, preset, mode, "triton-unfused")
+    _bench(benchmark, bench_settings, bench_recorder, entry, fn, why)
 
 
 def _measure(benchmark, s, entry: dict[str, Any], op: str, preset: str, mode: str, impl: str, fn: Callable) -> None:
