@@ -225,6 +225,13 @@ STAGE_RULES: dict[str, dict[str, Num | OneOf]] = {
     "distill": {"temperature": Num("the softmax temperature T must be positive", lo=0, lo_open=True)},
     **{stage: _RL_RULES for stage in RL_STAGES},
 }
+STAGE_RULES["grpo"] = {
+    **_RL_RULES,
+    "loss_type": OneOf(("grpo", "cispo"), "unknown policy loss"),
+    "epsilon_high": Num(
+        "CISPO clamps the importance weight at epsilon_high, above the on-policy weight 1", lo=1, lo_open=True
+    ),
+}
 
 # Flags checked by the functions below rather than by a table rule (booleans need none: argparse parses them).
 SPECIAL = {

@@ -4,6 +4,7 @@
     python train/grpo.py --reward rule+shaping --reasoning 1      # also MiniMind's shaping, think/answer format
     python train/grpo.py --reward model --reward_model_path /path/to/reward_model
     python train/grpo.py --from_resume 1                          # continue from the newest checkpoint
+    python train/grpo.py --loss_type cispo                        # MiniMind's current default loss (below)
 
 Algorithm, as implemented (Shao et al. 2024, "DeepSeekMath", sec. 4.1, outcome supervision): each rollout takes
 batch_size prompts and samples num_generations (G) completions of each, all in one left-padded batch
@@ -26,10 +27,18 @@ the earlier backward passes); an FSDP2 policy is gathered whole for sampling. Th
 every rank holds a copy. The logged reward statistics, KL and clip fraction cover all ranks' completions; the
 logged loss is the mean of the ranks' losses.
 
-Deviations from MiniMind: its default loss is now CISPO; this script is the GRPO objective above (MiniMind's
-`--loss_type grpo`). The rollout sampling RNG is a function of (seed, rollout index, rank), so --from_resume on the
-same number of ranks reproduces the uninterrupted run exactly. Logged per step: reward mean/std (and each reward
-kind), KL to the reference, completion length, loss, clip fraction.
+--loss_type cispo replaces the clipped ratio term with CISPO's (MiniMax 2025, "MiniMax-M1", arXiv:2506.13585,
+sec. 3.1): per token -(sg(min(ratio, epsilon_high)) * A * logp - beta * KL), the importance weight clamped at
+--epsilon_high (5.0) and detached, so every token keeps the gradient w * A (no token is clipped out); same KL term
+and same per-completion token mean (losses.cispo_loss). Its logged clip fraction is the share of tokens whose ratio
+exceeded epsilon_high (their weight was clamped); its logged loss is not comparable to GRPO's (A * logp, not
+ratio * A). With num_iterations = 1 the ratio is 1 and the two losses give the same gradient.
+
+Deviations from MiniMind: its current release defaults to CISPO (`--loss_type cispo`); here the default stays
+`--loss_type grpo`, the GRPO objective above, so earlier runs and results are unchanged. The rollout sampling RNG
+is a function of (seed, rollout index, rank), so --from_resume on the same number of ranks reproduces the
+uninterrupted run exactly. Logged per step: reward mean/std (and each reward kind), KL to the reference, completion
+length, loss, clip fraction.
 
 Outputs under --out_dir: {save_weight}/ (policy), {save_weight}_resume/step_N/, {save_weight}_metrics.jsonl,
 {save_weight}_reward.png and {save_weight}_loss.png.
@@ -65,7 +74,9 @@ class Args(rollout.RLArgs):
     save_weight: str = arg("grpo", "name of the checkpoint folder under --out_dir")
     num_generations: int = arg(8, "completions per prompt (G)")
     num_iterations: int = arg(1, "optimizer updates per step on the same rollouts (mu)")
-    epsilon: float = arg(0.2, "ratio clip")
+    epsilon: float = arg(0.2, "ratio clip (grpo)")
+    loss_type: str = arg("grpo", "policy loss: grpo (clipped ratio) or cispo (clamped, detached IS weight)")
+    epsilon_high: float = arg(5.0, "upper clamp of the importance weight (cispo; MiniMind's value)")
     adv_eps: float = arg(1e-4, "eps in (r - mean_g) / (std_g + eps)")
 
 
@@ -79,9 +90,10 @@ def train_on_rollout(
     scale: float,
     sync: bool,
 ) -> dict[str, float]:
-    """Forward + backward of the GRPO loss over one rollout, chunk by chunk; gradients are scaled by `scale`. The
-    gradient all-reduce runs only on the last chunk, and only when sync (the last backward before a step).
-    -> this rank's loss and its summed KL, clipped tokens and token count (for global token means)."""
+    """Forward + backward of the policy loss (GRPO's or CISPO's, --loss_type) over one rollout, chunk by chunk;
+    gradients are scaled by `scale`. The gradient all-reduce runs only on the last chunk, and only when sync (the
+    last backward before a step). -> this rank's loss and its summed KL, clipped tokens (for CISPO: clamped weights)
+    and token count (for global token means)."""
     n = ro.input_ids.shape[0]
     slices = rollout.chunks(n, args.forward_batch)
     out = {"loss": 0.0, "kl_sum": 0.0, "clip_sum": 0.0, "tokens": 0.0}
@@ -92,13 +104,20 @@ def train_on_rollout(
             logp = logp.float()
             mask = ro.completion_mask[sl]
             old = ro.old_logp[sl] if ro.old_logp is not None else logp.detach()
-            loss = L.grpo_loss(logp, old, ro.ref_logp[sl], adv_N[sl], mask, args.epsilon, args.beta)
+            if args.loss_type == "cispo":
+                loss = L.cispo_loss(logp, old, ro.ref_logp[sl], adv_N[sl], mask, args.epsilon_high, args.beta)
+            else:
+                loss = L.grpo_loss(logp, old, ro.ref_logp[sl], adv_N[sl], mask, args.epsilon, args.beta)
             frac = (sl.stop - sl.start) / n  # per-completion means: chunk means weigh by their share of rows
             total = loss * frac if aux is None else (loss + aux) * frac
             (total * scale).backward()
         out["loss"] += float(loss.detach()) * frac
         out["kl_sum"] += float((L.k3_kl(logp.detach(), ro.ref_logp[sl]) * mask).sum())
-        out["clip_sum"] += float(L.clip_fraction(logp.detach(), old, mask, args.epsilon)) * float(mask.sum())
+        if args.loss_type == "cispo":  # tokens whose importance weight was clamped at epsilon_high
+            frac_clipped = L.upper_clip_fraction(logp.detach(), old, mask, args.epsilon_high)
+        else:  # tokens whose ratio left [1 - epsilon, 1 + epsilon]
+            frac_clipped = L.clip_fraction(logp.detach(), old, mask, args.epsilon)
+        out["clip_sum"] += float(frac_clipped) * float(mask.sum())
         out["tokens"] += float(mask.sum())
     return out
 

@@ -257,6 +257,42 @@ def grpo_loss(
     return sequence_token_mean(surrogate + beta * k3_kl(logp_NR, ref_logp_NR), mask_NR)
 
 
+def cispo_loss(
+    logp_NR: torch.Tensor,
+    old_logp_NR: torch.Tensor,
+    ref_logp_NR: torch.Tensor,
+    adv_N: torch.Tensor,
+    mask_NR: torch.Tensor,
+    epsilon_high: float = 5.0,
+    beta: float = 0.02,
+) -> torch.Tensor:
+    """CISPO, clipped IS-weight policy optimization (MiniMax 2025, "MiniMax-M1: Scaling Test-Time Compute Efficiently
+    with Lightning Attention", arXiv:2506.13585, sec. 3.1, the J_CISPO objective), negated, as MiniMind's trainer
+    computes it. Per token:
+
+        w = sg(min(ratio, epsilon_high)),  ratio = exp(logp - old_logp)
+        loss = -(w * A * logp - beta * k3 KL(logp, ref))
+
+    sg = stop-gradient: the weight is clamped and detached, so d loss / d logp = -w * A + beta * d k3 / d logp and
+    every token keeps a gradient (PPO's clip instead zeroes it outside [1 - eps, 1 + eps]). As in MiniMind, this
+    departs from the paper's J_CISPO: only the upper clamp (the paper clips to [1 - eps_low, 1 + eps_high]), and
+    grpo_loss's k3 KL term and reduction (the token mean within each completion, then the mean over completions,
+    where J_CISPO has no KL term and divides by the group's total token count), so the two losses differ only in the
+    per-token policy term. The value is not comparable to grpo_loss's (A * logp, not ratio * A); at ratio 1 the
+    gradients are the same. adv is [N] (one advantage per completion) or [N, R]."""
+    adv = adv_N[:, None] if adv_N.dim() == 1 else adv_N
+    w = torch.clamp(torch.exp(logp_NR - old_logp_NR), max=epsilon_high).detach()
+    per_token = -(w * adv * logp_NR) + beta * k3_kl(logp_NR, ref_logp_NR)
+    return sequence_token_mean(per_token, mask_NR)
+
+
+def upper_clip_fraction(
+    logp_NR: torch.Tensor, old_logp_NR: torch.Tensor, mask_NR: torch.Tensor, epsilon_high: float
+) -> torch.Tensor:
+    """Share of masked tokens whose ratio exceeded epsilon_high: those whose CISPO weight was clamped."""
+    return masked_mean((torch.exp(logp_NR - old_logp_NR) > epsilon_high).float(), mask_NR)
+
+
 def spo_loss(
     logp_NR: torch.Tensor, ref_logp_NR: torch.Tensor, adv_N: torch.Tensor, mask_NR: torch.Tensor, beta: float = 0.02
 ) -> torch.Tensor:
