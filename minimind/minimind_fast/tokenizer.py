@@ -77,6 +77,19 @@ ASSISTANT_HEADER = f"{BOS_TOKEN}assistant\n"
 TURN_END = f"{EOS_TOKEN}\n"
 DEFAULT_SYSTEM = "You are a helpful assistant"
 NO_THINKING = "<think>\n\n</think>\n\n"
+# Shared by both chat templates below: the tool calls after an assistant's text (the loop over them closed, the turn
+# ended), then a run of tool messages as one user turn of <tool_response> blocks.
+_JINJA_CALLS_AND_TOOL_TURN = [
+    '{{ \'<tool_call>\\n{"name": "\' ~ fn.name ~ \'", "arguments": \' }}',
+    "{{ fn.arguments if fn.arguments is string else fn.arguments | tojson }}",
+    "{{ '}\\n</tool_call>' }}",
+    "{% endfor %}",
+    "{{ '<|im_end|>\\n' }}",
+    "{% elif m.role == 'tool' %}",
+    "{% if loop.first or loop.previtem.role != 'tool' %}{{ '<|im_start|>user' }}{% endif %}",
+    "{{ '\\n<tool_response>\\n' + text + '\\n</tool_response>' }}",
+    "{% if loop.last or loop.nextitem.role != 'tool' %}{{ '<|im_end|>\\n' }}{% endif %}",
+]
 # The tools preamble: MiniMind2's wording (a fact of its prompt format, which the model was trained to read).
 TOOLS_INTRO = (
     "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
@@ -118,15 +131,7 @@ CHAT_TEMPLATE = "".join(
         "{% for call in (m.tool_calls or []) %}",
         "{% set fn = call.function if call.function else call %}",
         "{% if text or not loop.first %}{{ '\\n' }}{% endif %}",
-        '{{ \'<tool_call>\\n{"name": "\' ~ fn.name ~ \'", "arguments": \' }}',
-        "{{ fn.arguments if fn.arguments is string else fn.arguments | tojson }}",
-        "{{ '}\\n</tool_call>' }}",
-        "{% endfor %}",
-        "{{ '<|im_end|>\\n' }}",
-        "{% elif m.role == 'tool' %}",
-        "{% if loop.first or loop.previtem.role != 'tool' %}{{ '<|im_start|>user' }}{% endif %}",
-        "{{ '\\n<tool_response>\\n' + text + '\\n</tool_response>' }}",
-        "{% if loop.last or loop.nextitem.role != 'tool' %}{{ '<|im_end|>\\n' }}{% endif %}",
+        *_JINJA_CALLS_AND_TOOL_TURN,
         "{% endif %}",
         "{% endfor %}",
         "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}",
@@ -169,15 +174,7 @@ CHAT_TEMPLATE_M3 = "".join(
         "{% set fn = call.function if call.function else call %}",
         # The separator before the first call follows the answer as given (a lone "\n" shows as nothing, yet counts).
         "{% if answer or not loop.first %}{{ '\\n' }}{% endif %}",
-        '{{ \'<tool_call>\\n{"name": "\' ~ fn.name ~ \'", "arguments": \' }}',
-        "{{ fn.arguments if fn.arguments is string else fn.arguments | tojson }}",
-        "{{ '}\\n</tool_call>' }}",
-        "{% endfor %}",
-        "{{ '<|im_end|>\\n' }}",
-        "{% elif m.role == 'tool' %}",
-        "{% if loop.first or loop.previtem.role != 'tool' %}{{ '<|im_start|>user' }}{% endif %}",
-        "{{ '\\n<tool_response>\\n' + text + '\\n</tool_response>' }}",
-        "{% if loop.last or loop.nextitem.role != 'tool' %}{{ '<|im_end|>\\n' }}{% endif %}",
+        *_JINJA_CALLS_AND_TOOL_TURN,
         "{% endif %}",
         "{% endfor %}",
         "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}",

@@ -23,6 +23,11 @@ import pytest
 import torch
 import transformers
 from safetensors.torch import save_file
+from test_export_gguf import (  # llama.cpp semantics in torch (tests/tools is on sys.path)
+    rms,
+    rope_adjacent_pairs,
+    swiglu,
+)
 
 from minimind_fast.checkpoint import load_model, load_model_state, model_state_dict, save_checkpoint
 from minimind_fast.config import from_preset
@@ -370,22 +375,6 @@ def test_gguf_tensors_match_our_state_dict(exported, kind, dtype):
         assert torch.equal(tensor_values(t), w if keeps_f32 else w.to(cast).float()), name
 
 
-def rms(x, w, eps):
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
-
-
-def rope_adjacent_pairs(x_THD, base):
-    """llama.cpp's normal RoPE (llama, bailingmoe), for contrast: pair (x[2i], x[2i+1])."""
-    t, _, dh = x_THD.shape
-    out = x_THD.clone()
-    for i in range(dh // 2):
-        ang = torch.arange(t, dtype=torch.float64) * base ** (-2 * i / dh)
-        c, s = ang.cos()[:, None], ang.sin()[:, None]
-        a, b = x_THD[..., 2 * i], x_THD[..., 2 * i + 1]
-        out[..., 2 * i], out[..., 2 * i + 1] = a * c - b * s, a * s + b * c
-    return out
-
-
 def rope_neox(x_THD, base):
     """ggml's NEOX RoPE (LLAMA_ROPE_TYPE_NEOX): pair (x[i], x[i + Dh/2]) rotated by p * base^(-2i/Dh)."""
     t, _, dh = x_THD.shape
@@ -397,10 +386,6 @@ def rope_neox(x_THD, base):
         a, b = x_THD[..., i], x_THD[..., i + half]
         out[..., i], out[..., i + half] = a * c - b * s, a * s + b * c
     return out
-
-
-def swiglu(x, gate, up, down):
-    return (torch.nn.functional.silu(x @ gate.T) * (x @ up.T)) @ down.T
 
 
 def gguf_forward(path, ids: list[int], rope=rope_neox) -> torch.Tensor:
