@@ -24,6 +24,8 @@ import torch
 import transformers
 from safetensors.torch import save_file
 from test_export_gguf import (  # llama.cpp semantics in torch (tests/tools is on sys.path)
+    assert_llama_cpp_greedy_equals_ours,
+    our_logits,
     rms,
     rope_adjacent_pairs,
     swiglu,
@@ -431,11 +433,6 @@ def gguf_forward(path, ids: list[int], rope=rope_neox) -> torch.Tensor:
     return rms(x, w["output_norm.weight"], eps) @ head.T
 
 
-def our_logits(model, ids):
-    with torch.no_grad():
-        return model(torch.tensor([ids])).logits[0].double()
-
-
 @needs_gguf
 @pytest.mark.parametrize("kind", KINDS)
 def test_llama_cpp_semantics_over_the_file_give_our_logits(exported, kind, tokenizer):
@@ -461,7 +458,7 @@ def test_qwen3moe_top_k_variants(tmp_path, tokenizer, overrides):
     ids = tokenizer.encode("Mixture of experts, 专家混合。")
     assert torch.allclose(gguf_forward(path, ids), our_logits(model, ids), atol=1e-4, rtol=0)
     if HAS_LLAMA_CPP:
-        assert_llama_cpp_greedy_equals_ours(path, model, tokenizer, PROMPTS[:2])
+        assert_llama_cpp_greedy_equals_ours(path, model, tokenizer, PROMPTS[:2], 12, distinct=False)
 
 
 # ------------------------------------------------------------------------------------ llama.cpp itself (optional)
@@ -472,31 +469,9 @@ PROMPTS = [
 ]
 
 
-def assert_llama_cpp_greedy_equals_ours(path, model, tokenizer, texts, new_tokens=12):
-    """llama.cpp (f32 file, f32 KV cache) tokenizes each text as we do and its greedy tokens equal ours."""
-    from llama_cpp import Llama
-
-    llm = Llama(model_path=str(path), n_ctx=256, n_batch=256, n_threads=1, verbose=False, type_k=0, type_v=0,
-                logits_all=True)  # fmt: skip
-    prompts = [tokenizer.encode(t) for t in texts]
-    ours = generate(model, prompts, new_tokens, greedy=True, eos_id=None)
-    for text, prompt, want in zip(texts, prompts, ours):
-        assert llm.tokenize(text.encode("utf-8"), add_bos=False, special=True) == prompt, text
-        llm.reset()
-        llm.eval(prompt)
-        got = []
-        for step in range(new_tokens):
-            scores = np.array(llm.scores[llm.n_tokens - 1], dtype=np.float64)
-            if step == 0:
-                assert np.allclose(scores, our_logits(model, prompt)[-1].numpy(), atol=1e-3, rtol=0), text
-            got.append(int(scores.argmax()))
-            llm.eval([got[-1]])
-        assert got == want, text
-
-
 @needs_gguf
 @pytest.mark.skipif(not HAS_LLAMA_CPP, reason="llama-cpp-python is not installed (pip install llama-cpp-python)")
 @pytest.mark.parametrize("kind", KINDS)
 def test_llama_cpp_greedy_generation_equals_ours(exported, kind, tokenizer):
     model, paths = exported[kind]
-    assert_llama_cpp_greedy_equals_ours(paths["f32"], model, tokenizer, PROMPTS)
+    assert_llama_cpp_greedy_equals_ours(paths["f32"], model, tokenizer, PROMPTS, 12, distinct=False)
