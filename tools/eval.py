@@ -8,8 +8,9 @@ generation sample sheet. Prints tables and writes everything (item by item) to J
     python tools/eval.py --load out/full_sft --mc /path/to/ceval/val --mc_score letter --heldout none
 
 Held-out accuracy (minimind_fast/evaluate.py has the exact rules) is reported per kind in two ways, next to the chance
-level 1/len(choices): "gen", the greedy reply through the chat template contains the answer as a whole word or
-number; "choice", the answer is the choice with the highest log-likelihood as the assistant's completion.
+level 1/len(choices): "gen", the greedy reply through the chat template states the answer (answer_matches, the
+matcher the RL rule reward uses too: a number must be the reply's last whole number, a word must occur as a whole
+word); "choice", the answer is the choice with the highest log-likelihood as the assistant's completion.
 --lora takes one adapter folder for every --load, or one per --load ('none' for the plain model).
 The sample sheet (--samples N prompts: --prompts texts or file lines, else the first held-out questions plus
 "Who are you?") is written as markdown next to the JSON. A missing or broken file stops with one `error: ...` line

@@ -1,9 +1,10 @@
 """Pluggable rewards for the RL stages (PPO, GRPO, SPO), chosen with --reward as a '+'-joined list of kinds.
 
     rule      verifiable reward on records that carry an "answer" (data/sample/rlaif.jsonl does):
-              1.0 when the reply states the answer, else 0.0. A numeric answer must be the LAST number in the reply
-              (so a reply that lists several numbers is judged by its conclusion); any other answer must appear as a
-              whole word, case-insensitively. When think/answer format is asked for (--reasoning 1, or the prompt
+              1.0 when the reply states the answer, else 0.0, judged by minimind_fast.evaluate.answer_matches, the
+              matcher held-out evaluation uses too: a numeric answer must be the LAST whole number in the reply (so a
+              reply that lists several numbers is judged by its conclusion); any other answer must appear as a whole
+              word, case-insensitively. When think/answer format is asked for (--reasoning 1, or the prompt
               itself mentions <think>), the answer is read from the last <answer>...</answer> block and a reply that
               is exactly `<think>\\n...\\n</think>\\n<answer>\\n...\\n</answer>` (one blank line allowed between the
               blocks) earns FORMAT_BONUS = 0.5 more. Range [0, 1], or [0, 1.5] with format.
@@ -34,6 +35,7 @@ from typing import Any
 import torch
 
 from minimind_fast.data import DataError, prompt_messages
+from minimind_fast.evaluate import answer_matches
 from minimind_fast.tokenizer import render_chatml
 
 REWARD_KINDS = ("rule", "shaping", "model")
@@ -48,8 +50,6 @@ REPETITION_CAP = 0.5
 
 _THINK_FORMAT = re.compile(r"^<think>\n.*?\n</think>\n\n?<answer>\n.*?\n</answer>$", re.S)
 _ANSWER_BLOCK = re.compile(r"<answer>(.*?)</answer>", re.S)
-_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
-_IS_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 _WORDS = re.compile(r"\w+|[^\w\s]")
 
 
@@ -75,16 +75,6 @@ def answer_part(reply: str, use_tags: bool) -> str:
     return reply
 
 
-def answer_correct(text: str, answer: str) -> bool:
-    answer = answer.strip()
-    if not answer:
-        return False
-    if _IS_NUMBER.fullmatch(answer):
-        numbers = _NUMBER.findall(text)
-        return bool(numbers) and float(numbers[-1]) == float(answer)
-    return re.search(r"(?<!\w)" + re.escape(answer) + r"(?!\w)", text, re.IGNORECASE) is not None
-
-
 def rule_reward(prompt_text: str, reply: str, record: dict, reasoning: bool = False) -> float:
     if "answer" not in record or not isinstance(record["answer"], (str, int, float)):
         raise RewardError(
@@ -92,7 +82,7 @@ def rule_reward(prompt_text: str, reply: str, record: dict, reasoning: bool = Fa
             f"{str(record)[:120]}"
         )
     tags = wants_format(prompt_text, reasoning)
-    r = 1.0 if answer_correct(answer_part(reply, tags), str(record["answer"])) else 0.0
+    r = 1.0 if answer_matches(str(record["answer"]), answer_part(reply, tags)) else 0.0
     if tags and format_ok(reply):
         r += FORMAT_BONUS
     return r

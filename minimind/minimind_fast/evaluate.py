@@ -252,20 +252,24 @@ def read_heldout(path: str | Path) -> list[HeldoutItem]:
     return items
 
 
-_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+# A whole number as written in a reply: not part of a word or of a longer number ("28" is not in "128", "2.28" or
+# "28th"); a minus sign counts only where it is not a subtraction between two numbers ("3-8" holds 3 and 8).
+_WHOLE_NUMBER = re.compile(r"(?<![\w.])-?\d+(?:\.\d+)?(?!\w|\.\d)")
 
 
-def answer_in_reply(answer: str, reply: str) -> bool:
-    """Whether answer occurs in reply as a whole word (case-insensitive) or, for a number, as a whole number: not
-    inside a longer number ("28" is not in "128" or "2.28"), not negated ("5" is not in "-5")."""
+def answer_matches(answer: str, reply: str) -> bool:
+    """The one notion of a correct answer, for held-out evaluation and for the RL rule reward alike.
+
+    A numeric answer must be the reply's LAST whole number (a reply is judged by its conclusion: "It is 26, 27 or
+    28." is wrong for 27, "3 - 8 = -5" is right for -5 and wrong for 5); any other answer must occur as a whole word,
+    case-insensitively ("red" is not in "reddish")."""
     a = answer.strip()
     if not a:
         return False
-    if _NUMBER.fullmatch(a):
-        pattern = rf"(?<![\w.\-]){re.escape(a)}(?!\w|\.\d)"
-    else:
-        pattern = rf"(?<!\w){re.escape(a)}(?!\w)"
-    return re.search(pattern, reply, flags=re.IGNORECASE) is not None
+    if _WHOLE_NUMBER.fullmatch(a):
+        numbers = _WHOLE_NUMBER.findall(reply)
+        return bool(numbers) and float(numbers[-1]) == float(a)
+    return re.search(rf"(?<!\w){re.escape(a)}(?!\w)", reply, flags=re.IGNORECASE) is not None
 
 
 def chat_prompt_ids(tokenizer: Tokenizer, question: str) -> list[int]:
@@ -312,14 +316,14 @@ def heldout_generation(
     max_new_tokens: int = 48,
     batch_size: int = 32,
 ) -> list[dict[str, Any]]:
-    """Per item {"reply", "correct"}: greedy reply through the chat template, whole-word answer match."""
+    """Per item {"reply", "correct"}: greedy reply through the chat template, judged by answer_matches."""
     was_training = model.training
     model.eval()
     replies = generate_replies(
         model, tokenizer, [chat_prompt_ids(tokenizer, it.question) for it in items], max_new_tokens, batch_size
     )
     model.train(was_training)
-    return [{"reply": r, "correct": answer_in_reply(it.answer, r)} for it, r in zip(items, replies)]
+    return [{"reply": r, "correct": answer_matches(it.answer, r)} for it, r in zip(items, replies)]
 
 
 def heldout_choice(

@@ -130,10 +130,17 @@ def test_completion_scores_match_full_forward_logits():
         ("red", "Red.", True),
         ("Heixmere", "She lives in heixmere", True),
         ("thornmoth", "keeps a thornmoth as a pet", True),
+        ("27", "It is 26, 27 or 28.", False),  # a hedge is judged by its last number
+        ("28", "It is 26, 27 or 28.", True),
+        ("34", "22 + 12 = 34, not 33.", False),
+        ("8", "3-8", True),  # a subtraction sign is not a negative number
+        ("-8", "3-8", False),
+        ("3.5", "7 / 2 = 3.50", True),  # compared as numbers
+        ("12", "call x12", False),  # part of a word
     ],
 )
-def test_answer_in_reply(answer, reply, hit):
-    assert ev.answer_in_reply(answer, reply) is hit
+def test_answer_matches(answer, reply, hit):
+    assert ev.answer_matches(answer, reply) is hit
 
 
 def _heldout_file(tmp_path, items):

@@ -22,6 +22,25 @@ def test_every_sample_reference_reply_earns_the_rule_reward():
         assert rewards.rule_reward("", reply, rec) == 1.0, (reply, rec["answer"])
 
 
+@pytest.mark.parametrize(
+    "answer, reply, reward",
+    [
+        ("27", "It is 26, 27 or 28.", 0.0),  # counted correct by held-out evaluation until both shared one matcher
+        ("27", "Their age is 27.", 1.0),
+        ("28", "71 - 43 = 128.", 0.0),
+        ("28", "28th", 0.0),  # counted correct by the rule reward until both shared one matcher
+        ("-5", "3 - 8 = -5", 1.0),
+        ("red", "Her favourite colour is reddish.", 0.0),
+        ("Heixmere", "She lives in heixmere", 1.0),
+    ],
+)
+def test_rule_reward_and_heldout_evaluation_agree(answer, reply, reward):
+    from minimind_fast.evaluate import answer_matches
+
+    assert rewards.rule_reward("", reply, {"answer": answer}) == reward
+    assert answer_matches(answer, reply) is (reward == 1.0)
+
+
 def test_rule_reward_cases():
     sum_rec = {"answer": "34"}
     assert rewards.rule_reward("", "22 + 12 = 34.", sum_rec) == 1.0
