@@ -44,7 +44,7 @@ from typing import Any
 
 import torch
 
-from minimind_fast.generate import IncrementalDecoder, _forward_last, compiled_decode_step, process_logits
+from minimind_fast.generate import IncrementalDecoder, decode_step, process_logits
 from minimind_fast.model import KVCache, RowKVCache
 from minimind_fast.textstream import ReasoningSplitter, StopMatcher
 
@@ -231,10 +231,7 @@ class Engine:
         self.autocast = self.device.type == "cuda" and p.dtype == torch.float32
         self.cache_dtype = torch.bfloat16 if self.autocast else p.dtype
         self.max_batch, self.max_batch_tokens, self.max_queue = max_batch, max_batch_tokens, max_queue
-        if compile_decode:
-            self.decode_fn = compiled_decode_step("inductor" if compile_decode is True else compile_decode)
-        else:
-            self.decode_fn = _forward_last
+        self.decode_fn = decode_step(compile_decode)
         self._queue: deque[Request] = deque()
         self._cv = threading.Condition()
         self._stopping = False

@@ -123,7 +123,7 @@ def sample_tokens(logits_BV: torch.Tensor, generator: torch.Generator | None = N
 # Decoding
 
 
-def _forward_last(model, ids_BT, mask_BS, pos_BT, cache) -> torch.Tensor:
+def forward_last(model, ids_BT, mask_BS, pos_BT, cache) -> torch.Tensor:
     """Logits of the last position, fp32 [B, V]."""
     out = model(ids_BT, attention_mask=mask_BS, position_ids=pos_BT, kv_cache=cache, last_only=True)
     return out.logits[:, -1].float()
@@ -136,8 +136,15 @@ def compiled_decode_step(backend: str | Callable = "inductor") -> Callable:
     """The decode forward under torch.compile(dynamic=True) for that backend, built once per process."""
     fn = _COMPILED.get(backend)
     if fn is None:
-        fn = _COMPILED[backend] = torch.compile(_forward_last, dynamic=True, backend=backend)
+        fn = _COMPILED[backend] = torch.compile(forward_last, dynamic=True, backend=backend)
     return fn
+
+
+def decode_step(compile_decode: bool | str | Callable = False) -> Callable:
+    """The decode forward a generator or engine uses: forward_last, or compiled (True = inductor, or a backend)."""
+    if not compile_decode:
+        return forward_last
+    return compiled_decode_step("inductor" if compile_decode is True else compile_decode)
 
 
 def _model_device_dtype(model: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
@@ -213,10 +220,7 @@ class _BatchDecoder:
         self.cache = None
         if use_cache:
             self.cache = KVCache(model.config, b, total, device=self.device, dtype=cache_dtype)
-        if compile_decode:
-            self.decode_fn = compiled_decode_step("inductor" if compile_decode is True else compile_decode)
-        else:
-            self.decode_fn = _forward_last
+        self.decode_fn = decode_step(compile_decode)
 
     @property
     def finished(self) -> bool:
@@ -230,7 +234,7 @@ class _BatchDecoder:
         p = self.prompt_len
         mask = self.mask_BL[:, :p] if self.padded else None
         with self._amp():
-            logits_BV = _forward_last(self.model, self.ids_BL[:, :p], mask, self.pos_BL[:, :p], self.cache)
+            logits_BV = forward_last(self.model, self.ids_BL[:, :p], mask, self.pos_BL[:, :p], self.cache)
         return self._choose(logits_BV)
 
     @torch.inference_mode()
@@ -243,7 +247,7 @@ class _BatchDecoder:
                     self.model, self.ids_BL[:, col : col + 1], mask, self.pos_BL[:, col : col + 1], self.cache
                 )
             else:
-                logits_BV = _forward_last(self.model, self.ids_BL[:, : col + 1], mask, self.pos_BL[:, : col + 1], None)
+                logits_BV = forward_last(self.model, self.ids_BL[:, : col + 1], mask, self.pos_BL[:, : col + 1], None)
         return self._choose(logits_BV)
 
     def _choose(self, logits_BV: torch.Tensor) -> list[int | None]:
