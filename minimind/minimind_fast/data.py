@@ -2,8 +2,11 @@
 
     pretrain   {"text": "..."}                                         -> PretrainDataset (packed rows)
     SFT, LoRA, reasoning, RL prompts
-               {"conversations": [{"role": "system|user|assistant", "content": "..."}, ...]}
+               {"conversations": [{"role": "system|user|assistant|tool", "content": "..."}, ...]}
                                                                        -> SFTDataset / RLPromptDataset
+               with MiniMind's tool use: a system message may carry "tools" (tool specs), an assistant message
+               "tool_calls" ([{"name", "arguments"}] or OpenAI's {"type": "function", "function": {...}}; its content
+               may then be "" or null), both as JSON text or as JSON; {"role": "tool", "content": ...} holds a result
     DPO        {"chosen": [messages...], "rejected": [messages...]}  -> DPODataset
 
 Large files are never read whole: pretrain JSONL is tokenized while streaming (or memory-mapped from the flat token
@@ -11,8 +14,10 @@ file that tools/prepare_data.py writes), and the conversation formats keep only 
 (JsonlIndex) and parse a record when it is asked for.
 
 Loss mask (conversations): the loss covers every token after `<|im_start|>assistant\\n` up to and including the
-`<|im_end|>\\n` that closes that turn; everything else is labelled -100. Labels are NOT shifted: labels[t] is the
-target for position t and the model shifts internally (position t-1 predicts token t).
+`<|im_end|>\\n` that closes that turn (its `<tool_call>` blocks included); everything else is labelled -100, so the
+tools block of the system turn and the tool results (which the template renders in a user turn) are never trained.
+Labels are NOT shifted: labels[t] is the target for position t and the model shifts internally (position t-1
+predicts token t).
 
 Every error about the input names `path:lineno` and what was expected. With `skip_bad_lines=True` a data set counts
 bad lines instead (`.bad_lines`, first few messages in `.bad_line_reasons`). A data set with no usable record is an
@@ -246,8 +251,15 @@ def check_text(obj: dict, where: str) -> str:
 
 
 def check_messages(obj: dict, key: str, where: str, need_assistant: bool = True) -> list[dict]:
-    """obj[key] must be a non-empty list of {"role": system|user|assistant, "content": str} (other keys ignored)."""
-    expected = f'expected "{key}": [{{"role": "system|user|assistant", "content": "..."}}, ...]'
+    """obj[key] must be a non-empty list of {"role": system|user|assistant|tool, "content": str} (other keys ignored),
+    with MiniMind's tool-use fields where present: "tools" on a system message, "tool_calls" on an assistant message
+    (whose content may then be null or missing), each given as a JSON string or as JSON (see _check_tools and
+    _check_tool_calls).
+
+    A conversation without tool fields is returned as it is. One with them is returned as new message dicts (the
+    record itself is left untouched) holding the decoded lists, and an assistant content that was null as "";
+    conversation_tools(messages) then gives the tools to render its system turn with."""
+    expected = f'expected "{key}": [{{"role": "system|user|assistant|tool", "content": "..."}}, ...]'
     if key not in obj:
         raise DataError(f'{where}: missing field "{key}" ({expected})')
     messages = obj[key]
@@ -255,17 +267,104 @@ def check_messages(obj: dict, key: str, where: str, need_assistant: bool = True)
         raise DataError(f'{where}: field "{key}" must be a list, got {type(messages).__name__} ({expected})')
     if not messages:
         raise DataError(f'{where}: field "{key}" is empty ({expected})')
+    decoded: dict[int, dict] = {}  # message index -> its copy with tool fields decoded
+    tools_at: int | None = None
     for j, m in enumerate(messages):
         if not isinstance(m, dict):
             raise DataError(f"{where}: {key}[{j}] must be an object, got {type(m).__name__} ({expected})")
-        if m.get("role") not in ROLES:
+        role = m.get("role")
+        if role not in ROLES:
             raise DataError(f"{where}: {key}[{j}].role must be one of {', '.join(ROLES)}, got {m.get('role')!r}")
-        if not isinstance(m.get("content"), str):
-            got = type(m["content"]).__name__ if "content" in m else "nothing"
+        # MiniMind's loader reads every message with null tool fields, so null, "" and [] mean "none" anywhere.
+        tools, calls = m.get("tools"), m.get("tool_calls")
+        if _given(calls):
+            if role != "assistant":
+                raise DataError(f"{where}: {key}[{j}].tool_calls is only allowed on an assistant message, not {role}")
+            decoded[j] = {**m, "tool_calls": _check_tool_calls(calls, f"{key}[{j}].tool_calls", where)}
+        if _given(tools):
+            if role != "system":
+                raise DataError(f"{where}: {key}[{j}].tools is only allowed on a system message, not {role}")
+            if tools_at is not None:
+                raise DataError(
+                    f"{where}: {key}[{j}].tools: tools already given in {key}[{tools_at}]; expected one list"
+                )
+            tools_at = j
+            decoded[j] = {**m, "tools": _check_tools(tools, f"{key}[{j}].tools", where)}
+        content = m.get("content")
+        if not isinstance(content, str):
+            if content is None and decoded.get(j, {}).get("tool_calls"):  # a call-only turn, as MiniMind writes it
+                decoded[j]["content"] = ""
+                continue
+            got = type(content).__name__ if "content" in m else "nothing"
             raise DataError(f"{where}: {key}[{j}].content must be a string, got {got}")
     if need_assistant and not any(m["role"] == "assistant" for m in messages):
         raise DataError(f'{where}: field "{key}" has no assistant message, so nothing to learn from')
+    if decoded:
+        return [decoded.get(j, m) for j, m in enumerate(messages)]
     return messages
+
+
+def _given(value: Any) -> bool:
+    """Whether a tool field holds something: null, "" and [] stand for none (as in MiniMind's own loader)."""
+    return value is not None and value != "" and value != []
+
+
+def _decode_json_field(value: Any, field: str, where: str) -> Any:
+    """A field that may be given as JSON text: decoded once, here; any other value as it is."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{where}: {field} is not valid JSON ({exc.msg} at column {exc.colno})") from exc
+    except RecursionError as exc:
+        raise DataError(f"{where}: {field} is JSON nested too deeply to read") from exc
+
+
+def _check_tools(value: Any, field: str, where: str) -> list[dict]:
+    """A system message's "tools": a list of tool specs (objects, e.g. OpenAI's {"type": "function", ...}), given as
+    a list or as a JSON string holding one. The template writes each as one JSON line of the tools block."""
+    tools = _decode_json_field(value, field, where)
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        got = type(tools).__name__ if not isinstance(tools, list) else "a list with a non-object entry"
+        raise DataError(f"{where}: {field} must be a list of tool objects (JSON specs), got {got}")
+    return tools
+
+
+def _check_tool_calls(value: Any, field: str, where: str) -> list[dict]:
+    """An assistant message's "tool_calls": a list (or a JSON string holding one) of {"name": str, "arguments": ...}
+    or OpenAI's {"type": "function", "function": {"name": ..., "arguments": ...}}; arguments an object, or a JSON
+    string holding one (the template writes such a string as it is)."""
+    shape = '{"name": "...", "arguments": {...}}'
+    calls = _decode_json_field(value, field, where)
+    if not isinstance(calls, list):
+        raise DataError(f"{where}: {field} must be a list of calls {shape}, got {type(calls).__name__}")
+    for k, call in enumerate(calls):
+        at = f"{field}[{k}]"
+        if not isinstance(call, dict):
+            raise DataError(f"{where}: {at} must be an object {shape}, got {type(call).__name__}")
+        fn = call.get("function") or call  # what the template reads: OpenAI's wrapper, else the call itself
+        if not isinstance(fn, dict):
+            raise DataError(f"{where}: {at}.function must be an object {shape}, got {type(fn).__name__}")
+        if not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise DataError(f'{where}: {at} has no "name" (expected a non-empty string, as in {shape})')
+        if "arguments" not in fn:
+            raise DataError(f'{where}: {at} has no "arguments" (expected an object, as in {shape})')
+        args = _decode_json_field(fn["arguments"], f"{at}.arguments", where)
+        if not isinstance(args, dict):
+            raise DataError(f"{where}: {at}.arguments must be a JSON object, got {type(args).__name__}")
+    return calls
+
+
+def conversation_tools(messages: Sequence[dict]) -> list[dict] | None:
+    """The tools a checked conversation is rendered with (its system message's decoded "tools"), or None."""
+    for m in messages:
+        tools = m.get("tools") if m.get("role") == "system" else None
+        if _given(tools):
+            if not isinstance(tools, list):
+                raise DataError("conversation tools are still JSON text: pass the messages through check_messages")
+            return tools
+    return None
 
 
 def check_sft(obj: dict, where: str) -> list[dict]:
@@ -386,10 +485,13 @@ def assistant_mask_from_ids(ids: list[int], header_ids: list[int], end_ids: list
     return mask, spans
 
 
-def assistant_char_spans(tokenizer: Tokenizer, messages: Sequence[dict]) -> tuple[str, list[tuple[int, int]]]:
-    """Rendered conversation and the character spans [start, end) the loss covers (assistant content + turn end).
-    The template renders more than the messages (a default system turn, tool blocks), so the renderer says where."""
-    return tokenizer.assistant_spans(messages)
+def assistant_char_spans(
+    tokenizer: Tokenizer, messages: Sequence[dict], tools: Sequence[dict] | None = None
+) -> tuple[str, list[tuple[int, int]]]:
+    """Rendered conversation and the character spans [start, end) the loss covers (assistant content, its tool
+    calls, turn end). The template renders more than the messages (a default system turn, the tools block, tool
+    results), so the renderer says where."""
+    return tokenizer.assistant_spans(messages, tools=tools)
 
 
 def assistant_mask_from_offsets(offsets: Sequence[tuple[int, int]], spans: Sequence[tuple[int, int]]) -> np.ndarray:
@@ -421,12 +523,13 @@ class ChatEncoder:
 
     def mask(self, messages: Sequence[dict]) -> tuple[list[int], np.ndarray]:
         """Untruncated ids and their loss mask (bool [T])."""
-        text = self.tokenizer.apply_chat_template(messages)
+        tools = conversation_tools(messages)
+        text = self.tokenizer.apply_chat_template(messages, tools=tools)
         ids = self.tokenizer.encode(text)
         mask, found = assistant_mask_from_ids(ids, self.header_ids, self.end_ids)
         if found != sum(m["role"] == "assistant" for m in messages):
             self.offset_fallbacks += 1
-            rendered, spans = assistant_char_spans(self.tokenizer, messages)
+            rendered, spans = assistant_char_spans(self.tokenizer, messages, tools)
             assert rendered == text, "chat template is not a per-message concatenation"
             enc = self.tokenizer.hf.encode(text, add_special_tokens=False)
             mask = assistant_mask_from_offsets(enc.offsets, spans)
@@ -464,12 +567,13 @@ class LabelProbe:
         self._last: str | None = None  # the last record counted (a pair's two conversations count once)
 
     def add(self, messages: Sequence[dict], where: str) -> None:
-        text = self.tokenizer.apply_chat_template(messages)
+        tools = conversation_tools(messages)
+        text = self.tokenizer.apply_chat_template(messages, tools=tools)
         at = text.find(ASSISTANT_HEADER)
         if at >= 0:
             end = at + len(ASSISTANT_HEADER)
         else:  # a template whose assistant header differs: its renderer says where the first reply starts
-            _, spans = assistant_char_spans(self.tokenizer, messages)
+            _, spans = assistant_char_spans(self.tokenizer, messages, tools)
             if not spans:
                 return
             end = spans[0][0]
@@ -770,7 +874,9 @@ class RLPromptDataset(_IndexedJsonl):
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         record, messages = self._record(i)
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        text = self.tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, tools=conversation_tools(messages)
+        )
         ids = self.tokenizer.encode(text)
         if len(ids) > self.max_prompt_len:
             ids = ids[-self.max_prompt_len :]

@@ -20,9 +20,11 @@ from minimind_fast.data import (
     PretrainDataset,
     RLPromptDataset,
     SFTDataset,
+    check_sft,
     collate_dpo,
     collate_prompts,
     collate_sft,
+    conversation_tools,
     iter_jsonl,
 )
 from minimind_fast.tokenizer import Tokenizer
@@ -379,3 +381,231 @@ def test_rl_prompt_truncation_keeps_last_tokens(tokenizer, tmp_path):
     only_assistant = write_jsonl(tmp_path / "a.jsonl", [{"conversations": [CONVERSATION[2]]}])
     with pytest.raises(DataError, match=f"^{only_assistant}:1: .*only an assistant turn"):
         RLPromptDataset(only_assistant, tokenizer, max_prompt_len=9)
+
+
+# ------------------------------------------------------------------------------------------- tool use (MiniMind's)
+
+CALC_SPEC = {
+    "type": "function",
+    "function": {
+        "name": "calculator",
+        "description": "Evaluate an arithmetic expression.",
+        "parameters": {"type": "object", "properties": {"expression": {"type": "string"}}, "required": ["expression"]},
+    },
+}
+TOOL_CALLS = [
+    {"name": "calculator", "arguments": {"expression": "37 + 48"}},
+    {"name": "lookup", "arguments": {"name": "Sel Ovanna", "attribute": "age"}},
+]
+TOOL_RESULTS = ['{"result": 85}', '{"name": "Sel Ovanna", "age": "9"}']
+
+
+def tool_record(tools, calls, content="Let me check.") -> dict:
+    """MiniMind's tool-use SFT record: tools on the system message, the calls on an assistant message, results as
+    tool messages, then the answer."""
+    assistant = {"role": "assistant", "tool_calls": calls}
+    if content is not ...:  # ... leaves the content out
+        assistant["content"] = content
+    return {
+        "conversations": [
+            {"role": "system", "content": "Be brief.", "tools": tools},
+            {"role": "user", "content": "What is 37+48, and how old is Sel Ovanna?"},
+            assistant,
+            {"role": "tool", "content": TOOL_RESULTS[0]},
+            {"role": "tool", "content": TOOL_RESULTS[1]},
+            {"role": "assistant", "content": "85; Sel is 9."},
+        ]
+    }
+
+
+# The rendering of tool_record, written out from the template's definition (MiniMind2's tools wording).
+CALL_TEXT = (
+    '<tool_call>\n{"name": "calculator", "arguments": {"expression": "37 + 48"}}\n</tool_call>\n'
+    '<tool_call>\n{"name": "lookup", "arguments": {"name": "Sel Ovanna", "attribute": "age"}}\n</tool_call>'
+)
+SYSTEM_WITH_TOOLS = (
+    "<|im_start|>system\nBe brief.\n\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n"
+    + json.dumps(CALC_SPEC)
+    + "\n</tools>\n\nFor each function call, return a json object with function name and arguments within "
+    '<tool_call></tool_call> XML tags:\n<tool_call>\n{"name": <function-name>, "arguments": <args-json-object>}\n'
+    "</tool_call><|im_end|>\n"
+)
+USER_TURN = "<|im_start|>user\nWhat is 37+48, and how old is Sel Ovanna?<|im_end|>\n"
+RESULTS_TURN = (
+    "<|im_start|>user\n<tool_response>\n"
+    + TOOL_RESULTS[0]
+    + "\n</tool_response>\n<tool_response>\n"
+    + TOOL_RESULTS[1]
+    + "\n</tool_response><|im_end|>\n"
+)
+
+
+def expected_tool_text(content="Let me check.") -> tuple[str, list[str]]:
+    """(the whole rendered conversation, the text of each trained span in order)."""
+    spans = [(content + "\n" if content else "") + CALL_TEXT + "<|im_end|>\n", "85; Sel is 9.<|im_end|>\n"]
+    text = SYSTEM_WITH_TOOLS + USER_TURN + "<|im_start|>assistant\n" + spans[0] + RESULTS_TURN
+    return text + "<|im_start|>assistant\n" + spans[1], spans
+
+
+def trained_runs(tokenizer, ids, labels) -> list[str]:
+    """The decoded text of every run of consecutive labelled tokens, after checking labels equal ids there."""
+    runs, run = [], []
+    for i, lab in zip(ids.tolist() + [None], labels.tolist() + [IGNORE_INDEX]):
+        if lab == IGNORE_INDEX:
+            if run:
+                runs.append(tokenizer.decode(run))
+            run = []
+        else:
+            assert lab == i
+            run.append(i)
+    return runs
+
+
+OPENAI_CALLS = [  # the same calls as OpenAI writes them, one with its arguments as a JSON string
+    {"type": "function", "function": {"name": "calculator", "arguments": '{"expression": "37 + 48"}'}},
+    {"type": "function", "function": TOOL_CALLS[1]},
+]
+
+
+@pytest.mark.parametrize(
+    "tools,calls",
+    [
+        (json.dumps([CALC_SPEC]), json.dumps(TOOL_CALLS)),  # MiniMind's records: both as JSON text
+        ([CALC_SPEC], TOOL_CALLS),
+        ([CALC_SPEC], json.dumps(OPENAI_CALLS)),
+    ],
+    ids=["json-text", "lists", "openai"],
+)
+def test_sft_tool_conversation_mask(tokenizer, tmp_path, tools, calls):
+    record = tool_record(tools, calls)
+    item = SFTDataset(write_jsonl(tmp_path / "sft.jsonl", [record]), tokenizer, max_seq_len=4096)[0]
+    text, spans = expected_tool_text()
+    assert item["input_ids"].tolist() == tokenizer.encode(text)  # the tools block is in the system turn
+    # Trained: each assistant turn's content, its tool calls and its turn end; never the tools block or the results.
+    assert trained_runs(tokenizer, item["input_ids"], item["labels"]) == spans
+
+
+@pytest.mark.parametrize("content", ["", None, ...], ids=["empty", "null", "missing"])
+def test_sft_call_only_assistant_turn(tokenizer, tmp_path, content):
+    record = tool_record(json.dumps([CALC_SPEC]), json.dumps(TOOL_CALLS), content)
+    item = SFTDataset(write_jsonl(tmp_path / "sft.jsonl", [record]), tokenizer, max_seq_len=4096)[0]
+    text, spans = expected_tool_text(content="")
+    assert spans[0].startswith("<tool_call>\n")
+    assert item["input_ids"].tolist() == tokenizer.encode(text)
+    assert trained_runs(tokenizer, item["input_ids"], item["labels"]) == spans
+
+
+def test_check_sft_decodes_once_and_leaves_the_record_alone():
+    record = tool_record(json.dumps([CALC_SPEC]), json.dumps(TOOL_CALLS), None)
+    before = json.dumps(record)
+    messages = check_sft(record, "x.jsonl:1")
+    assert json.dumps(record) == before  # the record (RL rewards see it) is untouched
+    assert messages[0]["tools"] == [CALC_SPEC] and conversation_tools(messages) == [CALC_SPEC]
+    assert messages[2]["tool_calls"] == TOOL_CALLS and messages[2]["content"] == ""
+    assert messages[1] is record["conversations"][1]  # messages without tool fields are not copied
+
+
+def test_records_without_tools_are_unchanged(tokenizer, tmp_path):
+    """A record in the plain format comes back as the same list, and encodes to the renderer's ids with the mask of
+    its separately encoded pieces; null or empty tool fields (as exported by HF datasets) change nothing."""
+    record = {"conversations": CONVERSATION}
+    assert check_sft(record, "x.jsonl:1") is CONVERSATION and conversation_tools(CONVERSATION) is None
+    nulls = [
+        {**m, "tools": None if m["role"] != "system" else "", "tool_calls": [] if m["role"] == "assistant" else None}
+        for m in CONVERSATION
+    ]
+    path = write_jsonl(tmp_path / "sft.jsonl", [record, {"conversations": nulls}])
+    ds = SFTDataset(path, tokenizer, max_seq_len=4096)
+    ids, mask = expected_from_pieces(tokenizer, CONVERSATION)
+    assert ids == tokenizer.apply_chat_template(CONVERSATION, tokenize=True)
+    for item in (ds[0], ds[1]):
+        assert item["input_ids"].tolist() == ids and item["labels"].tolist() == labels_from(ids, mask)
+
+
+def test_tool_message_before_any_call_is_allowed(tokenizer, tmp_path):
+    messages = [
+        {"role": "user", "content": "q"},
+        {"role": "tool", "content": "r"},
+        {"role": "assistant", "content": "a"},
+    ]
+    item = SFTDataset(write_jsonl(tmp_path / "sft.jsonl", [{"conversations": messages}]), tokenizer, 4096)[0]
+    want = (
+        "<|im_start|>system\nYou are a helpful assistant<|im_end|>\n<|im_start|>user\nq<|im_end|>\n"
+        "<|im_start|>user\n<tool_response>\nr\n</tool_response><|im_end|>\n<|im_start|>assistant\na<|im_end|>\n"
+    )
+    assert item["input_ids"].tolist() == tokenizer.encode(want)
+    assert trained_runs(tokenizer, item["input_ids"], item["labels"]) == ["a<|im_end|>\n"]
+
+
+def _tool_line(**changes) -> str:
+    record = tool_record(json.dumps([CALC_SPEC]), json.dumps(TOOL_CALLS))
+    for j, fields in changes.items():
+        record["conversations"][int(j[1:])].update(fields)
+    return json.dumps(record)
+
+
+BAD_TOOL_LINES = [
+    (_tool_line(m2={"tool_calls": '[{"name": "calculator"'}), r"conversations\[2\]\.tool_calls is not valid JSON \("),
+    (_tool_line(m2={"tool_calls": json.dumps({"name": "c", "arguments": {}})}), r"tool_calls must be a list of calls"),
+    (_tool_line(m2={"tool_calls": '["calculator"]'}), r"tool_calls\[0\] must be an object"),
+    (_tool_line(m2={"tool_calls": '[{"arguments": {}}]'}), r'conversations\[2\]\.tool_calls\[0\] has no "name"'),
+    (_tool_line(m2={"tool_calls": '[{"name": "", "arguments": {}}]'}), r'tool_calls\[0\] has no "name"'),
+    (_tool_line(m2={"tool_calls": '[{"name": "c"}]'}), r'tool_calls\[0\] has no "arguments"'),
+    (_tool_line(m2={"tool_calls": '[{"name": "c", "arguments": 5}]'}), r"tool_calls\[0\]\.arguments must be a JSON"),
+    (_tool_line(m2={"tool_calls": '[{"name": "c", "arguments": "x+1"}]'}), r"tool_calls\[0\]\.arguments is not valid"),
+    (_tool_line(m2={"tool_calls": '[{"function": "c"}]'}), r"tool_calls\[0\]\.function must be an object"),
+    (_tool_line(m0={"tools": "[{"}), r"conversations\[0\]\.tools is not valid JSON \("),
+    (_tool_line(m0={"tools": '["calculator"]'}), r"conversations\[0\]\.tools must be a list of tool objects"),
+    (_tool_line(m0={"tools": '{"name": "c"}'}), r"tools must be a list of tool objects \(JSON specs\), got dict"),
+    (_tool_line(m1={"tools": [CALC_SPEC]}), r"conversations\[1\]\.tools is only allowed on a system message"),
+    (_tool_line(m1={"tool_calls": TOOL_CALLS}), r"conversations\[1\]\.tool_calls is only allowed on an assistant"),
+    (_tool_line(m3={"role": "function"}), r"conversations\[3\]\.role must be one of system, user, assistant, tool"),
+    (_tool_line(m3={"content": None}), r"conversations\[3\]\.content must be a string, got NoneType"),
+    (_tool_line(m5={"content": None}), r"conversations\[5\]\.content must be a string, got NoneType"),
+]
+
+
+@pytest.mark.parametrize("line,reason", BAD_TOOL_LINES)
+def test_sft_bad_tool_line_names_path_and_lineno(tokenizer, tmp_path, line, reason):
+    path = write_lines(tmp_path / "sft.jsonl", [GOOD_SFT, "", line])
+    with pytest.raises(DataError, match=reason) as info:
+        SFTDataset(path, tokenizer, max_seq_len=64)
+    assert str(info.value).startswith(f"{path}:3: ") and "\n" not in str(info.value)
+
+
+def test_tools_given_twice_is_an_error():
+    record = tool_record([CALC_SPEC], TOOL_CALLS)
+    record["conversations"].insert(2, {"role": "system", "content": "more", "tools": [CALC_SPEC]})
+    with pytest.raises(DataError, match=r"^d\.jsonl:4: conversations\[2\]\.tools: tools already given in "):
+        check_sft(record, "d.jsonl:4")
+
+
+def test_label_probe_counts_the_tools_block(tokenizer, tmp_path):
+    """The tools block lengthens what comes before the first reply: a record can lose every label to it."""
+    with_tools = tool_record([CALC_SPEC], TOOL_CALLS)
+    without = {"conversations": [m for m in with_tools["conversations"] if m["role"] != "system"]}
+    before_reply = tokenizer.encode(SYSTEM_WITH_TOOLS + USER_TURN + "<|im_start|>assistant\n")
+    path = write_jsonl(tmp_path / "sft.jsonl", [with_tools, without])
+    ds = SFTDataset(path, tokenizer, max_seq_len=len(before_reply))
+    assert ds.label_less == 1 and ds.label_probe.first == f"{path}:1"
+    assert (ds[0]["labels"] == IGNORE_INDEX).all() and (ds[1]["labels"] != IGNORE_INDEX).any()
+
+
+def test_rl_prompt_and_dpo_render_the_tools(tokenizer, tmp_path):
+    record = tool_record(json.dumps([CALC_SPEC]), json.dumps(TOOL_CALLS))
+    item = RLPromptDataset(write_jsonl(tmp_path / "rl.jsonl", [record]), tokenizer, max_prompt_len=4096)[0]
+    text, spans = expected_tool_text()
+    prompt = text[: -len(spans[1])]  # the final answer dropped; the generation prompt ends the text
+    assert item["prompt_text"] == prompt and item["prompt_ids"].tolist() == tokenizer.encode(prompt)
+    assert item["record"] == record
+
+    rejected = tool_record(json.dumps([CALC_SPEC]), json.dumps(TOOL_CALLS))
+    rejected["conversations"][-1]["content"] = "No idea."
+    pair = {"chosen": record["conversations"], "rejected": rejected["conversations"]}
+    out = DPODataset(write_jsonl(tmp_path / "dpo.jsonl", [pair]), tokenizer, max_seq_len=4096)[0]
+    assert trained_runs(tokenizer, out["chosen_input_ids"], out["chosen_labels"]) == spans
+    assert trained_runs(tokenizer, out["rejected_input_ids"], out["rejected_labels"]) == [
+        spans[0],
+        "No idea.<|im_end|>\n",
+    ]
