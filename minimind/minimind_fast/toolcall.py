@@ -53,7 +53,7 @@ CALCULATOR_SPEC: dict = {
         ),
         "parameters": {
             "type": "object",
-            "properties": {"expression": {"type": "string", "description": "for example: 37 + 48"}},
+            "properties": {"expression": {"type": "string", "description": "for example: (12 + 7) * 3"}},
             "required": ["expression"],
         },
     },

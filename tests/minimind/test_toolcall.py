@@ -40,7 +40,7 @@ CALCULATOR = {
         "result.",
         "parameters": {
             "type": "object",
-            "properties": {"expression": {"type": "string", "description": "for example: 37 + 48"}},
+            "properties": {"expression": {"type": "string", "description": "for example: (12 + 7) * 3"}},
             "required": ["expression"],
         },
     },
