@@ -2,34 +2,61 @@
 
     python tools/serve.py --load out/full_sft                         # http://127.0.0.1:8998
     python tools/serve.py --load out/full_sft --port 0                # any free port (the log line says which)
+    python tools/serve.py --load out/agent --tools                    # + the project's tools at /v1/tools
     MINIMIND_API_KEY=SECRET python tools/serve.py --load out/full_sft --host 0.0.0.0   # reachable from elsewhere
     options: --model_name NAME (default: the folder's name) --device auto|cpu|cuda[:i] --kernels auto|torch|triton
              --yarn --lora ADAPTER_FOLDER (merged into the weights at load) --max_batch 32 --max_batch_tokens 131072
              --max_queue 256 --default_max_tokens 512 --temperature 0.85 --top_p 0.85 --threads N --compile
              --api_key_file PATH (or --api_key KEY, visible in the process list) --cors_origins URL,URL
              --max_body_bytes 1048576 --read_timeout 30 --max_connections 256
+             --tools --world data/sample/world.json (what the lookup tool reads; "" = the calculator only)
 
     from openai import OpenAI
     client = OpenAI(base_url="http://127.0.0.1:8998/v1", api_key="SECRET or anything")
     client.chat.completions.create(model="full_sft", messages=[{"role": "user", "content": "hi"}], stream=True)
+    client.chat.completions.create(model="agent", messages=..., tools=[{"type": "function", "function": {...}}])
 
 Endpoints
-  POST /v1/chat/completions  messages (system/user/assistant; "developer" is read as system; content a string or a
-                             list of {"type": "text"} parts), temperature (0 = greedy), top_p, max_tokens (or
-                             max_completion_tokens), stop (a string or up to 4), stream, stream_options.include_usage,
-                             seed; extensions: top_k, repetition_penalty, ignore_eos. Streaming answers are SSE
-                             `chat.completion.chunk` objects ending with `data: [DONE]`; the chunk carrying
-                             finish_reason also carries `usage`. finish_reason: "stop" (eos or a stop string) or
-                             "length" (max_tokens). completion_tokens counts every token generated, eos included.
+  POST /v1/chat/completions  messages (system/user/assistant/tool; "developer" is read as system; content a string or
+                             a list of {"type": "text"} parts; an assistant message may carry OpenAI `tool_calls`,
+                             its content then may be null; a tool message's tool_call_id is accepted and not
+                             rendered: MiniMind's template pairs results with calls by order), temperature (0 =
+                             greedy), top_p, max_tokens (or max_completion_tokens), stop (a string or up to 4),
+                             stream, stream_options.include_usage, seed; tools (OpenAI function specs, at most 128),
+                             tool_choice ("auto", the default, or "none": no tools rendered, the answer not searched
+                             for calls; "required" and a named function are refused with a 400, since nothing here
+                             can force a call), parallel_tool_calls (false: at most the first call is returned);
+                             the thinking switch: enable_thinking (top level, or in chat_template_kwargs as vLLM
+                             takes it) or MiniMind's open_thinking, passed to the chat template; extensions: top_k,
+                             repetition_penalty, ignore_eos. Streaming answers are SSE `chat.completion.chunk`
+                             objects ending with `data: [DONE]`; the chunk carrying finish_reason also carries
+                             `usage`. finish_reason: "stop" (eos or a stop string), "length" (max_tokens) or
+                             "tool_calls" (an answer that ended by itself holding calls). completion_tokens counts
+                             every token generated, eos included.
   POST /v1/completions       prompt (a string, or a list holding one) continued as plain text after bos, no template;
                              the same sampling fields; `text_completion` objects, streamed or not.
+  GET  /v1/tools             with --tools: {"object": "list", "data": [the tools' specs]} (404 without --tools).
+  POST /v1/tools/call        with --tools: {"name", "arguments": an object or a JSON string} runs one call
+                             (minimind_fast.toolcall.Toolbox) -> {"name", "content": the result text for the tool
+                             message}; a tool's own failure is an {"error": ...} result, not an HTTP error.
   GET  /v1/models, /v1/models/{id}, /health (no key needed), /metrics (JSON counters and the last finished requests),
-  GET  /                     the chat page (tools/web/chat.html).
+  GET  /                     the chat page (tools/web/chat.html; its "use tools" switch drives the two routes above).
 
 Reasoning: when an answer starts with `<think>`, the text up to `</think>` is returned apart, as `reasoning_content`
 (stripped of surrounding whitespace), and `<answer>`/`</answer>` tags are removed from the rest (MiniMind's R1-style
-format; minimind_fast.textstream). Streaming holds back only what could still turn out to be a tag, so the streamed
-pieces concatenate to exactly the non-streamed fields. Answers that do not start with `<think>` pass through untouched.
+format; minimind_fast.textstream). When the template's generation prompt itself opens the thought (MiniMind-3's with
+open_thinking), the answer is read as if it began with `<think>`. Streaming holds back only what could still turn
+out to be a tag, so the streamed pieces concatenate to exactly the non-streamed fields. Answers that do not start
+with `<think>` pass through untouched.
+
+Tool calls (when tools are offered): each `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` block of the
+answer (MiniMind's format) that names an offered function with an arguments object becomes an entry of the message's
+`tool_calls` ({"id": "call_...", "type": "function", "function": {"name", "arguments": a JSON string}}); the content
+is the rest of the text, stripped of surrounding whitespace (null when empty and there are calls). A block that is
+not such a call (broken JSON, no name, a function not offered, no `</tool_call>` before the answer ends) is left in
+the content as the text it is. Streaming sends the text before a block as content at once and holds the block until
+it closes; each call then arrives as OpenAI streams one: a tool_calls delta with its index, id, type, name and empty
+arguments, then one with the arguments. The streamed pieces assemble to the non-streamed message.
 
 Scheduling: minimind_fast.engine.Engine, stepped by one worker thread (never the event loop), batches continuously:
 a request that arrives while others are generating joins the running batch at the next decode step (prefilled
@@ -78,8 +105,16 @@ import minimind_kernels as kernels  # noqa: E402
 from minimind_fast.engine import Engine, QueueFull, RequestError, SamplingParams  # noqa: E402
 from minimind_fast.engine import Request as Job  # noqa: E402
 from minimind_fast.inference import LoadError, load_for_inference  # noqa: E402
-from minimind_fast.textstream import ReasoningSplitter, StopMatcher, split_reasoning  # noqa: E402,F401
+from minimind_fast.textstream import (  # noqa: E402,F401
+    AnswerStream,
+    ReasoningSplitter,
+    StopMatcher,
+    opens_thought,
+    split_reasoning,
+    tool_block_parser,
+)
 from minimind_fast.tokenizer import Tokenizer, TokenizerError  # noqa: E402
+from minimind_fast.toolcall import Toolbox, ToolCall, WorldError, tool_call_id  # noqa: E402
 
 try:  # the web stack is an optional dependency: the module still imports (and says what to install) without it
     from fastapi import FastAPI, Request
@@ -92,6 +127,8 @@ except ImportError:  # pragma: no cover
 
 WEB_PAGE = Path(__file__).resolve().parent / "web" / "chat.html"
 MAX_STOP_STRINGS = 4
+MAX_TOOLS = 128  # OpenAI's limit on the tools of one request
+DEFAULT_WORLD = Path(__file__).resolve().parents[1] / "data" / "sample" / "world.json"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -136,6 +173,9 @@ class ChatParams:
     include_usage: bool
     seed: int | None
     ignore_eos: bool
+    tool_names: frozenset[str] = frozenset()  # the functions offered (and rendered); empty: no tool-call parsing
+    parallel_tool_calls: bool = True  # False: at most one call per answer (the first)
+    think_opened: bool = False  # the generation prompt ends inside an opened thought (split here, not in the engine)
 
     def sampling(self) -> SamplingParams:
         return SamplingParams(
@@ -147,7 +187,12 @@ class ChatParams:
             stop=tuple(self.stop),
             seed=self.seed,
             ignore_eos=self.ignore_eos,
+            split_reasoning=not self.think_opened,
         )
+
+    def answer_stream(self) -> AnswerStream:
+        """The splitter that turns the engine's deltas into what this request answers."""
+        return AnswerStream(self.think_opened, tool_block_parser(self.tool_names) if self.tool_names else None)
 
 
 def _is_number(v: Any) -> bool:
@@ -197,7 +242,37 @@ def _message_text(i: int, content: Any) -> str:
     )
 
 
-def parse_messages(raw: Any) -> list[dict[str, str]]:
+def _history_call(i: int, k: int, call: Any) -> dict[str, Any]:
+    """An assistant message's tool_calls[k] (OpenAI's shape) as the chat template takes it: arguments decoded to the
+    object, which the template writes back as JSON the way the model writes it (json.dumps, ensure_ascii=False)."""
+    where = f"messages[{i}].tool_calls[{k}]"
+    if not isinstance(call, dict) or not isinstance(call.get("function"), dict):
+        raise bad_request(f'{where} must be an object {{"type": "function", "function": {{name, arguments}}}}', where)
+    if call.get("type", "function") != "function":
+        raise bad_request(f'{where}.type must be "function", got {json.dumps(call.get("type"))[:40]}', f"{where}.type")
+    if call.get("id") is not None and not isinstance(call.get("id"), str):
+        raise bad_request(f"{where}.id must be a string", f"{where}.id")
+    fn = call["function"]
+    name = fn.get("name")
+    if not isinstance(name, str) or not name:
+        raise bad_request(f"{where}.function.name must be a non-empty string", f"{where}.function.name")
+    args = fn.get("arguments")
+    if isinstance(args, str):
+        try:
+            args = json.loads(args)
+        except ValueError:
+            args = None
+    if not isinstance(args, dict):
+        raise bad_request(
+            f"{where}.function.arguments must be a JSON object or a string holding one", f"{where}.function.arguments"
+        )
+    return {"type": "function", "function": {"name": name, "arguments": args}}
+
+
+def parse_messages(raw: Any) -> list[dict[str, Any]]:
+    """The messages as the chat template takes them: system/user/assistant/tool ("developer" read as system), text
+    content, an assistant's tool_calls (its content may then be null), a tool message's tool_call_id accepted and
+    left out (MiniMind's template matches results to calls by their order)."""
     if raw is None:
         raise bad_request("'messages' is required", "messages")
     if not isinstance(raw, list) or not raw:
@@ -209,13 +284,122 @@ def parse_messages(raw: Any) -> list[dict[str, str]]:
         role = m.get("role")
         if role == "developer":
             role = "system"
-        if role not in ("system", "user", "assistant"):
+        if role not in ("system", "user", "assistant", "tool"):
             raise bad_request(
-                f"messages[{i}].role must be one of system, user, assistant (developer), got {json.dumps(role)[:40]}",
+                f"messages[{i}].role must be one of system, user, assistant, tool (developer), got "
+                f"{json.dumps(role)[:40]}",
                 f"messages[{i}].role",
             )
-        out.append({"role": role, "content": _message_text(i, m.get("content"))})
+        calls = m.get("tool_calls") if role == "assistant" else None
+        if calls is not None and not isinstance(calls, list):
+            raise bad_request(f"messages[{i}].tool_calls must be a list", f"messages[{i}].tool_calls")
+        if role == "tool" and m.get("tool_call_id") is not None and not isinstance(m.get("tool_call_id"), str):
+            raise bad_request(f"messages[{i}].tool_call_id must be a string", f"messages[{i}].tool_call_id")
+        content = m.get("content")
+        text = "" if calls and content is None else _message_text(i, content)
+        message: dict[str, Any] = {"role": role, "content": text}
+        if calls:
+            message["tool_calls"] = [_history_call(i, k, c) for k, c in enumerate(calls)]
+        out.append(message)
     return out
+
+
+_TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def parse_tools(body: dict) -> tuple[list[dict] | None, bool]:
+    """(the tools to render, or None when none are offered; parallel_tool_calls). tool_choice "auto" (the default)
+    offers them; "none" renders none (the model is not told of them, and its answer is not searched for calls).
+    "required" and a named function would need decoding that forces a call: refused rather than pretended."""
+    for name in ("functions", "function_call"):
+        if body.get(name) is not None:
+            raise bad_request(f"'{name}' (the deprecated form) is not supported; send 'tools' and 'tool_choice'", name)
+    tools = body.get("tools")
+    tools = [] if tools is None else tools
+    if not isinstance(tools, list):
+        raise bad_request('\'tools\' must be a list of {"type": "function", "function": {...}} objects', "tools")
+    if len(tools) > MAX_TOOLS:
+        raise bad_request(f"'tools' holds {len(tools)} tools; at most {MAX_TOOLS} are accepted", "tools")
+    seen: set[str] = set()
+    for k, tool in enumerate(tools):
+        where = f"tools[{k}]"
+        if not isinstance(tool, dict) or tool.get("type") != "function":
+            raise bad_request(f'{where} must be an object with "type": "function"', f"{where}.type")
+        fn = tool.get("function")
+        if not isinstance(fn, dict):
+            what = "an object {name, description, parameters}"
+            raise bad_request(f"{where}.function must be {what}", f"{where}.function")
+        name = fn.get("name")
+        if not isinstance(name, str) or not _TOOL_NAME.fullmatch(name):
+            raise bad_request(
+                f"{where}.function.name must be 1 to 64 letters, digits, '_' or '-', got {json.dumps(name)[:60]}",
+                f"{where}.function.name",
+            )
+        if name in seen:
+            raise bad_request(f"{where}.function.name {name!r} is offered twice", f"{where}.function.name")
+        seen.add(name)
+        if fn.get("description") is not None and not isinstance(fn.get("description"), str):
+            raise bad_request(f"{where}.function.description must be a string", f"{where}.function.description")
+        params = fn.get("parameters")
+        if params is not None and (not isinstance(params, dict) or params.get("type", "object") != "object"):
+            raise bad_request(
+                f'{where}.function.parameters must be a JSON schema of "type": "object"', f"{where}.function.parameters"
+            )
+        if fn.get("strict") is not None and not isinstance(fn.get("strict"), bool):
+            raise bad_request(f"{where}.function.strict must be true or false", f"{where}.function.strict")
+    parallel = body.get("parallel_tool_calls")
+    if parallel is not None and not isinstance(parallel, bool):
+        raise bad_request("'parallel_tool_calls' must be true or false", "parallel_tool_calls")
+    choice = body.get("tool_choice")
+    if choice in (None, "auto"):
+        return (tools or None), parallel is not False
+    if choice == "none":
+        return None, parallel is not False
+    if choice == "required" or isinstance(choice, dict):
+        shown = json.dumps(choice)[:80]
+        raise bad_request(
+            f'\'tool_choice\' {shown} is not supported: this server cannot force a call; use "auto" or "none"',
+            "tool_choice",
+        )
+    raise bad_request(f'\'tool_choice\' must be "auto" or "none", got {json.dumps(choice)[:60]}', "tool_choice")
+
+
+THINKING_KWARGS = ("enable_thinking", "open_thinking")
+
+
+def parse_thinking(body: dict) -> bool | None:
+    """The thinking switch: `enable_thinking` (top level, or in `chat_template_kwargs` as vLLM takes it) or MiniMind's
+    `open_thinking` (either place). None when not given (the template's default); the places must agree."""
+    kwargs = body.get("chat_template_kwargs")
+    if kwargs is None:
+        kwargs = {}
+    if not isinstance(kwargs, dict):
+        raise bad_request("'chat_template_kwargs' must be an object", "chat_template_kwargs")
+    for key in kwargs:
+        if key not in THINKING_KWARGS:
+            raise bad_request(
+                f"'chat_template_kwargs.{key}' is not supported (only {' and '.join(THINKING_KWARGS)})",
+                f"chat_template_kwargs.{key}",
+            )
+    found: dict[str, bool] = {}
+    for prefix, source in (("", body), ("chat_template_kwargs.", kwargs)):
+        for name in THINKING_KWARGS:
+            value = source.get(name)
+            if value is None:
+                continue
+            if not isinstance(value, bool):
+                raise bad_request(f"'{prefix}{name}' must be true or false", prefix + name)
+            found[prefix + name] = value
+    if len(set(found.values())) > 1:
+        given = ", ".join(f"{k}={str(v).lower()}" for k, v in found.items())
+        raise bad_request(f"the thinking switches disagree ({given})", next(iter(found)))
+    return next(iter(found.values()), None)
+
+
+def openai_tool_call(call: ToolCall, index: int, seed: str) -> dict[str, Any]:
+    """A parsed call in OpenAI's message shape; arguments as a JSON string."""
+    args = json.dumps(call.arguments, ensure_ascii=False)
+    return {"id": tool_call_id(index, seed), "type": "function", "function": {"name": call.name, "arguments": args}}
 
 
 MAX_JSON_DEPTH = 32
@@ -335,10 +519,12 @@ def parse_chat_request(body: Any, tokenizer: Tokenizer, context: int, **defaults
     if not isinstance(body, dict):
         raise bad_request("the request body must be a JSON object")
     messages = parse_messages(body.get("messages"))
-    if body.get("tools") or body.get("functions"):
-        raise bad_request("tools / function calling are not supported", "tools")
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-    return parse_sampling(body, encode_prompt(tokenizer, text, context, "messages"), context, **defaults)
+    tools, parallel = parse_tools(body)
+    thinking = parse_thinking(body)
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tools=tools, enable_thinking=thinking)
+    params = parse_sampling(body, encode_prompt(tokenizer, text, context, "messages"), context, **defaults)
+    names = frozenset(t["function"]["name"] for t in tools or [])
+    return dataclasses.replace(params, tool_names=names, parallel_tool_calls=parallel, think_opened=opens_thought(text))
 
 
 def parse_completion_request(body: Any, tokenizer: Tokenizer, context: int, **defaults: float) -> ChatParams:
@@ -378,6 +564,12 @@ def encode_prompt(tokenizer: Tokenizer, text: str, context: int, param: str) -> 
     return tokenizer.encode_batch([text])[0]
 
 
+def finish_reason(engine_reason: str, calls: list) -> str:
+    """The finish_reason to report: "tool_calls" when an answer that ended by itself (eos or a stop string) holds
+    calls; an answer cut by max_tokens stays "length" (its calls are still returned)."""
+    return "tool_calls" if calls and engine_reason == "stop" else engine_reason
+
+
 def _sse(obj: Any) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
@@ -391,10 +583,11 @@ def create_app(
     cors_origins: list[str] | tuple[str, ...] = (),
     max_body_bytes: int = 1 << 20,
     read_timeout_s: float = 30.0,
+    toolbox: Toolbox | None = None,
 ):
     """The FastAPI application. The engine's worker thread is started and stopped with the app's lifespan.
     cors_origins: origins whose browsers may call the API (none by default); max_body_bytes and read_timeout_s bound
-    what one request may send and how slowly."""
+    what one request may send and how slowly; toolbox: the tools /v1/tools offers and runs (None: those routes 404)."""
     if FastAPI is None:
         raise ServeError("tools/serve.py needs fastapi and uvicorn: pip install fastapi uvicorn")
     defaults = {"default_max_tokens": 512, "default_temperature": 0.85, "default_top_p": 0.85, **(defaults or {})}
@@ -485,6 +678,39 @@ def create_app(
             )
         return model_card()
 
+    def need_toolbox() -> Toolbox:
+        if toolbox is None:
+            raise ApiError(404, "this server runs no tools: start it with --tools", code="not_found")
+        return toolbox
+
+    @app.get("/v1/tools")
+    async def tools_list(request: Request):
+        check_auth(request)
+        return {"object": "list", "data": need_toolbox().specs}
+
+    @app.post("/v1/tools/call")
+    async def tools_call(request: Request):
+        """Run one call: {"name", "arguments": an object or a JSON string holding one} -> {"name", "content"}, the
+        content being the result text to send back as a tool message (a tool's own failure is an {"error": ...}
+        result, not an HTTP error)."""
+        check_auth(request)
+        box = need_toolbox()
+        body = await asyncio.to_thread(read_json, await read_body(request))
+        if not isinstance(body, dict):
+            raise bad_request("the request body must be a JSON object {name, arguments}")
+        name, args = body.get("name"), body.get("arguments", {})
+        if not isinstance(name, str) or not name:
+            raise bad_request("'name' must be a non-empty string (the tool to run)", "name")
+        if isinstance(args, str):
+            try:
+                args = json.loads(args)
+            except ValueError:
+                args = None
+        if not isinstance(args, dict):
+            raise bad_request("'arguments' must be a JSON object or a string holding one", "arguments")
+        call = ToolCall(name, args, None, json.dumps(args, ensure_ascii=False))
+        return {"name": name, "content": await asyncio.to_thread(box.run, call)}
+
     async def read_body(request: Request) -> bytes:
         """The whole body, refused (400) beyond max_body_bytes and (408) when it does not arrive in read_timeout_s."""
         declared = request.headers.get("content-length", "")
@@ -553,11 +779,15 @@ def create_app(
         while (await request.receive())["type"] != "http.disconnect":
             pass
 
-    async def collect_answer(request: Request, job: Job, queue: asyncio.Queue) -> dict[str, Any] | None:
-        """The non-streamed answer: {"reasoning", "content", "finish_reason", "usage"}, or None when the client went
-        away first (the job is then cancelled: its row leaves before the next decode step)."""
+    async def collect_answer(
+        request: Request, job: Job, params: ChatParams, queue: asyncio.Queue
+    ) -> dict[str, Any] | None:
+        """The non-streamed answer: {"reasoning", "content", "calls", "finish_reason", "usage"}, or None when the
+        client went away first (the job is then cancelled: its row leaves before the next decode step). The text goes
+        through the same splitter as a stream's, so both answer the same."""
         gone = asyncio.ensure_future(until_disconnect(request))
-        reasoning, content = [], []
+        split = params.answer_stream()
+        reasoning, content, calls = [], [], []
         try:
             while True:
                 get = asyncio.ensure_future(queue.get())
@@ -568,13 +798,16 @@ def create_app(
                     return None
                 event = get.result()
                 if event["type"] == "delta":
-                    reasoning.append(event["reasoning"])
-                    content.append(event["content"])
+                    pieces = split.push(event["reasoning"], event["content"])
                 elif event["type"] == "error":
                     raise ApiError(500, event["message"], "server_error", None, "generation_failed")
                 else:
-                    r = "".join(reasoning)
-                    return {"reasoning": r, "content": "".join(content), **event}
+                    pieces = split.flush()
+                reasoning.append(pieces[0])
+                content.append(pieces[1])
+                calls += pieces[2]
+                if event["type"] == "done":
+                    return {"reasoning": "".join(reasoning), "content": "".join(content), "calls": calls, **event}
         finally:
             gone.cancel()
             engine.cancel(job)
@@ -585,12 +818,16 @@ def create_app(
         created = int(job.created)
         if params.stream:
             return sse_response(_stream(job, params, queue, created, kind))
-        answer = await collect_answer(request, job, queue)
+        answer = await collect_answer(request, job, params, queue)
         if answer is None:
             return Response(status_code=499)
-        choice = {"index": 0, "logprobs": None, "finish_reason": answer["finish_reason"]}
+        calls = answer["calls"] if params.parallel_tool_calls else answer["calls"][:1]
+        choice = {"index": 0, "logprobs": None, "finish_reason": finish_reason(answer["finish_reason"], calls)}
         if kind == "chat":
             choice["message"] = {"role": "assistant", "content": answer["content"]}
+            if calls:
+                choice["message"]["content"] = answer["content"] or None
+                choice["message"]["tool_calls"] = [openai_tool_call(c, i, job.id) for i, c in enumerate(calls)]
             if answer["reasoning"]:
                 choice["message"]["reasoning_content"] = answer["reasoning"]
         else:
@@ -627,24 +864,47 @@ def create_app(
                 }
             return _sse({**base, "choices": [choice], **extra})
 
+        split = params.answer_stream()
+        n_calls = 0
+
+        def pieces(reasoning: str, content: str, calls: list[ToolCall]):
+            """The chunks of one step's text: reasoning and content, then each completed call (OpenAI's streamed
+            shape: the call's index, id, type and name first, then its arguments)."""
+            nonlocal n_calls
+            delta = {}
+            if reasoning:
+                delta["reasoning_content"] = reasoning
+            if content:
+                delta["content"] = content
+            if delta:
+                yield chunk(delta)
+            for call in calls:
+                if n_calls > 0 and not params.parallel_tool_calls:
+                    break
+                full = openai_tool_call(call, n_calls, job.id)
+                head = {**full, "function": {"name": call.name, "arguments": ""}}
+                yield chunk({"tool_calls": [{"index": n_calls, **head}]})
+                args = {"arguments": full["function"]["arguments"]}
+                yield chunk({"tool_calls": [{"index": n_calls, "function": args}]})
+                n_calls += 1
+
         try:
             if kind == "chat":
                 yield chunk({"role": "assistant", "content": ""})
             while True:
                 event = await queue.get()
                 if event["type"] == "delta":
-                    delta = {}
-                    if event["reasoning"]:
-                        delta["reasoning_content"] = event["reasoning"]
-                    if event["content"]:
-                        delta["content"] = event["content"]
-                    yield chunk(delta)
+                    for piece in pieces(*split.push(event["reasoning"], event["content"])):
+                        yield piece
                 elif event["type"] == "error":
                     err = ApiError(500, event["message"], "server_error", None, "generation_failed")
                     yield _sse(err.body())
                     break
                 else:
-                    yield chunk({}, event["finish_reason"], usage=event["usage"])
+                    for piece in pieces(*split.flush()):
+                        yield piece
+                    reason = finish_reason(event["finish_reason"], [None] * n_calls)
+                    yield chunk({}, reason, usage=event["usage"])
                     if params.include_usage:
                         yield _sse({**base, "choices": [], "usage": event["usage"]})
                     break
@@ -694,6 +954,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--top_p", type=float, default=0.85, help="default top_p")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--compile", action="store_true", help="torch.compile the one-token decode step")
+    p.add_argument("--tools", action="store_true", help="offer the project's tools at /v1/tools (for the web page)")
+    p.add_argument("--world", default=str(DEFAULT_WORLD), help="the world file the lookup tool reads (with --tools)")
     p.add_argument("--log_level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     args = p.parse_args(argv)
     for name in (
@@ -790,9 +1052,10 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     try:
         api_key = resolve_api_key(args)
+        toolbox = Toolbox(args.world or None) if args.tools else None
         model, tokenizer = load_for_serving(args)
-    except ServeError as exc:
-        raise SystemExit(f"error: {exc}") from None
+    except (ServeError, WorldError) as exc:
+        raise SystemExit(f"error: {'--world ' if isinstance(exc, WorldError) else ''}{exc}") from None
     name = args.model_name or Path(args.load).resolve().name
     engine = Engine(
         model,
@@ -813,6 +1076,7 @@ def main(argv: list[str] | None = None) -> None:
         cors_origins=args.cors_origins,
         max_body_bytes=args.max_body_bytes,
         read_timeout_s=args.read_timeout,
+        toolbox=toolbox,
     )
     try:
         sock = socket.create_server(
@@ -823,7 +1087,8 @@ def main(argv: list[str] | None = None) -> None:
     port = sock.getsockname()[1]
     print(
         f"serving {name} ({model.num_params() / 1e6:.1f}M parameters) on http://{args.host}:{port} "
-        f"(api key {'required' if api_key else 'off'}; CORS {', '.join(args.cors_origins) or 'off'})",
+        f"(api key {'required' if api_key else 'off'}; CORS {', '.join(args.cors_origins) or 'off'}; "
+        f"tools {', '.join(s['function']['name'] for s in toolbox.specs) if toolbox else 'off'})",
         file=sys.stderr,
         flush=True,
     )

@@ -153,3 +153,65 @@ def test_stop_string_ends_the_answer_and_each_seeded_turn_is_its_own_draw(checkp
     want = [expected_answer(checkpoint, tokenizer, ids, max_new_tokens=256, temperature=0.9, top_p=0.85, seed=s)[1]
             for s in (5, 6)]  # fmt: skip
     assert turns == [w.strip() for w in want] and turns[0] != turns[1]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tools: the model of tests/tools/conftest.py `tool_model` answers "What is 37 + 48?" with a calculator call, and
+# "37 + 48 = 85." once the result is back.
+
+
+def tool_history(tool_model, upto):
+    """The conversation of tool_model's exchange as messages, in the template's terms, up to `upto` messages."""
+    call = {"type": "function", "function": {"name": "calculator", "arguments": {"expression": "37 + 48"}}}
+    return [
+        {"role": "user", "content": "What is 37 + 48?"},
+        {"role": "assistant", "content": "", "tool_calls": [call]},
+        {"role": "tool", "content": '{"result": 85}'},
+        {"role": "assistant", "content": "37 + 48 = 85."},
+    ][:upto]
+
+
+def test_tools_one_shot_runs_the_call_and_answers_with_its_result(tool_model, tokenizer):
+    args = ["--load", str(tool_model.folder), "--tools", "--world", "", "--temperature", "0", "--max_new_tokens", "80"]
+    r = run_cli([*args, "--prompt", "What is 37 + 48?"])
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert len(lines) == 5, r.stdout
+    assert lines[0] == '[tool call] calculator {"expression": "37 + 48"}'
+    call_tokens = tokenizer.encode(tool_model.call_text + "<|im_end|>")
+    assert SPEED.match(lines[1]) and int(SPEED.match(lines[1]).group(1)) == len(call_tokens)
+    assert lines[2] == '[tool result] {"result": 85}'  # the calculator's own answer, computed by toolcall.Toolbox
+    assert lines[3] == "37 + 48 = 85."
+    answer_tokens = tokenizer.encode("37 + 48 = 85.<|im_end|>")
+    assert SPEED.match(lines[4]) and int(SPEED.match(lines[4]).group(1)) == len(answer_tokens)
+
+
+def test_tools_interactive_prompts_carry_the_calls_and_results(tool_model, tokenizer):
+    args = ["--load", str(tool_model.folder), "--tools", "--world", "", "--temperature", "0", "--history", "1"]
+    r = run_cli([*args, "--show_prompt", "--max_new_tokens", "60"], "What is 37 + 48?\nthanks\nexit\n")
+    assert r.returncode == 0, r.stderr
+    prompts = [ast.literal_eval(x[len("[prompt] ") :]) for x in r.stdout.splitlines() if x.startswith("[prompt] ")]
+    specs = tool_model.specs  # calculator only: no --world
+    assert prompts[0] == tokenizer.apply_chat_template(tool_history(tool_model, 1), True, tools=specs)
+    assert prompts[1] == tokenizer.apply_chat_template(tool_history(tool_model, 3), True, tools=specs)
+    follow = tool_history(tool_model, 4) + [{"role": "user", "content": "thanks"}]
+    assert prompts[2] == tokenizer.apply_chat_template(follow, True, tools=specs)
+    # Between the first two prompts: the call (its block is not printed), the speed line, the result.
+    lines = r.stdout.splitlines()
+    first, second = [i for i, x in enumerate(lines) if x.startswith("[prompt] ")][:2]
+    shown = lines[first + 1 : second]
+    assert shown[0] == '[tool call] calculator {"expression": "37 + 48"}' and SPEED.match(shown[1])
+    assert shown[2:] == ['[tool result] {"result": 85}']
+
+
+def test_thinking_switch_and_a_bad_world_file(tool_model, tmp_path, capsys):
+    base = ["--load", str(tool_model.folder), "--device", "cpu", "--kernels", "torch", "--max_new_tokens", "2"]
+    assert chat.main([*base, "--prompt", "hi", "--show_prompt", "--enable_thinking", "false"]) == 0
+    closed = "<|im_start|>user\\nhi<|im_end|>\\n<|im_start|>assistant\\n<think>\\n\\n</think>\\n\\n'"
+    assert capsys.readouterr().out.splitlines()[0].endswith(closed)
+    world = tmp_path / "world.json"
+    world.write_text('{"world": "Kethmar", "people": [{"name": "A"}]}', encoding="utf-8")
+    for path, msg in ((tmp_path / "missing.json", "cannot read the world file"), (world, "people[0].age")):
+        assert chat.main([*base, "--tools", "--world", str(path), "--prompt", "hi"]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: --world {path}") and msg in err and err.count("\n") == 1, err

@@ -1,10 +1,12 @@
 """The chat page served by tools/serve.py at "/", driven in headless Chromium (selenium + chromedriver): a question
 streams into the page, the model's thinking lands apart from its answer, the temperature and max-tokens controls
-reach the server, and the conversation so far is sent with the next turn.
+reach the server, and the conversation so far is sent with the next turn; with a server started with tools, the "use
+tools" switch runs a tool round trip (the call shown, run through /v1/tools/call, its result sent back, the answer).
 
 The model is a one-layer net trained here for a second to answer one question in the <think>/<answer> format; the
-second turn's expected text comes from minimind_fast.generate on the same model. Skipped only where /usr/bin/chromium is
-absent (CI installs the Debian packages chromium and chromium-driver).
+second turn's expected text comes from minimind_fast.generate on the same model. The tool round trip uses the model of
+tests/tools/conftest.py `tool_model`. Skipped only where /usr/bin/chromium is absent (CI installs the Debian packages
+chromium and chromium-driver).
 """
 
 import shutil
@@ -21,6 +23,7 @@ import uvicorn
 from minimind_fast.config import MiniMindConfig
 from minimind_fast.generate import generate
 from minimind_fast.model import MiniMind
+from minimind_fast.toolcall import Toolbox
 from tools import serve
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -173,6 +176,7 @@ def test_page_streams_answers_with_thinking_apart_and_keeps_history(server, brow
     recent = httpx.get(server + "/metrics").json()["recent"]
     assert recent[-1]["max_tokens"] == 5 and recent[-1]["prompt_tokens"] == len(ids)
     assert browser.find_elements(By.CSS_SELECTOR, ".msg.error") == []
+    assert not browser.find_element(By.ID, "use-tools").is_enabled()  # this server runs no tools (GET /v1/tools: 404)
 
 
 def test_keyed_server_page_names_the_model_and_asks_for_the_key(model, tokenizer, browser):
@@ -213,3 +217,46 @@ def test_keyed_server_page_names_the_model_and_asks_for_the_key(model, tokenizer
     finally:
         srv.should_exit = True
         thread.join(timeout=15)
+
+
+def test_use_tools_switch_runs_a_tool_round_trip(tool_model, tokenizer, browser, server_thread):
+    """A server with tools (the calculator): the switch comes on, the question is answered with a call that the page
+    shows, runs through /v1/tools/call and sends back, and the model's second turn answers with the result."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    app = serve.create_app(serve.Engine(tool_model.model, tokenizer), "tool-caller", toolbox=Toolbox())
+    with server_thread(app) as srv:
+        browser.get(srv.base + "/")
+        _wait(lambda: browser.find_element(By.ID, "model-name").text == "tool-caller")
+        switch = browser.find_element(By.ID, "use-tools")
+        _wait(switch.is_enabled)
+        switch.click()
+        _set(browser, "temperature", 0)
+        _set(browser, "max-tokens", 80)
+        browser.find_element(By.ID, "input").send_keys(tool_model.question, Keys.ENTER)
+        _wait(lambda: browser.find_element(By.ID, "status").text == "done")
+
+        log = browser.find_elements(By.CSS_SELECTOR, "#log > .msg")
+        assert [e.get_attribute("class") for e in log] == ["msg user", "msg assistant", "msg tool", "msg assistant"]
+        call_turn, result, answer = log[1:]
+        assert [c.text for c in call_turn.find_elements(By.CSS_SELECTOR, ".tool-call")] == [
+            'calculator {"expression": "37 + 48"}'
+        ]
+        assert call_turn.find_element(By.CSS_SELECTOR, ".content").text == ""
+        assert call_turn.get_attribute("data-finish-reason") == "tool_calls"
+        assert result.find_element(By.CSS_SELECTOR, ".tool-name").text == "calculator"
+        assert result.find_element(By.CSS_SELECTOR, ".result").text == '{"result": 85}'
+        assert answer.find_element(By.CSS_SELECTOR, ".content").text == "37 + 48 = 85."
+        assert answer.get_attribute("data-finish-reason") == "stop"
+        assert answer.find_elements(By.CSS_SELECTOR, ".tool-call") == []
+        # The second request carried the tools, the call and its result, as the template renders them.
+        call = {"type": "function", "function": {"name": "calculator", "arguments": {"expression": "37 + 48"}}}
+        history = [
+            {"role": "user", "content": tool_model.question},
+            {"role": "assistant", "content": None, "tool_calls": [call]},
+            {"role": "tool", "content": '{"result": 85}'},
+        ]
+        ids = tokenizer.apply_chat_template(history, True, True, tools=tool_model.specs)
+        assert int(answer.get_attribute("data-prompt-tokens")) == len(ids)
+        assert browser.find_elements(By.CSS_SELECTOR, ".msg.error") == []
