@@ -6,11 +6,19 @@ generation sample sheet. Prints tables and writes everything (item by item) to J
     python tools/eval.py --load out/full_sft out/full_sft --lora none out/lora_identity --prompts "Who are you?"
     python tools/eval.py --load out/full_sft --ppl data/sample/pretrain.jsonl data/sample/sft.jsonl --max_records 500
     python tools/eval.py --load out/full_sft --mc /path/to/ceval/val --mc_score letter --heldout none
+    python tools/eval.py --load out/tool_sft --heldout data/sample/eval.jsonl --tools --world data/sample/world.json
 
 Held-out accuracy (minimind_fast/evaluate.py has the exact rules) is reported per kind in two ways, next to the chance
 level 1/len(choices): "gen", the greedy reply through the chat template states the answer (answer_matches, the
 matcher the RL rule reward uses too: a number must be the reply's last whole number, a word must occur as a whole
 word); "choice", the answer is the choice with the highest log-likelihood as the assistant's completion.
+With --tools, "gen" is the answer after tool use: each question is a user turn after the --system message (default
+"You are a helpful assistant.", one of the tool-use data's system prompts) with the tools offered (the calculator,
+and lookup over the --world file; minimind_fast.toolcall), run through the multi-turn loop
+(minimind_fast.agent.run_agent: greedy, up to --max_turns model turns of --max_new_tokens each, default 128 there)
+and its final answer judged by the same matcher; a question left with a call pending counts as unanswered. Each
+item's JSON record then holds its turns, its calls (name, arguments, result) and its final reply, and the summary of
+every kind the share of items where a tool was called ("tool_call_share"). Choice scoring does not use the tools.
 --lora takes one adapter folder for every --load, or one per --load ('none' for the plain model).
 The sample sheet (--samples N prompts: --prompts texts or file lines, else the first held-out questions plus
 "Who are you?") is written as markdown next to the JSON. A missing or broken file stops with one `error: ...` line
@@ -33,9 +41,12 @@ import torch  # noqa: E402
 
 import minimind_kernels as kernels  # noqa: E402
 from minimind_fast import evaluate as ev  # noqa: E402
+from minimind_fast.agent import AgentError, run_agent  # noqa: E402
 from minimind_fast.data import DataError  # noqa: E402
+from minimind_fast.engine import Engine, SamplingParams  # noqa: E402
 from minimind_fast.inference import LoadError, load_for_inference, pick_device  # noqa: E402
 from minimind_fast.tokenizer import Tokenizer  # noqa: E402
+from minimind_fast.toolcall import Toolbox, WorldError  # noqa: E402
 
 IDENTITY_PROMPT = "Who are you?"
 
@@ -59,7 +70,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--samples", type=int, default=8, help="prompts in the generation sample sheet (0 = none)")
     p.add_argument("--prompts", nargs="*", default=None, help="sample-sheet prompts, or one file with one per line")
     p.add_argument("--temperature", type=float, default=0.0, help="sample-sheet sampling temperature (0 = greedy)")
-    p.add_argument("--max_new_tokens", type=int, default=48, help="tokens generated per answer")
+    p.add_argument("--max_new_tokens", type=int, default=None, help="tokens per answer (per turn with --tools); 48, "
+                   "128 with --tools")  # fmt: skip
+    p.add_argument("--tools", action="store_true", help="answer the held-out questions with tools (see above)")
+    p.add_argument("--world", default="data/sample/world.json", help="world file of the lookup tool ('none': none)")
+    p.add_argument("--max_turns", type=int, default=3, help="most model turns per question with --tools")
+    p.add_argument("--system", default="You are a helpful assistant.", help="system message with --tools ('': none)")
     p.add_argument("--max_seq_len", type=int, default=512, help="tokens kept per perplexity record")
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--out", default=None, help="JSON output (default: eval_<names>.json next to the first --load)")
@@ -69,8 +85,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.lora is not None and len(args.lora) not in (1, len(args.load)):
         p.error(f"--lora takes 1 adapter or one per --load ({len(args.load)}), got {len(args.lora)}")
-    if args.batch_size < 1 or args.max_new_tokens < 1:
-        p.error("--batch_size and --max_new_tokens must be >= 1")
+    if args.max_new_tokens is None:
+        args.max_new_tokens = 128 if args.tools else 48  # a tool call alone takes some 50 tokens
+    if args.batch_size < 1 or args.max_new_tokens < 1 or args.max_turns < 1:
+        p.error("--batch_size, --max_new_tokens and --max_turns must be >= 1")
     return args
 
 
@@ -86,6 +104,48 @@ def load(folder: str, adapter: str | None, args: argparse.Namespace) -> tuple[to
         raise EvalError(str(exc)) from None
 
 
+def load_toolbox(world: str) -> Toolbox:
+    """The calculator, and lookup over the world file unless it is 'none'."""
+    try:
+        return Toolbox(None if world.lower() == "none" else world)
+    except WorldError as exc:
+        raise EvalError(f"--world: {exc}") from None
+
+
+def heldout_with_tools(
+    model: torch.nn.Module, tok: Tokenizer, items: list[ev.HeldoutItem], toolbox: Toolbox, args: argparse.Namespace
+) -> list[dict]:
+    """Per item {"reply", "correct", "turns", "calls", "finished", "stop_reason"}: the question as a user turn (after
+    --system) with the toolbox's tools offered, through the multi-turn loop (greedy), the final reply judged by
+    answer_matches."""
+    engine = Engine(model, None, eos_id=tok.eos_id, max_batch=args.batch_size, max_batch_tokens=1 << 62)
+    params = SamplingParams(max_tokens=args.max_new_tokens, temperature=0.0)
+    was_training = model.training
+    model.eval()
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    convs = [[*system, {"role": "user", "content": it.question}] for it in items]
+    results = run_agent(engine, tok, convs, toolbox.specs, toolbox, params, args.max_turns)
+    model.train(was_training)
+    return [
+        {
+            "reply": r.reply,
+            "correct": ev.answer_matches(it.answer, r.reply),
+            "turns": r.turns,
+            "calls": [{k: c[k] for k in ("name", "arguments", "result")} for c in r.calls],
+            "finished": r.finished,
+            "stop_reason": r.stop_reason,
+        }
+        for it, r in zip(items, results)
+    ]
+
+
+def add_tool_share(summary: dict[str, dict], items: list[ev.HeldoutItem], gen: list[dict]) -> None:
+    """summary[kind]["tool_call_share"]: the share of that kind's items (and of all) where a tool was called."""
+    for kind, row in summary.items():
+        idx = [k for k, it in enumerate(items) if kind in ("all", it.kind)]
+        row["tool_call_share"] = sum(bool(gen[k]["calls"]) for k in idx) / len(idx)
+
+
 def sample_prompts(args: argparse.Namespace, items: list[ev.HeldoutItem] | None) -> list[tuple[str, str]]:
     """(prompt, expected answer or '') for the sample sheet."""
     if args.prompts:
@@ -99,7 +159,9 @@ def sample_prompts(args: argparse.Namespace, items: list[ev.HeldoutItem] | None)
     return chosen + [(IDENTITY_PROMPT, "")]
 
 
-def evaluate_one(args: argparse.Namespace, folder: str, adapter: str | None, items, sheet_path: Path | None) -> dict:
+def evaluate_one(
+    args: argparse.Namespace, folder: str, adapter: str | None, items, sheet_path: Path | None, toolbox=None
+) -> dict:
     model, tok = load(folder, adapter, args)
     res: dict = {"load": folder, "lora": adapter, "params": model.num_params()}
     name = Path(folder).name + (f"+{Path(adapter).name}" if adapter else "")
@@ -107,7 +169,10 @@ def evaluate_one(args: argparse.Namespace, folder: str, adapter: str | None, ite
     if items is not None:
         gen = choice = None
         if args.heldout_mode in ("both", "generation"):
-            gen = ev.heldout_generation(model, tok, items, args.max_new_tokens, args.batch_size)
+            if toolbox is not None:
+                gen = heldout_with_tools(model, tok, items, toolbox, args)
+            else:
+                gen = ev.heldout_generation(model, tok, items, args.max_new_tokens, args.batch_size)
         if args.heldout_mode in ("both", "choice"):
             choice = ev.heldout_choice(model, tok, items, args.batch_size)
         rows = []
@@ -115,10 +180,15 @@ def evaluate_one(args: argparse.Namespace, folder: str, adapter: str | None, ite
             row = {"question": it.question, "answer": it.answer, "kind": it.kind}
             if gen is not None:
                 row.update(reply=gen[k]["reply"], gen_correct=gen[k]["correct"])
+                if toolbox is not None:
+                    row.update({key: gen[k][key] for key in ("turns", "calls", "finished", "stop_reason")})
             if choice is not None and choice[k] is not None:
                 row.update(choice_pred=choice[k]["pred"], choice_correct=choice[k]["correct"])
             rows.append(row)
-        res["heldout"] = {"path": args.heldout, "summary": ev.summarize_heldout(items, gen, choice), "items": rows}
+        summary = ev.summarize_heldout(items, gen, choice)
+        if toolbox is not None and gen is not None:
+            add_tool_share(summary, items, gen)
+        res["heldout"] = {"path": args.heldout, "summary": summary, "items": rows}
     res["perplexity"] = []
     for path in args.ppl:
         res["perplexity"].append(
@@ -163,6 +233,19 @@ def format_heldout(results: list[dict], labels: list[str]) -> str:
             s = r["heldout"]["summary"][kind]
             cells += f" | {_pct(s.get('generation_acc')):>10} {_pct(s.get('choice_acc')):>11}"
         lines.append(f"{kind:<12}{row['n']:>5}{_pct(row['chance']):>8}{cells}")
+    return "\n".join(lines)
+
+
+def format_tool_use(results: list[dict], labels: list[str]) -> str:
+    """With --tools: kinds down, models across, the share (%) of items where a tool was called."""
+    have = [r for r in results if "tool_call_share" in r.get("heldout", {}).get("summary", {}).get("all", {})]
+    if not have:
+        return ""
+    head = f"{'kind':<12}{'n':>5}" + "".join(f" | {lab[:22]:^22}" for lab in labels)
+    lines = ["held-out items where a tool was called (%)", head, "-" * len(head)]
+    for kind, row in have[0]["heldout"]["summary"].items():
+        cells = "".join(f" | {_pct(r['heldout']['summary'][kind]['tool_call_share']):>22}" for r in results)
+        lines.append(f"{kind:<12}{row['n']:>5}{cells}")
     return "\n".join(lines)
 
 
@@ -216,6 +299,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             kernels.resolve(args.kernels)
         except (LoadError, kernels.KernelSpecError) as exc:
             raise EvalError(str(exc)) from None
+        toolbox = load_toolbox(args.world) if args.tools else None
         items = None
         if args.heldout and args.heldout.lower() != "none":
             items = ev.read_heldout(args.heldout)
@@ -224,11 +308,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         results = []
         for i, (folder, adapter) in enumerate(zip(args.load, adapters)):
             sheet = out.with_name(f"{out.stem}_samples_{labels[i].replace('/', '-')}.md")
-            results.append(evaluate_one(args, folder, adapter, items, sheet))
-    except (EvalError, DataError, FileNotFoundError) as exc:
+            results.append(evaluate_one(args, folder, adapter, items, sheet, toolbox))
+    except (EvalError, DataError, FileNotFoundError, AgentError) as exc:
         print(f"error: {_one_line(exc)}", file=sys.stderr)
         return 1
-    for text in (format_heldout(results, labels), format_other(results, labels)):
+    for text in (format_heldout(results, labels), format_tool_use(results, labels), format_other(results, labels)):
         if text:
             print(text)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -13,12 +13,12 @@ The rules, in the order they are applied:
                         --fsdp (under torchrun; never for LoRA), --wandb / --swanlab (package installed);
   _check_combinations   flags that constrain each other (SPO's rho and reward range, a fresh distillation student, the
                         RL reward spec and its model folder);
-  _check_files          --out_dir, --save_weight, --data_path, --tokenizer and the model files (--from_weight,
-                        --teacher: a checkpoint folder or a .pth whose tensor shapes fit the model that will be built,
-                        read from safetensors headers / a memory-mapped weights-only load, never whole), and the limits
-                        a model sets (--max_seq_len against its rotary table, --lora_rank against its width,
-                        --lora_targets against its layers). Whether a tokenizer fits the model is
-                        resume.check_tokenizer's to say.
+  _check_files          --out_dir, --save_weight, --data_path, --world (GRPO --agent 1), --tokenizer and the model
+                        files (--from_weight, --teacher: a checkpoint folder or a .pth whose tensor shapes fit the
+                        model that will be built, read from safetensors headers / a memory-mapped weights-only load,
+                        never whole), and the limits a model sets (--max_seq_len against its rotary table,
+                        --lora_rank against its width, --lora_targets against its layers). Whether a tokenizer fits
+                        the model is resume.check_tokenizer's to say.
 Problems that only the data shows (a bad line, a conversation cut before its answer) are found when the data set is
 loaded: report_dataset and data_error use the same one-line, exit-status-2 form (`error: path:lineno: ...`).
 """
@@ -231,6 +231,8 @@ STAGE_RULES["grpo"] = {
     "epsilon_high": Num(
         "CISPO clamps the importance weight at epsilon_high, above the on-policy weight 1", lo=1, lo_open=True
     ),
+    "agent": SWITCH,
+    "max_turns": Int(1, "a rollout needs at least one model turn to answer in"),
 }
 
 # Flags checked by the functions below rather than by a table rule (booleans need none: argparse parses them).
@@ -250,6 +252,7 @@ SPECIAL = {
     "reward_model_path",
     "lora_targets",
     "tags",
+    "world",
 }
 
 
@@ -393,6 +396,13 @@ def _check_combinations(args: Any, stage: str) -> None:
 def _check_files(args: Any, stage: str) -> None:
     _check_out_dir(args)
     _check_data_path(args)
+    if getattr(args, "agent", 0) and args.world.lower() != "none":  # GRPO's agentic mode reads its lookup world
+        from minimind_fast.toolcall import WorldError, load_world
+
+        try:
+            load_world(args.world)
+        except WorldError as exc:
+            bad("world", args.world, one_line(exc), 'a world JSON file ({"world": ..., "people": [...]}), or none')
     if args.tokenizer is not None:  # that it fits the model is resume.check_tokenizer's to say
         from minimind_fast.tokenizer import Tokenizer, TokenizerError
 

@@ -5,6 +5,7 @@
     python train/grpo.py --reward model --reward_model_path /path/to/reward_model
     python train/grpo.py --from_resume 1                          # continue from the newest checkpoint
     python train/grpo.py --loss_type cispo                        # MiniMind's current default loss (below)
+    python train/grpo.py --agent 1                                # agentic RL with tools: out/tool_sft -> out/grpo
 
 Algorithm, as implemented (Shao et al. 2024, "DeepSeekMath", sec. 4.1, outcome supervision): each rollout takes
 batch_size prompts and samples num_generations (G) completions of each, all in one left-padded batch
@@ -40,6 +41,26 @@ is a function of (seed, rollout index, rank), so --from_resume on the same numbe
 uninterrupted run exactly. Logged per step: reward mean/std (and each reward kind), KL to the reference, completion
 length, loss, clip fraction.
 
+--agent 1 is agentic RL (MiniMind's train_agent.py, as a mode of this stage: the plan, resume, DDP, logging and both
+losses are the ones above). Each completion is a multi-turn rollout (minimind_fast.agent.run_agent): the model
+answers, may call tools (minimind_fast.toolcall: the calculator, and lookup in the --world file), reads their
+results and goes on, for up to --max_turns model turns of up to --max_gen_len tokens each, every row of a turn
+sampled in one batch with the same per-(seed, rollout index, rank) RNG and sampling settings as above. The
+observations between the turns (tool results and the next generation prompt) sit in the completion but are masked
+out of the labels and the completion mask, so the loss and the KL are the token means over the model's own tokens
+only (each turn through its turn-end token). The prompt records are MiniMind's: {"conversations": [system message
+with "tools" (a JSON string or a list of function specs), user], "answer": ...}; a record without tools is offered
+the toolbox's. A prompt is never cut (the tool list would go): one longer than --max_seq_len stops the run. The
+reward reads each rollout's final answer (the last turn's text without its tool-call blocks): the rule reward
+(answer_matches) and, with shaping in --reward, MiniMind's shaping, exactly as above; a rollout that ends with a
+call still pending (--max_turns ran out, or a turn was cut before its end) has no final answer and is scored as an
+empty reply. Logged per step as well: the mean tool calls, tool errors and model turns per rollout, and the share
+of unfinished rollouts. Defaults that change with --agent 1: --data_path data/sample/rl_tools.jsonl, --from_weight
+out/tool_sft, --max_seq_len 1024 (the tool list alone is a few hundred tokens). The generation prompt is the
+template's default (no empty <think> block), the way SFT renders an assistant turn. Unlike MiniMind's trainer, the
+model's turn-end token is trained (the model must learn to hand the turn over), the calculator never runs eval on
+model text, and the rollouts are batched across rows instead of generated one conversation at a time.
+
 Outputs under --out_dir: {save_weight}/ (policy), {save_weight}_resume/step_N/, {save_weight}_metrics.jsonl,
 {save_weight}_reward.png and {save_weight}_loss.png.
 """
@@ -55,6 +76,7 @@ if __package__ in (None, ""):  # run as `python train/grpo.py`
 
 import torch
 
+from minimind_fast.toolcall import Toolbox, WorldError
 from train import checks, common, rollout, step
 from train import losses as L
 from train.args import arg, parse_args
@@ -69,8 +91,32 @@ from train.runtime import Runtime, all_reduce_mean, all_reduce_sum, describe_run
 _AUTO = {"learning_rate": (3e-4, 1e-7)}
 
 
+# Defaults that depend on --agent: (plain GRPO, agentic RL). Declared None below and filled in Args.__post_init__,
+# before the flags are checked, so that an explicit value is always kept.
+_MODE_DEFAULTS = {
+    "data_path": ("data/sample/rlaif.jsonl", "data/sample/rl_tools.jsonl"),
+    "from_weight": ("out/full_sft", "out/tool_sft"),
+    "max_seq_len": (66, 1024),
+}
+
+
 @dataclass
 class Args(rollout.RLArgs):
+    data_path: str | None = arg(
+        None,
+        "RL prompts: SFT-format JSONL (an 'answer' field for --reward rule); default data/sample/rlaif.jsonl, "
+        "data/sample/rl_tools.jsonl with --agent 1",
+    )
+    from_weight: str | None = arg(
+        None,
+        "checkpoint folder of the policy to start from (also the frozen reference); default out/full_sft, "
+        "out/tool_sft with --agent 1 (under --out_dir when that holds one)",
+    )
+    max_seq_len: int | None = arg(
+        None,
+        "prompt tokens kept, the last ones (default 66); with --agent 1 the longest prompt allowed, tools included "
+        "(default 1024)",
+    )
     save_weight: str = arg("grpo", "name of the checkpoint folder under --out_dir")
     num_generations: int = arg(8, "completions per prompt (G)")
     num_iterations: int = arg(1, "optimizer updates per step on the same rollouts (mu)")
@@ -78,6 +124,27 @@ class Args(rollout.RLArgs):
     loss_type: str = arg("grpo", "policy loss: grpo (clipped ratio) or cispo (clamped, detached IS weight)")
     epsilon_high: float = arg(5.0, "upper clamp of the importance weight (cispo; MiniMind's value)")
     adv_eps: float = arg(1e-4, "eps in (r - mean_g) / (std_g + eps)")
+    agent: int = arg(0, "1: agentic RL, multi-turn rollouts with tool calls (see the docstring)")
+    max_turns: int = arg(3, "most model turns per rollout (--agent 1)")
+    world: str = arg("data/sample/world.json", "world file of the lookup tool (--agent 1; 'none': calculator only)")
+
+    def __post_init__(self) -> None:
+        default_start = self.from_weight is None
+        for name, (plain, agentic) in _MODE_DEFAULTS.items():
+            if getattr(self, name) is None:
+                setattr(self, name, agentic if self.agent else plain)
+        if default_start:  # as train/args.py does for every stage: the previous stage's output under --out_dir
+            there = Path(self.out_dir) / Path(self.from_weight).relative_to("out")
+            if there.is_dir():
+                self.from_weight = str(there)
+
+
+def load_toolbox(world: str) -> Toolbox:
+    """The tools of agentic RL: the calculator, and lookup over --world ('none': the calculator only)."""
+    try:
+        return Toolbox(None if world.lower() == "none" else world)
+    except WorldError as exc:
+        checks.fail(f"error: --world: {exc}")
 
 
 def train_on_rollout(
@@ -128,6 +195,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.num_generations < 2:
         checks.fail("error: --num_generations must be >= 2 (advantages are relative to the group)")
     reward_fn, tok, _, policy, ref, data = rollout.start_stage(args, rt, _AUTO)
+    toolbox = load_toolbox(args.world) if args.agent else None
     # One step = accumulation_steps rollouts of batch_size prompts on each of world_size ranks.
     plan = step.Plan.of(args, len(data), rt, "prompts")
 
@@ -141,6 +209,9 @@ def main(argv: list[str] | None = None) -> dict:
         f"{len(data):,} prompts; {args.batch_size} prompts x {g} samples x accum {args.accumulation_steps}; "
         f"reward {args.reward}; {plan.total_steps} steps ({plan.steps_per_epoch} per epoch), lr {args.learning_rate:g}"
     )
+    if args.agent:
+        tools = ", ".join(spec["function"]["name"] for spec in toolbox.specs)
+        summary += f"; agentic: up to {args.max_turns} turns, tools {tools}"
     metrics, guard = common.start_run(args, rt, start_step, summary)
     policy.train()
     history = []
@@ -153,10 +224,16 @@ def main(argv: list[str] | None = None) -> dict:
             # 1. This rank's rollouts (sample, rewards, then reference log-probs; old log-probs only when mu > 1).
             rollouts, advs = [], []
             for micro in range(args.accumulation_steps):
-                ro = rollout.rank_rollout(
-                    args, rt, data, plan, s, micro, policy, ref, reward_fn, tok,
-                    num_samples=g, with_old_logp=args.num_iterations > 1, train_forward=train_fwd,
-                )  # fmt: skip
+                if args.agent:
+                    ro = rollout.rank_agent_rollout(
+                        args, rt, data, plan, s, micro, policy, ref, reward_fn, tok, toolbox, num_samples=g,
+                        max_turns=args.max_turns, with_old_logp=args.num_iterations > 1, train_forward=train_fwd,
+                    )  # fmt: skip
+                else:
+                    ro = rollout.rank_rollout(
+                        args, rt, data, plan, s, micro, policy, ref, reward_fn, tok,
+                        num_samples=g, with_old_logp=args.num_iterations > 1, train_forward=train_fwd,
+                    )  # fmt: skip
                 rollouts.append(ro)
                 advs.append(L.group_advantages(ro.rewards, g, args.adv_eps))
 
@@ -185,6 +262,8 @@ def main(argv: list[str] | None = None) -> dict:
                 "grad_norm": round(float(grad_norm), 4),
                 "skipped_steps": guard.skipped,
             }
+            if args.agent:
+                record.update(rollout.agent_stats(rollouts, rt))
             history.append(record["reward"])
             if plan.logs(done):
                 record["seconds"] = round(timer.lap(), 3)

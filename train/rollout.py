@@ -15,6 +15,15 @@ text work never sit in memory next to the activations of a forward pass):
      chunks of `forward_batch` rows, under the training autocast, with the policy in the mode it trains in, so that
      the training forward over the same chunk reproduces `old_logp` bit for bit (the first ratio is exactly 1).
 
+Agentic rollouts (train/grpo.py --agent 1; agent_collect, rank_agent_rollout): step 1 is minimind_fast.agent.run_agent,
+the multi-turn loop in which the model calls tools and reads their results (up to max_turns model turns per row, all
+rows of a turn in one engine batch), and the completion region holds the model's turns AND the observations between
+them (tool results and the next generation prompt, as the chat template renders them). pack_turns lays the rows out
+as above, with attention on every real token but labels and completion_mask only on the tokens the model sampled
+(each turn through its turn-end token), so the loss, the KL and the completion length count the model's own tokens
+and never an observation. Rewards read each row's final answer (agent.AgentResult.reply: "" when a call was left
+pending). The log-probs are computed as for single-turn rollouts.
+
 Under torchrun every rank rolls out its own prompts (rank_rollout) with its own sampling RNG, a function of
 (seed, rollout index, rank); an FSDP2-sharded policy is gathered whole for the sampling (runtime.gathered), since
 ranks stop decoding at different steps. Logged reward statistics are gathered over all ranks (reward_stats).
@@ -34,8 +43,10 @@ from typing import Any
 
 import torch
 
+from minimind_fast.agent import run_agent, tools_from_messages
+from minimind_fast.data import prompt_messages
 from minimind_fast.engine import Engine, SamplingParams
-from train import common
+from train import checks, common
 from train.args import StageArgs, arg, resolve_auto
 from train.models import frozen_model, load_base_model, open_dataset, stage_tokenizer
 from train.runtime import Runtime, all_gather_cat, all_reduce_sum, gathered, resolve_kernels
@@ -58,6 +69,7 @@ class Rollout:
     group: torch.Tensor | None = None  # [N] index of the row's prompt in the batch
     old_logp: torch.Tensor | None = None  # [N, R] policy log-probs at sampling time (0 outside the mask)
     ref_logp: torch.Tensor | None = None  # [N, R] reference log-probs (0 outside the mask)
+    agent: dict[str, torch.Tensor] = field(default_factory=dict)  # agentic rows: per-row tool_calls, tool_errors, ...
 
     @property
     def completion_ids(self) -> torch.Tensor:
@@ -104,10 +116,7 @@ def sample_completions(
     j of prompt i. With a generator, each row samples from its own generator, seeded from it (reproducible, and the
     same on a resume)."""
     rows = [list(p) for p in prompts for _ in range(num_samples)]
-    if generator is not None:
-        seeds = torch.randint(0, 2**62, (len(rows),), generator=generator, device=generator.device).tolist()
-    else:
-        seeds = [None] * len(rows)
+    seeds = row_seeds(len(rows), generator)
     params = [
         SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=s)
         for s in seeds
@@ -115,6 +124,13 @@ def sample_completions(
     engine = Engine(model, None, eos_id=eos_id, max_batch=len(rows), max_batch_tokens=1 << 62)
     with eval_mode(model):
         return [r.output_ids for r in engine.generate(rows, params)]
+
+
+def row_seeds(n: int, generator: torch.Generator | None) -> list[int | None]:
+    """One sampling seed per row, drawn from the rollout's generator (None without one: unseeded rows)."""
+    if generator is None:
+        return [None] * n
+    return torch.randint(0, 2**62, (n,), generator=generator, device=generator.device).tolist()
 
 
 def mask_through_first_eos(completion_ids_NR: torch.Tensor, valid_NR: torch.Tensor, eos_id: int) -> torch.Tensor:
@@ -148,6 +164,40 @@ def pack(
             valid[i, : len(c)] = 1
     cmask = mask_through_first_eos(ids[:, p_w:], valid, eos_id)
     attn = torch.cat([prompt_mask, cmask.long()], dim=1)
+    pos = (attn.cumsum(dim=1) - 1).clamp(min=0)
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    labels[:, p_w:] = torch.where(cmask.bool(), ids[:, p_w:], torch.full_like(ids[:, p_w:], IGNORE_INDEX))
+    return {
+        "input_ids": ids,
+        "attention_mask": attn,
+        "position_ids": pos,
+        "labels": labels,
+        "completion_mask": cmask,
+        "prompt_width": p_w,
+    }
+
+
+def pack_turns(
+    prompts: Sequence[Sequence[int]],
+    completions: Sequence[Sequence[int]],
+    model_masks: Sequence[Sequence[int]],
+    pad_id: int = 0,
+) -> dict[str, Any]:
+    """Agentic rows [left pad | prompt | model turns and observations | right pad] -> what pack returns. Every real
+    token is attended (attention_mask 1) and positioned; labels and completion_mask are the completion tokens whose
+    model_mask is 1 (the ones the model sampled), so observations are read but never trained on."""
+    n = len(prompts)
+    p_w = max(len(p) for p in prompts)
+    r_w = max(1, max(len(c) for c in completions))
+    ids = torch.full((n, p_w + r_w), pad_id, dtype=torch.long)
+    attn = torch.zeros((n, p_w + r_w), dtype=torch.long)
+    cmask = torch.zeros((n, r_w), dtype=torch.float)
+    for i, (p, c, m) in enumerate(zip(prompts, completions, model_masks)):
+        if len(m) != len(c):
+            raise ValueError(f"row {i}: {len(c)} completion ids but {len(m)} mask entries")
+        ids[i, p_w - len(p) : p_w + len(c)] = torch.tensor([*p, *c], dtype=torch.long)
+        attn[i, p_w - len(p) : p_w + len(c)] = 1
+        cmask[i, : len(c)] = torch.tensor(list(m), dtype=torch.float)
     pos = (attn.cumsum(dim=1) - 1).clamp(min=0)
     labels = torch.full_like(ids, IGNORE_INDEX)
     labels[:, p_w:] = torch.where(cmask.bool(), ids[:, p_w:], torch.full_like(ids[:, p_w:], IGNORE_INDEX))
@@ -240,7 +290,14 @@ def collect(
     rewards, parts = reward_fn(
         [t for t in prompt_texts for _ in range(g)], texts, [rec for rec in records for _ in range(g)]
     )
-    ro = Rollout(
+    ro = _rollout(packed, rewards, parts, texts, len(prompts), g, device)
+    return _add_logprobs(ro, policy, ref, train_forward, forward_batch, autocast, with_old_logp)
+
+
+def _rollout(
+    packed: dict[str, Any], rewards: torch.Tensor, parts: dict, texts: list[str], n_prompts: int, g: int, device
+) -> Rollout:
+    return Rollout(
         input_ids=packed["input_ids"].to(device),
         attention_mask=packed["attention_mask"].to(device),
         position_ids=packed["position_ids"].to(device),
@@ -250,8 +307,20 @@ def collect(
         rewards=rewards.float().to(device),
         reward_parts=parts,
         completions=texts,
-        group=torch.arange(len(prompts), device=device).repeat_interleave(g),
+        group=torch.arange(n_prompts, device=device).repeat_interleave(g),
     )
+
+
+def _add_logprobs(
+    ro: Rollout,
+    policy: torch.nn.Module,
+    ref: torch.nn.Module | None,
+    train_forward: Callable | None,
+    forward_batch: int,
+    autocast: Callable[[], contextlib.AbstractContextManager],
+    with_old_logp: bool,
+) -> Rollout:
+    """The policy's (optional) and the reference's per-token log-probs of a packed rollout."""
     if with_old_logp:
         ro.old_logp = token_logprobs(train_forward or policy, ro, forward_batch, autocast())
     if ref is not None:
@@ -259,10 +328,71 @@ def collect(
     return ro
 
 
+def agent_collect(
+    policy: torch.nn.Module,
+    ref: torch.nn.Module | None,
+    conversations: Sequence[Sequence[dict]],
+    tools: Sequence[Sequence[dict] | None],
+    prompt_texts: Sequence[str],
+    records: Sequence[dict],
+    reward_fn: Callable,
+    tokenizer: Any,
+    toolbox: Any,
+    *,
+    num_samples: int,
+    max_new_tokens: int,
+    max_turns: int,
+    device: torch.device,
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    forward_batch: int = 0,
+    with_old_logp: bool = True,
+    train_forward: Callable | None = None,
+    temperature: float = 0.8,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    generator: torch.Generator | None = None,
+    max_total_tokens: int | None = None,
+) -> Rollout:
+    """One agentic rollout: every conversation num_samples times (row i*G + j is sample j of conversation i) through
+    agent.run_agent (max_new_tokens per model turn, the same per-row seeds from the generator as collect draws),
+    pack_turns, rewards on each row's final reply, then the log-probs as collect computes them. Per-row tool_calls,
+    tool_errors, unfinished and turns go into Rollout.agent."""
+    g = num_samples
+    rows = [conv for conv in conversations for _ in range(g)]
+    row_tools = [t for t in tools for _ in range(g)]
+    params = [
+        SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=s)
+        for s in row_seeds(len(rows), generator)
+    ]
+    with gathered(policy), eval_mode(policy):
+        engine = Engine(policy, None, eos_id=tokenizer.eos_id, max_batch=len(rows), max_batch_tokens=1 << 62)
+        results = run_agent(engine, tokenizer, rows, row_tools, toolbox, params, max_turns, None, max_total_tokens)
+    packed = pack_turns([r.prompt_ids for r in results], [r.completion_ids for r in results],
+                        [r.model_mask for r in results], tokenizer.pad_id)  # fmt: skip
+    replies = [r.reply for r in results]
+    rewards, parts = reward_fn(
+        [t for t in prompt_texts for _ in range(g)], replies, [rec for rec in records for _ in range(g)]
+    )
+    ro = _rollout(packed, rewards, parts, replies, len(conversations), g, device)
+    ro.agent = {
+        "tool_calls": torch.tensor([r.tool_calls for r in results], dtype=torch.float, device=device),
+        "tool_errors": torch.tensor([r.tool_errors for r in results], dtype=torch.float, device=device),
+        "unfinished": torch.tensor([not r.finished for r in results], dtype=torch.float, device=device),
+        "turns": torch.tensor([r.turns for r in results], dtype=torch.float, device=device),
+    }
+    return _add_logprobs(ro, policy, ref, train_forward, forward_batch, autocast, with_old_logp)
+
+
 def rollout_generator(device: torch.device, seed: int, index: int) -> torch.Generator:
     """The sampling RNG of rollout number `index`: a function of (seed, index) only, so --from_resume samples exactly
     what the uninterrupted run would have."""
     return torch.Generator(device=device).manual_seed(seed * 1_000_003 + index)
+
+
+def rank_generator(seed: int, rt: Runtime, plan: Plan, step: int, micro: int) -> torch.Generator:
+    """The sampling RNG of this rank's rollout `micro` at optimizer step `step`: rollout number
+    (step * accumulation_steps + micro) * world_size + rank."""
+    return rollout_generator(rt.device, seed, (step * plan.accumulation_steps + micro) * rt.world_size + rt.rank)
 
 
 def rank_rollout(
@@ -286,7 +416,6 @@ def rank_rollout(
     its own batch_size prompts of the epoch order (plan.rows: rank r takes the r-th slice, so the ranks together read
     what one process with a world_size times larger batch would) and its own sampling RNG, rollout number
     (step * accumulation_steps + micro) * world_size + rank. The rest is collect() with the stage's flags."""
-    per_step = plan.accumulation_steps
     batch = prompt_batch(data, plan.order(step), plan.batch_index(step, micro), args.batch_size)
     return collect(
         policy,
@@ -305,7 +434,56 @@ def rank_rollout(
         train_forward=train_forward,
         temperature=args.temperature,
         top_p=args.top_p,
-        generator=rollout_generator(rt.device, args.seed, (step * per_step + micro) * rt.world_size + rt.rank),
+        generator=rank_generator(args.seed, rt, plan, step, micro),
+    )
+
+
+def rank_agent_rollout(
+    args: RLArgs,
+    rt: Runtime,
+    data: Any,
+    plan: Plan,
+    step: int,
+    micro: int,
+    policy: torch.nn.Module,
+    ref: torch.nn.Module | None,
+    reward_fn: Callable,
+    tokenizer: Any,
+    toolbox: Any,
+    *,
+    num_samples: int,
+    max_turns: int,
+    with_old_logp: bool,
+    train_forward: Callable | None = None,
+    forward_batch: int | None = None,
+) -> Rollout:
+    """rank_rollout for agentic RL: the same prompts of the epoch order, the same sampling RNG and settings, through
+    agent_collect. Each record's tools come from its system message (agent.tools_from_messages), else the
+    toolbox's; its prompt, tools included, must fit --max_seq_len (it is never cut: the tool list would go)."""
+    batch = agent_prompt_batch(
+        data, plan.order(step), plan.batch_index(step, micro), args.batch_size, tokenizer, toolbox, args.max_seq_len
+    )
+    return agent_collect(
+        policy,
+        ref,
+        batch["conversations"],
+        batch["tools"],
+        batch["texts"],
+        batch["records"],
+        reward_fn,
+        tokenizer,
+        toolbox,
+        num_samples=num_samples,
+        max_new_tokens=args.max_gen_len,
+        max_turns=max_turns,
+        device=rt.device,
+        autocast=rt.autocast,
+        forward_batch=args.forward_batch if forward_batch is None else forward_batch,
+        with_old_logp=with_old_logp,
+        train_forward=train_forward,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        generator=rank_generator(args.seed, rt, plan, step, micro),
     )
 
 
@@ -383,6 +561,45 @@ def prompt_batch(data: Any, order: torch.Tensor, batch_index: int, batch_size: i
         "ids": [it["prompt_ids"].tolist() for it in items],
         "texts": [it["prompt_text"] for it in items],
         "records": [it["record"] for it in items],
+    }
+
+
+def agent_prompt_batch(
+    data: Any, order: torch.Tensor, batch_index: int, batch_size: int, tokenizer: Any, toolbox: Any, max_prompt: int
+) -> dict[str, list]:
+    """Prompts number batch_index of an epoch order, for agentic rollouts -> conversations (the prompt messages),
+    their tools, prompt texts (rendered with the tools and the generation prompt) and records. A record whose tools
+    cannot be read, or whose prompt is longer than max_prompt tokens, stops the run naming path:lineno."""
+    out: dict[str, list] = {"conversations": [], "tools": [], "texts": [], "records": []}
+    for i in order[batch_index * batch_size : (batch_index + 1) * batch_size].tolist():
+        where = data.index.where(int(i))
+        record = data.index.record(int(i))
+        messages = prompt_messages(record, where)
+        try:
+            tools = tools_from_messages(messages)
+        except ValueError as exc:
+            checks.fail(f"error: {where}: {exc}")
+        tools = toolbox.specs if tools is None else tools
+        text = tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True)
+        n = len(tokenizer.encode(text))
+        if n > max_prompt:
+            checks.fail(
+                f"error: {where}: the prompt with its tools is {n} tokens, more than --max_seq_len {max_prompt} "
+                "(agent prompts are not cut, which would drop the tool list): raise --max_seq_len"
+            )
+        out["conversations"].append(messages)
+        out["tools"].append(tools)
+        out["texts"].append(text)
+        out["records"].append(record)
+    return out
+
+
+def agent_stats(rollouts: Sequence[Rollout], rt: Runtime) -> dict[str, float]:
+    """Per-row means over every rank's agentic rows: tool calls, tool errors, unfinished rollouts (a call left
+    pending), model turns."""
+    return {
+        k: round(float(all_gather_cat(torch.cat([ro.agent[k] for ro in rollouts]), rt).mean()), 5)
+        for k in ("tool_calls", "tool_errors", "unfinished", "turns")
     }
 
 

@@ -135,3 +135,61 @@ def test_chat_lora_flag_answers_with_the_merged_adapter(files, capsys, tokenizer
     assert printed.strip() == want and want and want != base_reply
     assert chat.main([*argv, "--lora", str(files["root"] / "missing")]) == 1
     assert "error: --lora: adapter" in capsys.readouterr().err
+
+
+TOOL_HELDOUT = [
+    {"question": "What is 37 + 48?", "answer": "85", "kind": "arithmetic"},
+    {"question": "What is 12 + 30?", "answer": "42", "kind": "arithmetic"},
+    {"question": "What is Ada Brim's favourite colour?", "answer": "red", "kind": "colour"},
+]
+
+
+@pytest.fixture(scope="module")
+def tool_model(tmp_path_factory, tokenizer):
+    """A tiny model taught to answer the first held-out question with the calculator, asked as --tools asks it by
+    default (after the system message "You are a helpful assistant.") and offered as --world none offers it (the
+    calculator's spec alone)."""
+    from minimind_fast.toolcall import TOOL_SPECS
+    from tests.minimind._agent_script import CALC, teach, with_tools
+
+    root = tmp_path_factory.mktemp("eval_tools")
+    system = {"role": "system", "content": "You are a helpful assistant."}
+    model = teach([with_tools(CALC, TOOL_SPECS[:1], (system, *CALC.messages))])
+    heldout = root / "eval.jsonl"
+    heldout.write_text("".join(json.dumps(r) + "\n" for r in TOOL_HELDOUT))
+    return {"base": ckpt.save_checkpoint(root / "tool_sft", model, model.config, tokenizer), "heldout": heldout}
+
+
+def test_tools_mode_records_turns_calls_and_replies_and_counts_them_right(tool_model, capsys):
+    out = tool_model["base"].parent / "tools.json"
+    argv = ["--load", str(tool_model["base"]), "--heldout", str(tool_model["heldout"]), "--tools", "--world", "none",
+            "--samples", "0", "--kernels", "torch", "--max_new_tokens", "64", "--out", str(out)]  # fmt: skip
+    assert eval_tool.main(argv) == 0
+    cap = capsys.readouterr()
+    res = json.loads(out.read_text())["models"][0]["heldout"]
+    rows = res["items"]
+    assert rows[0]["calls"] == [
+        {"name": "calculator", "arguments": {"expression": "37 + 48"}, "result": '{"result": 85}'}
+    ]
+    assert (rows[0]["turns"], rows[0]["reply"], rows[0]["finished"], rows[0]["gen_correct"]) == (
+        2, "37 + 48 = 85.", True, True
+    )  # fmt: skip
+    for row in rows:
+        assert set(row) >= {"question", "answer", "kind", "reply", "gen_correct", "turns", "calls", "finished"}
+        assert 1 <= row["turns"] <= 3 and (row["finished"] or row["reply"] == "")
+        assert row["gen_correct"] == ev.answer_matches(row["answer"], row["reply"])
+    # The summary recounted from the records: accuracy with the matcher, and the share of items with a call.
+    for kind in ("arithmetic", "colour", "all"):
+        mine = [r for r in rows if kind in ("all", r["kind"])]
+        s = res["summary"][kind]
+        assert s["n"] == len(mine)
+        assert s["generation_acc"] == sum(ev.answer_matches(r["answer"], r["reply"]) for r in mine) / len(mine)
+        assert s["tool_call_share"] == sum(bool(r["calls"]) for r in mine) / len(mine)
+    assert res["summary"]["arithmetic"]["tool_call_share"] >= 0.5 and res["summary"]["all"]["generation_acc"] > 0
+    table = cap.out.split("held-out items where a tool was called (%)\n", 1)[1].splitlines()
+    all_row = next(line for line in table if line.startswith("all"))
+    assert all_row.split("|")[1].strip() == f"{100 * res['summary']['all']['tool_call_share']:.1f}"
+
+    rc = eval_tool.main(argv + ["--world", str(tool_model["heldout"].parent / "missing.json")])
+    err = capsys.readouterr().err
+    assert rc == 1 and err.startswith("error: --world") and err.count("\n") == 1
