@@ -21,6 +21,7 @@ import pytest
 
 from minimind_fast.tokenizer import TOOLS_INTRO, TOOLS_OUTRO, Tokenizer
 from minimind_fast.toolcall import Toolbox, parse_tool_calls
+from tests.minimind.test_toolcall import CALCULATOR, LOOKUP  # the two tool specs, written out by hand there
 from tools import make_sample_data as msd
 from tools.sample_data.formats import ANSWERS, FACT_SENTENCES, GENERIC_IDENTITY, QUESTIONS, fill
 from tools.sample_data.tooluse import UNKNOWN_ANSWERS
@@ -34,35 +35,6 @@ ALL_FILES = (*JSONL, *TOOL_JSONL, "world.json", "README.md")
 CONVERSATION_FILES = ("sft.jsonl", "rlaif.jsonl", "r1_mix.jsonl", "lora_identity.jsonl")
 THINK_ANSWER = re.compile(r"<think>\n(?P<think>.+)\n</think>\n<answer>\n(?P<answer>.+)\n</answer>", re.S)
 PROBLEM = re.compile(r"(\d+) (\+|-|plus|minus) (\d+)")
-# The project's two tools, exactly as the tool-use format defines them (written out here, not imported).
-CALCULATOR = {
-    "type": "function",
-    "function": {
-        "name": "calculator",
-        "description": "Evaluate an arithmetic expression of integers with + - * / and parentheses; returns the exact "
-        "result.",
-        "parameters": {
-            "type": "object",
-            "properties": {"expression": {"type": "string", "description": "for example: (12 + 7) * 3"}},
-            "required": ["expression"],
-        },
-    },
-}
-LOOKUP = {
-    "type": "function",
-    "function": {
-        "name": "lookup",
-        "description": "Look up one fact about a person of Kethmar: age, town, profession, colour or pet.",
-        "parameters": {
-            "type": "object",
-            "properties": {
-                "name": {"type": "string", "description": "the person's full name"},
-                "attribute": {"type": "string", "enum": ["age", "town", "profession", "colour", "pet"]},
-            },
-            "required": ["name", "attribute"],
-        },
-    },
-}
 # sha256 of the files `--seed 3 --scale 0.1` wrote before the generator was split into a package (README.md is not
 # pinned: it has since gained the tool-use files' rows).
 SMALL_SEED3_SHA256 = {
