@@ -3,6 +3,7 @@
     python tools/serve.py --load out/full_sft                         # http://127.0.0.1:8998
     python tools/serve.py --load out/full_sft --port 0                # any free port (the log line says which)
     python tools/serve.py --load out/agent --tools                    # + the project's tools at /v1/tools
+    python tools/serve.py --load out/full_sft --allow_weight_reload   # RL rollouts: POST /v1/load_weights
     MINIMIND_API_KEY=SECRET python tools/serve.py --load out/full_sft --host 0.0.0.0   # reachable from elsewhere
     options: --model_name NAME (default: the folder's name) --device auto|cpu|cuda[:i] --kernels auto|torch|triton
              --yarn --lora ADAPTER_FOLDER (merged into the weights at load) --max_batch 32 --max_batch_tokens 131072
@@ -10,6 +11,7 @@
              --api_key_file PATH (or --api_key KEY, visible in the process list) --cors_origins URL,URL
              --max_body_bytes 1048576 --read_timeout 30 --max_connections 256
              --tools --world data/sample/world.json (what the lookup tool reads; "" = the calculator only)
+             --allow_weight_reload (off by default; on a non-loopback --host it needs an API key)
 
     from openai import OpenAI
     client = OpenAI(base_url="http://127.0.0.1:8998/v1", api_key="SECRET or anything")
@@ -33,13 +35,26 @@ Endpoints
                              `usage`. finish_reason: "stop" (eos or a stop string), "length" (max_tokens) or
                              "tool_calls" (an answer that ended by itself holding calls). completion_tokens counts
                              every token generated, eos included.
-  POST /v1/completions       prompt (a string, or a list holding one) continued as plain text after bos, no template;
-                             the same sampling fields; `text_completion` objects, streamed or not.
+  POST /v1/completions       prompt: a string (or a list holding one), continued as plain text after bos, no
+                             template; or token ids (a list of integers, or a list holding one such list, as OpenAI's
+                             API allows), run exactly as given (no bos added): an id outside the model's vocabulary,
+                             a non-integer or an empty list is a 400 (param "prompt"); one prompt per request (a list
+                             of several is a 400: send them as concurrent requests, which are batched together). The
+                             same sampling fields; `text_completion` objects, streamed or not.
+                             Both completion routes take `return_token_ids` (vLLM's extension): the choice then
+                             carries "token_ids", the ids exactly as sampled (ending with eos when the model ended the
+                             answer; through the token that completed a stop string when one cut it), and
+                             "prompt_token_ids"; streamed, the chunk with finish_reason carries all of "token_ids".
+  POST /v1/load_weights      with --allow_weight_reload (404 without it; the API key when one is set): {"path": a
+                             checkpoint folder of the served architecture, as the server's file system sees it} ->
+                             {"loaded": path, "version": N (1, 2, ... per load; 0 = the --load weights), "sha256": of
+                             its model.safetensors}. See "Weight reload" below.
   GET  /v1/tools             with --tools: {"object": "list", "data": [the tools' specs]} (404 without --tools).
   POST /v1/tools/call        with --tools: {"name", "arguments": an object or a JSON string} runs one call
                              (minimind_fast.toolcall.Toolbox) -> {"name", "content": the result text for the tool
                              message}; a tool's own failure is an {"error": ...} result, not an HTTP error.
-  GET  /v1/models, /v1/models/{id}, /health (no key needed), /metrics (JSON counters and the last finished requests),
+  GET  /v1/models, /v1/models/{id} (each card carries max_model_len, the context, as vLLM's do), /health (no key
+                             needed), /metrics (JSON counters and the last finished requests),
   GET  /                     the chat page (tools/web/chat.html; its "use tools" switch drives the two routes above).
 
 Reasoning: when an answer starts with `<think>`, the text up to `</think>` is returned apart, as `reasoning_content`
@@ -64,6 +79,15 @@ alone, then decoded with the others, each row at its own position), and leaves i
 string, its max_tokens). Each request's tokens are those it would get alone (greedy, or with the same seed). A
 client that disconnects, streaming or not, or a stream that is closed, cancels its row: it leaves before the next
 step. Reading, parsing and tokenizing a request run off the event loop (a huge prompt does not stall /health).
+
+Weight reload (for RL rollouts through minimind_fast.backend.HTTPBackend, whose sync_weights writes the policy with
+the project's checkpoint writer and posts its folder here): the folder is verified against its manifest (hashes,
+finite weights), its config must match the served one (training-only fields and the --yarn switch aside), and its
+tensor names and shapes the served model's; any of these failing is a 400 with the loader's one-line message, and
+the old weights stay. Then the swap: new requests wait at a gate, what is queued or running finishes on the old
+weights (the engine drains), the tensors are copied in place while the engine is idle, and the gate opens. So every
+request runs wholly on one set of weights: those that arrived before the load on the old ones, the rest on the new;
+none fails because of it. Loads are serialised. The weights live only in memory: a restart serves --load again.
 
 Limits: a body over --max_body_bytes, nested deeper than 32 levels, not UTF-8 or holding lone surrogates is a 400;
 a body that does not arrive within --read_timeout seconds is a 408, and a connection whose request headers do not
@@ -102,9 +126,17 @@ if __package__ in (None, ""):  # run as `python tools/serve.py`: make the reposi
 import torch  # noqa: E402
 
 import minimind_kernels as kernels  # noqa: E402
+from minimind_fast.checkpoint import (  # noqa: E402
+    MODEL_FILE,
+    CheckpointError,
+    load_config,
+    load_model_state,
+    verify_checkpoint,
+)
+from minimind_fast.config import ConfigError  # noqa: E402
 from minimind_fast.engine import Engine, QueueFull, RequestError, SamplingParams  # noqa: E402
 from minimind_fast.engine import Request as Job  # noqa: E402
-from minimind_fast.inference import LoadError, load_for_inference  # noqa: E402
+from minimind_fast.inference import LoadError, load_for_inference, one_line  # noqa: E402
 from minimind_fast.textstream import (  # noqa: E402,F401
     AnswerStream,
     ReasoningSplitter,
@@ -176,6 +208,7 @@ class ChatParams:
     tool_names: frozenset[str] = frozenset()  # the functions offered (and rendered); empty: no tool-call parsing
     parallel_tool_calls: bool = True  # False: at most one call per answer (the first)
     think_opened: bool = False  # the generation prompt ends inside an opened thought (split here, not in the engine)
+    return_token_ids: bool = False  # the choice carries the sampled ids ("token_ids") and the prompt's
 
     def sampling(self) -> SamplingParams:
         return SamplingParams(
@@ -465,7 +498,7 @@ def parse_sampling(
     top_k = _integer(body, "top_k", 0) or 0
     repetition_penalty = _number(body, "repetition_penalty", 1.0, 0.0, 10.0, lo_open=True)
     seed = _integer(body, "seed", -(2**63), 2**63 - 1)
-    for name in ("stream", "ignore_eos"):
+    for name in ("stream", "ignore_eos", "return_token_ids"):
         if body.get(name) is not None and not isinstance(body.get(name), bool):
             raise bad_request(f"'{name}' must be true or false", name)
     stream = bool(body.get("stream"))
@@ -511,6 +544,7 @@ def parse_sampling(
         include_usage=include_usage,
         seed=seed,
         ignore_eos=bool(body.get("ignore_eos")),
+        return_token_ids=bool(body.get("return_token_ids")),
     )
 
 
@@ -527,21 +561,51 @@ def parse_chat_request(body: Any, tokenizer: Tokenizer, context: int, **defaults
     return dataclasses.replace(params, tool_names=names, parallel_tool_calls=parallel, think_opened=opens_thought(text))
 
 
-def parse_completion_request(body: Any, tokenizer: Tokenizer, context: int, **defaults: float) -> ChatParams:
-    """Validate a /v1/completions body: `prompt` is a string (or a list holding one), continued as plain text after
-    bos, the way a pretrained model reads text. No chat template, no reasoning split."""
+def parse_completion_request(
+    body: Any, tokenizer: Tokenizer, context: int, vocab_size: int | None = None, **defaults: float
+) -> ChatParams:
+    """Validate a /v1/completions body. `prompt` is either text (a string, or a list holding one), continued as plain
+    text after bos, the way a pretrained model reads text; or token ids (a list of integers, or a list holding one
+    such list), run exactly as given: no bos added, nothing re-tokenized. No chat template, no reasoning split.
+    vocab_size bounds the ids (default: the tokenizer's; the server passes the model's)."""
     if not isinstance(body, dict):
         raise bad_request("the request body must be a JSON object")
     prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1:
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]
-    if not isinstance(prompt, str):
-        raise bad_request("'prompt' must be a string (or a list holding one string)", "prompt")
+    if isinstance(prompt, list) and prompt and all(isinstance(p, list) for p in prompt):
+        raise bad_request(
+            f"'prompt' holds {len(prompt)} token-id lists; this server takes one prompt per request (send several "
+            "requests at once: they are batched together)",
+            "prompt",
+        )
     for name in ("echo", "suffix", "best_of"):
         if body.get(name) not in (None, False, 1):
             raise bad_request(f"'{name}' is not supported", name)
-    prompt_ids = [tokenizer.bos_id] + encode_prompt(tokenizer, prompt, context, "prompt")
+    if isinstance(prompt, list):
+        prompt_ids = token_id_prompt(prompt, tokenizer.vocab_size if vocab_size is None else vocab_size)
+    elif isinstance(prompt, str):
+        prompt_ids = [tokenizer.bos_id] + encode_prompt(tokenizer, prompt, context, "prompt")
+    else:
+        raise bad_request("'prompt' must be a string or a list of token ids (or a list holding one of them)", "prompt")
     return parse_sampling(body, prompt_ids, context, prompt_param="prompt", **defaults)
+
+
+def token_id_prompt(ids: list, vocab_size: int) -> list[int]:
+    """A prompt given as token ids: a non-empty list of integers in [0, vocab_size), or a 400 naming the first bad
+    entry (JSON true/false and 3.0 are not token ids)."""
+    if not ids:
+        raise bad_request("'prompt' is an empty list of token ids (it needs at least one)", "prompt")
+    for i, t in enumerate(ids):
+        if not isinstance(t, int) or isinstance(t, bool):
+            raise bad_request(f"'prompt'[{i}] must be an integer token id, got {json.dumps(t)[:40]}", "prompt")
+        if not 0 <= t < vocab_size:
+            raise bad_request(
+                f"'prompt'[{i}] = {t} is not a token id of this model (they are in [0, {vocab_size}))",
+                "prompt",
+                "invalid_token_id",
+            )
+    return list(ids)
 
 
 _LONGEST_TOKEN: dict[int, int] = {}
@@ -564,6 +628,47 @@ def encode_prompt(tokenizer: Tokenizer, text: str, context: int, param: str) -> 
     return tokenizer.encode_batch([text])[0]
 
 
+# Config fields that do not change what a weight means: training-only settings, and the YaRN switch, which belongs to
+# the server (--yarn), not to the checkpoint loaded into it.
+_RELOAD_FREE_FIELDS = frozenset({"dropout", "aux_loss_alpha", "seq_aux", "inference_rope_scaling"})
+
+
+def load_weights_into(model: torch.nn.Module, folder: str) -> str:
+    """Copy a checkpoint folder's weights into the served model, in place (the engine and a compiled decode step
+    keep their parameter tensors) -> the sha256 of its model.safetensors. Everything is checked before a single
+    weight is copied: the folder against its manifest (hashes, finite values), its config against the served one,
+    its tensor names and shapes; a failure there is a 400 with the loader's one-line message and the old weights
+    stay."""
+    where = Path(folder)
+    try:
+        manifest = verify_checkpoint(where)
+        config, _ = load_config(where)
+        served, given = model.config.to_dict(), config.to_dict()
+        diff = [k for k in served if k not in _RELOAD_FREE_FIELDS and served[k] != given.get(k)]
+        if diff:
+            shown = ", ".join(f"{k} {given.get(k)!r} (served: {served[k]!r})" for k in diff[:3])
+            raise bad_request(f"checkpoint {where} is not the served architecture: {shown}", "path")
+        state = load_model_state(where)
+    except (CheckpointError, ConfigError, OSError, ValueError, KeyError) as exc:
+        raise bad_request(f"checkpoint {where} cannot be loaded: {one_line(exc)}", "path") from None
+    own = model.state_dict()
+    missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    if missing or extra:
+        what = f"missing {missing[:3]}" if missing else f"unexpected {extra[:3]}"
+        raise bad_request(f"checkpoint {where} does not hold the served model's tensors: {what}", "path")
+    for name, t in state.items():
+        if t.shape != own[name].shape:
+            shapes = f"{tuple(t.shape)} (served: {tuple(own[name].shape)})"
+            raise bad_request(f"checkpoint {where}: {name} has shape {shapes}", "path")
+    try:
+        with torch.no_grad():
+            model.load_state_dict(state, strict=True)
+    except (RuntimeError, ValueError) as exc:  # after the checks above this is a device failure (out of memory ...)
+        message = f"copying the weights of {where} failed part way: {one_line(exc)}; the served weights may be mixed"
+        raise ApiError(500, message, "server_error", "path", "load_failed") from None
+    return manifest[MODEL_FILE]["sha256"]
+
+
 def finish_reason(engine_reason: str, calls: list) -> str:
     """The finish_reason to report: "tool_calls" when an answer that ended by itself (eos or a stop string) holds
     calls; an answer cut by max_tokens stays "length" (its calls are still returned)."""
@@ -584,14 +689,22 @@ def create_app(
     max_body_bytes: int = 1 << 20,
     read_timeout_s: float = 30.0,
     toolbox: Toolbox | None = None,
+    allow_weight_reload: bool = False,
 ):
     """The FastAPI application. The engine's worker thread is started and stopped with the app's lifespan.
     cors_origins: origins whose browsers may call the API (none by default); max_body_bytes and read_timeout_s bound
-    what one request may send and how slowly; toolbox: the tools /v1/tools offers and runs (None: those routes 404)."""
+    what one request may send and how slowly; toolbox: the tools /v1/tools offers and runs (None: those routes 404);
+    allow_weight_reload: offer POST /v1/load_weights (off: it 404s)."""
     if FastAPI is None:
         raise ServeError("tools/serve.py needs fastapi and uvicorn: pip install fastapi uvicorn")
     defaults = {"default_max_tokens": 512, "default_temperature": 0.85, "default_top_p": 0.85, **(defaults or {})}
     started = int(time.time())
+    # Weight reloads: the gate is closed while one runs, so no request reaches the engine between the drain and the
+    # copy; version counts the loads (0: the weights the server started with).
+    weights_open = asyncio.Event()
+    weights_open.set()
+    reload_lock = asyncio.Lock()
+    weights = {"version": 0}
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -643,7 +756,9 @@ def create_app(
             )
 
     def model_card() -> dict[str, Any]:
-        return {"id": model_name, "object": "model", "created": started, "owned_by": "minimind"}
+        # max_model_len: vLLM's name for the context, which the rollout backend reads (minimind_fast.backend).
+        card = {"id": model_name, "object": "model", "created": started, "owned_by": "minimind"}
+        return {**card, "max_model_len": engine.context}
 
     @app.get("/", response_class=HTMLResponse)
     async def index():
@@ -711,6 +826,29 @@ def create_app(
         call = ToolCall(name, args, None, json.dumps(args, ensure_ascii=False))
         return {"name": name, "content": await asyncio.to_thread(box.run, call)}
 
+    @app.post("/v1/load_weights")
+    async def load_weights(request: Request):
+        """{"path": a checkpoint folder of the served architecture} -> {"loaded", "version", "sha256"}: the served
+        model's weights replaced between engine steps (see the module docstring)."""
+        check_auth(request)
+        if not allow_weight_reload:
+            raise ApiError(404, "weight reload is off: start the server with --allow_weight_reload", code="not_found")
+        body = await asyncio.to_thread(read_json, await read_body(request))
+        path = body.get("path") if isinstance(body, dict) else None
+        if not isinstance(path, str) or not path:
+            raise bad_request('the body must be {"path": "a checkpoint folder"}', "path")
+        async with reload_lock:
+            weights_open.clear()
+            try:
+                # Drain: what is queued or running finishes on the old weights; new requests wait at the gate.
+                while engine.metrics()["requests_active"] > 0:
+                    await asyncio.sleep(0.005)
+                sha = await asyncio.to_thread(load_weights_into, engine.model, path)
+            finally:
+                weights_open.set()
+            weights["version"] += 1
+            return {"loaded": path, "version": weights["version"], "sha256": sha}
+
     async def read_body(request: Request) -> bytes:
         """The whole body, refused (400) beyond max_body_bytes and (408) when it does not arrive in read_timeout_s."""
         declared = request.headers.get("content-length", "")
@@ -748,8 +886,9 @@ def create_app(
                 code="model_not_found",
             )
         parse = parse_chat_request if kind == "chat" else parse_completion_request
+        extra = {} if kind == "chat" else {"vocab_size": engine.vocab_size}
         try:
-            params = await asyncio.to_thread(parse, body, engine.tokenizer, engine.context, **defaults)
+            params = await asyncio.to_thread(parse, body, engine.tokenizer, engine.context, **extra, **defaults)
         except (TokenizerError, ValueError) as exc:
             if isinstance(exc, ApiError):
                 raise
@@ -766,6 +905,7 @@ def create_app(
                 loop.call_soon_threadsafe(queue.put_nowait, event)
 
         prefix = "chatcmpl" if kind == "chat" else "cmpl"
+        await weights_open.wait()  # closed while weights load; nothing awaits between here and the submit
         try:
             job = engine.submit(params.prompt_ids, sampling, sink, f"{prefix}-{uuid.uuid4().hex[:24]}")
         except QueueFull as exc:
@@ -832,6 +972,8 @@ def create_app(
                 choice["message"]["reasoning_content"] = answer["reasoning"]
         else:
             choice["text"] = answer["content"]
+        if params.return_token_ids:  # vLLM's names; the ids exactly as sampled (eos included when it ended the answer)
+            choice["prompt_token_ids"], choice["token_ids"] = list(job.prompt_ids), list(job.output_ids)
         obj = "chat.completion" if kind == "chat" else "text_completion"
         base = {"id": job.id, "object": obj, "created": created, "model": model_name}
         return {**base, "choices": [choice], "usage": answer["usage"]}
@@ -852,7 +994,9 @@ def create_app(
         obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
         base = {"id": job.id, "object": obj, "created": created, "model": model_name}
 
-        def chunk(delta: dict[str, Any], finish_reason: str | None = None, **extra: Any) -> str:
+        def chunk(
+            delta: dict[str, Any], finish_reason: str | None = None, choice_extra: dict | None = None, **extra: Any
+        ) -> str:
             if kind == "chat":
                 choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
             else:
@@ -862,7 +1006,7 @@ def create_app(
                     "logprobs": None,
                     "finish_reason": finish_reason,
                 }
-            return _sse({**base, "choices": [choice], **extra})
+            return _sse({**base, "choices": [{**choice, **(choice_extra or {})}], **extra})
 
         split = params.answer_stream()
         n_calls = 0
@@ -904,7 +1048,8 @@ def create_app(
                     for piece in pieces(*split.flush()):
                         yield piece
                     reason = finish_reason(event["finish_reason"], [None] * n_calls)
-                    yield chunk({}, reason, usage=event["usage"])
+                    ids = {"token_ids": list(job.output_ids)} if params.return_token_ids else {}
+                    yield chunk({}, reason, usage=event["usage"], choice_extra=ids)
                     if params.include_usage:
                         yield _sse({**base, "choices": [], "usage": event["usage"]})
                     break
@@ -956,6 +1101,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true", help="torch.compile the one-token decode step")
     p.add_argument("--tools", action="store_true", help="offer the project's tools at /v1/tools (for the web page)")
     p.add_argument("--world", default=str(DEFAULT_WORLD), help="the world file the lookup tool reads (with --tools)")
+    p.add_argument(
+        "--allow_weight_reload",
+        action="store_true",
+        help="offer POST /v1/load_weights {path}: replace the weights with a checkpoint folder's (RL rollouts)",
+    )
     p.add_argument("--log_level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     args = p.parse_args(argv)
     for name in (
@@ -995,6 +1145,10 @@ def resolve_api_key(args: argparse.Namespace) -> str | None:
               "--api_key_file", file=sys.stderr)  # fmt: skip
         return args.api_key
     return os.environ.get("MINIMIND_API_KEY") or None
+
+
+def is_loopback(host: str) -> bool:
+    return host in ("localhost", "::1") or host.startswith("127.")
 
 
 def load_for_serving(args: argparse.Namespace) -> tuple[torch.nn.Module, Tokenizer]:
@@ -1052,6 +1206,11 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     try:
         api_key = resolve_api_key(args)
+        if args.allow_weight_reload and api_key is None and not is_loopback(args.host):
+            raise ServeError(
+                f"--allow_weight_reload with --host {args.host} needs an API key (MINIMIND_API_KEY or "
+                "--api_key_file): anyone who reaches the port could replace the weights"
+            )
         toolbox = Toolbox(args.world or None) if args.tools else None
         model, tokenizer = load_for_serving(args)
     except (ServeError, WorldError) as exc:
@@ -1077,6 +1236,7 @@ def main(argv: list[str] | None = None) -> None:
         max_body_bytes=args.max_body_bytes,
         read_timeout_s=args.read_timeout,
         toolbox=toolbox,
+        allow_weight_reload=args.allow_weight_reload,
     )
     try:
         sock = socket.create_server(
@@ -1088,7 +1248,8 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"serving {name} ({model.num_params() / 1e6:.1f}M parameters) on http://{args.host}:{port} "
         f"(api key {'required' if api_key else 'off'}; CORS {', '.join(args.cors_origins) or 'off'}; "
-        f"tools {', '.join(s['function']['name'] for s in toolbox.specs) if toolbox else 'off'})",
+        f"tools {', '.join(s['function']['name'] for s in toolbox.specs) if toolbox else 'off'}; "
+        f"weight reload {'on' if args.allow_weight_reload else 'off'})",
         file=sys.stderr,
         flush=True,
     )
