@@ -253,6 +253,7 @@ SPECIAL = {
     "lora_targets",
     "tags",
     "world",
+    "rollout_backend",  # rollout.open_backend: the spec is parsed before any rollout, a bad one stops the run
 }
 
 

@@ -200,6 +200,7 @@ def main(argv: list[str] | None = None) -> dict:
     plan = step.Plan.of(args, len(data), rt, "prompts")
 
     wrapped = wrap_model(policy, rt, fsdp=args.fsdp)
+    backend = rollout.open_backend(args, policy, tok, rt)
     optimizer = step.build_optimizer(policy, args.learning_rate, args.weight_decay)
     start_step, _ = restore_resume(args, rt, plan.rows_per_step, policy, optimizer, tokenizer=tok)
     train_fwd = torch.compile(wrapped, dynamic=True) if args.compile else wrapped
@@ -221,6 +222,7 @@ def main(argv: list[str] | None = None) -> dict:
         for s in bar:
             lr = plan.set_lr(optimizer, s)
 
+            rollout.sync_backend(backend, policy)
             # 1. This rank's rollouts (sample, rewards, then reference log-probs; old log-probs only when mu > 1).
             rollouts, advs = [], []
             for micro in range(args.accumulation_steps):
@@ -228,11 +230,13 @@ def main(argv: list[str] | None = None) -> dict:
                     ro = rollout.rank_agent_rollout(
                         args, rt, data, plan, s, micro, policy, ref, reward_fn, tok, toolbox, num_samples=g,
                         max_turns=args.max_turns, with_old_logp=args.num_iterations > 1, train_forward=train_fwd,
+                        backend=backend,
                     )  # fmt: skip
                 else:
                     ro = rollout.rank_rollout(
                         args, rt, data, plan, s, micro, policy, ref, reward_fn, tok,
                         num_samples=g, with_old_logp=args.num_iterations > 1, train_forward=train_fwd,
+                        backend=backend,
                     )  # fmt: skip
                 rollouts.append(ro)
                 advs.append(L.group_advantages(ro.rewards, g, args.adv_eps))

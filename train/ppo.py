@@ -137,6 +137,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     actor_wrapped = wrap_model(actor, rt, fsdp=args.fsdp)
     critic_wrapped = wrap_model(critic, rt, fsdp=args.fsdp)
+    backend = rollout.open_backend(args, actor, tok, rt)
     actor_opt = step.build_optimizer(actor, args.learning_rate, args.weight_decay)
     critic_opt = step.build_optimizer(critic, args.critic_learning_rate, args.weight_decay)
     start_step, state = restore_resume(args, rt, plan.rows_per_step, actor, actor_opt, tokenizer=tok)
@@ -162,9 +163,11 @@ def main(argv: list[str] | None = None) -> dict:
             step.set_lr(critic_opt, step.lr_at(s, plan.total_steps, args.critic_learning_rate, args.warmup_steps))
 
             # 1. Rollout: sample, rewards, then old/ref log-probs and values in mini_batch_size chunks.
+            rollout.sync_backend(backend, actor)
             ro = rollout.rank_rollout(
                 args, rt, data, plan, s, 0, actor, ref, reward_fn, tok,
                 num_samples=1, with_old_logp=True, train_forward=train_fwd, forward_batch=args.mini_batch_size,
+                backend=backend,
             )  # fmt: skip
             n, mask = ro.input_ids.shape[0], ro.completion_mask
             slices = rollout.chunks(n, args.mini_batch_size)

@@ -44,8 +44,9 @@ from typing import Any
 import torch
 
 from minimind_fast.agent import run_agent, tools_from_messages
+from minimind_fast.backend import BackendError, EngineBackend, RolloutBackend, make_backend
 from minimind_fast.data import prompt_messages
-from minimind_fast.engine import Engine, SamplingParams
+from minimind_fast.engine import SamplingParams
 from train import checks, common
 from train.args import StageArgs, arg, resolve_auto
 from train.models import frozen_model, load_base_model, open_dataset, stage_tokenizer
@@ -111,19 +112,19 @@ def sample_completions(
     top_k: int = 0,
     eos_id: int = 2,
     generator: torch.Generator | None = None,
+    backend: RolloutBackend | None = None,
 ) -> list[list[int]]:
-    """num_samples completions per prompt, all in one batch of the inference engine: row i*num_samples + j is sample
-    j of prompt i. With a generator, each row samples from its own generator, seeded from it (reproducible, and the
-    same on a resume)."""
+    """num_samples completions per prompt, all in one call of the rollout backend (default: the in-process engine
+    over `model`, every row in one batch): row i*num_samples + j is sample j of prompt i. With a generator, each row
+    samples from its own generator, seeded from it (reproducible, and the same on a resume)."""
     rows = [list(p) for p in prompts for _ in range(num_samples)]
     seeds = row_seeds(len(rows), generator)
     params = [
         SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=s)
         for s in seeds
     ]
-    engine = Engine(model, None, eos_id=eos_id, max_batch=len(rows), max_batch_tokens=1 << 62)
-    with eval_mode(model):
-        return [r.output_ids for r in engine.generate(rows, params)]
+    backend = backend if backend is not None else EngineBackend(model, None, eos_id)
+    return [c.output_ids for c in backend.generate(rows, params)]
 
 
 def row_seeds(n: int, generator: torch.Generator | None) -> list[int | None]:
@@ -266,8 +267,10 @@ def collect(
     top_p: float = 1.0,
     top_k: int = 0,
     generator: torch.Generator | None = None,
+    backend: RolloutBackend | None = None,
 ) -> Rollout:
-    """One rollout: sample, pack, rewards, then the policy's (optional) and reference's log-probs.
+    """One rollout: sample (through backend, default the in-process engine over the policy), pack, rewards, then the
+    policy's (optional) and reference's log-probs.
 
     train_forward is what the training step calls (e.g. the compiled policy; default the policy itself), so old_logp
     comes from the same function; it runs in the policy's current train/eval mode."""
@@ -283,6 +286,7 @@ def collect(
             top_k=top_k,
             eos_id=tokenizer.eos_id,
             generator=generator,
+            backend=backend,
         )
     rows = [p for p in prompts for _ in range(g)]
     packed = pack(rows, comps, tokenizer.eos_id, tokenizer.pad_id)
@@ -352,6 +356,7 @@ def agent_collect(
     top_k: int = 0,
     generator: torch.Generator | None = None,
     max_total_tokens: int | None = None,
+    backend: RolloutBackend | None = None,
 ) -> Rollout:
     """One agentic rollout: every conversation num_samples times (row i*G + j is sample j of conversation i) through
     agent.run_agent (max_new_tokens per model turn, the same per-row seeds from the generator as collect draws),
@@ -364,9 +369,9 @@ def agent_collect(
         SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=s)
         for s in row_seeds(len(rows), generator)
     ]
-    with gathered(policy), eval_mode(policy):
-        engine = Engine(policy, None, eos_id=tokenizer.eos_id, max_batch=len(rows), max_batch_tokens=1 << 62)
-        results = run_agent(engine, tokenizer, rows, row_tools, toolbox, params, max_turns, None, max_total_tokens)
+    backend = backend if backend is not None else EngineBackend(policy, None, tokenizer.eos_id)
+    with gathered(policy):
+        results = run_agent(backend, tokenizer, rows, row_tools, toolbox, params, max_turns, None, max_total_tokens)
     packed = pack_turns([r.prompt_ids for r in results], [r.completion_ids for r in results],
                         [r.model_mask for r in results], tokenizer.pad_id)  # fmt: skip
     replies = [r.reply for r in results]
@@ -411,6 +416,7 @@ def rank_rollout(
     with_old_logp: bool,
     train_forward: Callable | None = None,
     forward_batch: int | None = None,
+    backend: RolloutBackend | None = None,
 ) -> Rollout:
     """Rollout `micro` (of plan.accumulation_steps rollouts per optimizer step) of this rank at optimizer step `step`:
     its own batch_size prompts of the epoch order (plan.rows: rank r takes the r-th slice, so the ranks together read
@@ -435,6 +441,7 @@ def rank_rollout(
         temperature=args.temperature,
         top_p=args.top_p,
         generator=rank_generator(args.seed, rt, plan, step, micro),
+        backend=backend,
     )
 
 
@@ -456,6 +463,7 @@ def rank_agent_rollout(
     with_old_logp: bool,
     train_forward: Callable | None = None,
     forward_batch: int | None = None,
+    backend: RolloutBackend | None = None,
 ) -> Rollout:
     """rank_rollout for agentic RL: the same prompts of the epoch order, the same sampling RNG and settings, through
     agent_collect. Each record's tools come from its system message (agent.tools_from_messages), else the
@@ -484,6 +492,7 @@ def rank_agent_rollout(
         temperature=args.temperature,
         top_p=args.top_p,
         generator=rank_generator(args.seed, rt, plan, step, micro),
+        backend=backend,
     )
 
 
@@ -522,6 +531,34 @@ class RLArgs(StageArgs):
     log_interval: int = arg(1, "optimizer steps between log lines")
     save_interval: int = arg(50, "optimizer steps between checkpoints")
     seed: int = arg(42, "seed for data order and sampling")
+    rollout_backend: str = arg(
+        "engine",
+        "where rollouts are sampled: engine (in-process) or the URL of a tools/serve.py started with "
+        "--allow_weight_reload, e.g. http://127.0.0.1:8998 (minimind_fast/backend.py)",
+    )
+
+
+def open_backend(args: RLArgs, policy: torch.nn.Module, tokenizer: Any, rt: Runtime) -> RolloutBackend:
+    """--rollout_backend: the in-process engine over the policy (default), or an OpenAI-compatible server that
+    samples the rollouts; sync_backend then sends it the policy's weights before every step's rollouts. A server
+    serves one process: under torchrun every rank samples with its own engine."""
+    if args.rollout_backend.strip() == "engine":
+        return EngineBackend(policy, None, tokenizer.eos_id)
+    if rt.world_size > 1:
+        checks.fail("error: --rollout_backend URL runs in one process only; under torchrun leave it at engine")
+    try:
+        return make_backend(args.rollout_backend, policy, tokenizer, tokenizer.eos_id)
+    except ValueError as exc:
+        checks.fail(f"error: --rollout_backend: {exc}")
+
+
+def sync_backend(backend: RolloutBackend, policy: torch.nn.Module) -> None:
+    """Make the backend sample with the policy's current weights (nothing to do for the in-process engine); a
+    server that cannot take them ends the run with its one-line reason."""
+    try:
+        backend.sync_weights(policy)
+    except BackendError as exc:
+        raise SystemExit(f"error: rollout backend: {exc}") from None
 
 
 def start_stage(

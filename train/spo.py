@@ -139,6 +139,7 @@ def main(argv: list[str] | None = None) -> dict:
     plan = step.Plan.of(args, len(data), rt, "prompts")
 
     wrapped = wrap_model(policy, rt, fsdp=args.fsdp)
+    backend = rollout.open_backend(args, policy, tok, rt)
     optimizer = step.build_optimizer(policy, args.learning_rate, args.weight_decay)
     start_step, state = restore_resume(args, rt, plan.rows_per_step, policy, optimizer, tokenizer=tok)
     if state:
@@ -161,10 +162,11 @@ def main(argv: list[str] | None = None) -> dict:
             lr = plan.set_lr(optimizer, s)
             rollouts, baselines, advs, rhos = [], [], [], []
             sums = torch.zeros(3, dtype=torch.float64)  # this rank's loss (over its rollouts), KL sum, token count
+            rollout.sync_backend(backend, policy)
             for micro in range(args.accumulation_steps):
                 ro = rollout.rank_rollout(
                     args, rt, data, plan, s, micro, policy, ref, reward_fn, tok,
-                    num_samples=1, with_old_logp=False,
+                    num_samples=1, with_old_logp=False, backend=backend,
                 )  # fmt: skip
                 b = tracker.baseline()
                 adv = (ro.rewards - b).clamp(-args.adv_clip, args.adv_clip)

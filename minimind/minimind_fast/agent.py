@@ -60,6 +60,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from minimind_fast.backend import RolloutBackend
 from minimind_fast.engine import Engine, SamplingParams
 from minimind_fast.tokenizer import Tokenizer
 from minimind_fast.toolcall import Toolbox, ToolCall, parse_tool_calls, tool_message
@@ -182,7 +183,7 @@ def _per_conversation(value: Any, n: int, what: str) -> list:
 
 
 def run_agent(
-    engine: Engine,
+    engine: Engine | RolloutBackend,
     tokenizer: Tokenizer,
     conversations: Sequence[Sequence[dict]],
     tools: Sequence[dict] | Sequence[Sequence[dict] | None] | None,
@@ -194,6 +195,8 @@ def run_agent(
 ) -> list[AgentResult]:
     """Run every conversation to its end (module docstring) -> one AgentResult per conversation, in order.
 
+    engine: an Engine, or any rollout backend (minimind_fast.backend: the in-process EngineBackend, or HTTPBackend to
+    a server); what is used of it is generate(), eos_id and context.
     tools: one list of function specs offered to every conversation, or one list (or None) per conversation.
     params: one SamplingParams for all, or one per conversation; stop strings are refused (a turn ends at the
     turn-end token) and ignore_eos too. enable_thinking is passed to the chat template (None: its default, the

@@ -9,11 +9,7 @@ minimind_fast.generate.generate, the plain generation loop, run here on the same
 import copy
 import hashlib
 import json
-import os
-import re
 import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -28,6 +24,7 @@ from minimind_fast.config import MiniMindConfig
 from minimind_fast.engine import Engine, SamplingParams
 from minimind_fast.generate import generate
 from minimind_fast.model import MiniMind
+from tests.serve_cli import cli_server
 from tools import serve
 
 pytestmark = pytest.mark.usefixtures("one_thread_module")
@@ -331,30 +328,7 @@ def test_requests_in_flight_finish_on_the_old_weights(trained, prompts, reload_s
 
 def test_the_command_line_server_syncs_weights(trained, prompts, tmp_path):
     """`python tools/serve.py --allow_weight_reload` as users start it, driven through make_backend's spec."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONIOENCODING": "utf-8"}
-    env.pop("MINIMIND_API_KEY", None)
-    cmd = [sys.executable, str(ROOT / "tools" / "serve.py"), "--load", str(trained[1]), "--port", "0"]
-    cmd += ["--device", "cpu", "--kernels", "torch", "--threads", "1", "--log_level", "warning"]
-    cmd += ["--allow_weight_reload"]
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, cwd=ROOT, env=env)
-    try:
-        lines: list[str] = []
-        while not any("weight reload on" in x for x in lines):
-            line = proc.stderr.readline()
-            assert line, "the server did not start:\n" + "".join(lines)
-            lines.append(line)
-        port = int(re.search(r"on http://127\.0\.0\.1:(\d+)", lines[-1]).group(1))
-        threading.Thread(target=lambda: [lines.append(x) for x in proc.stderr], daemon=True).start()
-        base = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 30
-        while True:
-            try:
-                if httpx.get(base + "/health").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.time() < deadline, "the server never became healthy"
-            time.sleep(0.05)
+    with cli_server(trained[1], "--allow_weight_reload") as base:
         remote = make_backend(f"{base},sync_dir={tmp_path}", eos_id=2)
         policy = copy.deepcopy(trained[0])
         perturb(policy, seed=4)
@@ -362,13 +336,6 @@ def test_the_command_line_server_syncs_weights(trained, prompts, tmp_path):
         assert ids_of(remote.generate(prompts, params)) == reference(trained[0], prompts, params)
         assert remote.sync_weights(policy)["version"] == 1
         assert ids_of(remote.generate(prompts, params)) == reference(policy, prompts, params)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -8,11 +8,6 @@ is what the reasoning_content split needs to see.
 
 import asyncio
 import json
-import os
-import re
-import subprocess
-import sys
-import threading
 import time
 from pathlib import Path
 
@@ -25,6 +20,7 @@ from minimind_fast.checkpoint import load_model, save_checkpoint
 from minimind_fast.config import MiniMindConfig, from_preset
 from minimind_fast.generate import generate
 from minimind_fast.model import MiniMind
+from tests.serve_cli import cli_server
 from tools import serve
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -57,39 +53,8 @@ def reference(checkpoint):
 @pytest.fixture(scope="module")
 def server(checkpoint):
     """`python tools/serve.py` on port 0; the port comes from its start-up line."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONIOENCODING": "utf-8"}
-    cmd = [sys.executable, str(ROOT / "tools" / "serve.py"), "--load", str(checkpoint), "--port", "0"]
-    cmd += ["--device", "cpu", "--kernels", "torch", "--threads", "1", "--log_level", "warning"]
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, cwd=ROOT, env=env)
-    lines: list[str] = []
-    port = None
-    deadline = time.time() + 60
-    while port is None and time.time() < deadline:
-        line = proc.stderr.readline()
-        if not line:
-            break
-        lines.append(line)
-        m = re.search(r"on http://127\.0\.0\.1:(\d+)", line)
-        if m:
-            port = int(m.group(1))
-    assert port is not None, "server did not start:\n" + "".join(lines)
-    # Keep draining stderr so that the server never blocks on a full pipe.
-    threading.Thread(target=lambda: [lines.append(x) for x in proc.stderr], daemon=True).start()
-    base = f"http://127.0.0.1:{port}"
-    for _ in range(200):
-        try:
-            if httpx.get(base + "/health").status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.05)
-    yield base
-    proc.terminate()
-    try:
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-    assert proc.returncode is not None
+    with cli_server(checkpoint) as base:
+        yield base
 
 
 REASON_QUESTION = "Is the sky blue?"

@@ -3,11 +3,7 @@ too large, too deep or not text, slow senders, too many connections, huge prompt
 argv, CORS, and the plain-text /v1/completions endpoint through the official openai client. Loopback only."""
 
 import json
-import os
-import re
 import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -23,6 +19,7 @@ from minimind_fast.config import from_preset
 from minimind_fast.engine import Engine
 from minimind_fast.generate import generate
 from minimind_fast.model import MiniMind
+from tests.serve_cli import cli_server
 from tools import serve
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -229,25 +226,8 @@ def test_slow_body_gets_408_and_health_stays_fast_beside_a_huge_prompt(tokenizer
 
 def test_half_sent_headers_are_closed_and_connections_are_limited(model, tokenizer, tmp_path):
     ckpt = save_checkpoint(tmp_path / "m", model, model.config, tokenizer=tokenizer)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, str(ROOT / "tools" / "serve.py"), "--load", str(ckpt), "--port", "0", "--device", "cpu"]
-    cmd += ["--kernels", "torch", "--threads", "1", "--read_timeout", "1", "--max_connections", "4"]
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, cwd=ROOT, env=env)
-    try:
-        port = None
-        while port is None:
-            line = proc.stderr.readline()
-            assert line, "the server did not start"
-            m = re.search(r"on http://127\.0\.0\.1:(\d+)", line)
-            port = int(m.group(1)) if m else None
-        threading.Thread(target=lambda: [None for _ in proc.stderr], daemon=True).start()
-        base = f"http://127.0.0.1:{port}"
-        for _ in range(200):
-            try:
-                if httpx.get(base + "/health").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.05)
+    with cli_server(ckpt, "--read_timeout", "1", "--max_connections", "4") as base:
+        port = int(base.rsplit(":", 1)[1])
         half = []
         for _ in range(3):
             s = socket.create_connection(("127.0.0.1", port))
@@ -262,6 +242,3 @@ def test_half_sent_headers_are_closed_and_connections_are_limited(model, tokeniz
             s.close()
         assert time.time() - t < 5
         assert httpx.get(base + "/health").status_code == 200
-    finally:
-        proc.terminate()
-        proc.wait(timeout=15)

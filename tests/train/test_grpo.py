@@ -103,3 +103,34 @@ def test_grpo_two_ranks_gather_rewards_and_average_gradients(tmp_path, tiny_star
     assert (out / "grpo_loss.png").stat().st_size > 1000 and (out / "grpo_reward.png").exists()
     state = ckpt.load_train_state(out / "grpo_resume" / "step_00000002")
     assert state["world_size"] == 2 and state["rows_seen"] == 4
+
+
+def test_grpo_through_the_http_rollout_backend_equals_the_in_process_run(tmp_path, tiny_start):
+    """--rollout_backend URL: tools/serve.py (started as users start it, --allow_weight_reload) samples the rollouts
+    and receives the policy's weights before every step; with the same seeds it samples exactly what the in-process
+    engine samples, so the run's metrics and final weights are the same bit for bit."""
+    from tests.serve_cli import cli_server
+
+    args = FAST + ["--from_weight", str(tiny_start), "--max_steps", "3", "--save_interval", "10"]
+    grpo.main(args + ["--out_dir", str(tmp_path / "local")])
+    with cli_server(tiny_start, "--allow_weight_reload") as base:
+        spec = f"{base},sync_dir={tmp_path / 'sync'}"
+        grpo.main(args + ["--out_dir", str(tmp_path / "http"), "--rollout_backend", spec])
+        versions = sorted(p.name for p in (tmp_path / "sync").iterdir())
+    local, http = metric_rows(tmp_path / "local", "grpo"), metric_rows(tmp_path / "http", "grpo")
+    assert sorted(local) == sorted(http) == [1, 2, 3]
+    for s in local:
+        assert {k: v for k, v in local[s].items() if k != "seconds"} == {
+            k: v for k, v in http[s].items() if k != "seconds"
+        }
+    assert local[3]["kl"] > 0.0  # the policy moved, so the server really generated with synced weights
+    a, b = ckpt.load_model_state(tmp_path / "local" / "grpo"), ckpt.load_model_state(tmp_path / "http" / "grpo")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert versions, "no weights were written for the server"
+
+
+def test_rollout_backend_url_is_checked(tmp_path, tiny_start, capsys):
+    args = FAST + ["--from_weight", str(tiny_start), "--max_steps", "1", "--out_dir", str(tmp_path)]
+    with pytest.raises(SystemExit):
+        grpo.main(args + ["--rollout_backend", "ftp://nowhere"])
+    assert "--rollout_backend" in capsys.readouterr().err
