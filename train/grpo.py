@@ -56,7 +56,8 @@ reward reads each rollout's final answer (the last turn's text without its tool-
 call still pending (--max_turns ran out, or a turn was cut before its end) has no final answer and is scored as an
 empty reply. Logged per step as well: the mean tool calls, tool errors and model turns per rollout, and the share
 of unfinished rollouts. Defaults that change with --agent 1: --data_path data/sample/rl_tools.jsonl, --from_weight
-out/tool_sft, --max_seq_len 1024 (the tool list alone is a few hundred tokens). The generation prompt is the
+out/tool_sft, --max_seq_len 1024 (the tool list alone is a few hundred tokens), --max_gen_len 96 per turn (a
+tool call alone is 54-64 tokens with the shipped tokenizer). The generation prompt is the
 template's default (no empty <think> block), the way SFT renders an assistant turn. Unlike MiniMind's trainer, the
 model's turn-end token is trained (the model must learn to hand the turn over), the calculator never runs eval on
 model text, and the rollouts are batched across rows instead of generated one conversation at a time.
@@ -97,6 +98,7 @@ _MODE_DEFAULTS = {
     "data_path": ("data/sample/rlaif.jsonl", "data/sample/rl_tools.jsonl"),
     "from_weight": ("out/full_sft", "out/tool_sft"),
     "max_seq_len": (66, 1024),
+    "max_gen_len": (None, 96),  # plain: the machine's default (RL_AUTO); a tool call alone is 54-64 tokens
 }
 
 

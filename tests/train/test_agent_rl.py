@@ -162,8 +162,9 @@ def test_agent_grpo_runs_logs_tools_and_resumes_exactly(files, tmp_path):
 def test_defaults_follow_the_mode(tmp_path):
     plain, agentic = grpo.Args(out_dir=str(tmp_path)), grpo.Args(agent=1, out_dir=str(tmp_path))
     assert (plain.data_path, plain.from_weight, plain.max_seq_len) == ("data/sample/rlaif.jsonl", "out/full_sft", 66)
-    assert (agentic.data_path, agentic.from_weight, agentic.max_seq_len) == (
-        "data/sample/rl_tools.jsonl", "out/tool_sft", 1024
+    assert plain.max_gen_len is None  # the machine's default, filled in later (48 on CPU, 1536 on CUDA)
+    assert (agentic.data_path, agentic.from_weight, agentic.max_seq_len, agentic.max_gen_len) == (
+        "data/sample/rl_tools.jsonl", "out/tool_sft", 1024, 96
     )  # fmt: skip
     (tmp_path / "tool_sft").mkdir()
     assert grpo.Args(agent=1, out_dir=str(tmp_path)).from_weight == str(tmp_path / "tool_sft")
