@@ -608,18 +608,11 @@ def token_id_prompt(ids: list, vocab_size: int) -> list[int]:
     return list(ids)
 
 
-_LONGEST_TOKEN: dict[int, int] = {}
-
-
 def encode_prompt(tokenizer: Tokenizer, text: str, context: int, param: str) -> list[int]:
     """Token ids of a prompt. A text longer than context x (the longest token's characters) cannot fit, and is
     refused before spending time on it; the rest is encoded through encode_batch, which lets other threads run (the
     event loop keeps answering while a long prompt is tokenized)."""
-    longest = _LONGEST_TOKEN.get(id(tokenizer))
-    if longest is None:
-        longest = max(len(tokenizer.decode([i])) for i in range(tokenizer.vocab_size))
-        _LONGEST_TOKEN[id(tokenizer)] = longest
-    if len(text) > context * longest:
+    if len(text) > context * tokenizer.longest_token_chars:
         raise bad_request(
             f"the prompt has {len(text)} characters: more than the model's context of {context} tokens can hold",
             param,

@@ -412,6 +412,12 @@ class Tokenizer:
     def __len__(self) -> int:
         return self.vocab_size
 
+    @functools.cached_property
+    def longest_token_chars(self) -> int:
+        """The most characters one token decodes to: a text longer than n times this cannot fit in n tokens (what a
+        server checks before spending time on encoding a huge prompt). Computed once per tokenizer."""
+        return max(len(self.decode([i])) for i in range(self.vocab_size))
+
     def encode(self, text: str) -> list[int]:
         """Token ids of text. No bos/eos is added; special tokens written in the text are recognised."""
         return self.hf.encode(text, add_special_tokens=False).ids
