@@ -47,20 +47,24 @@ def tiny(kind: str = "dense", seed: int = 0, **overrides) -> MiniMind:
     return model.eval()
 
 
+def write_ggufs(root, model, tokenizer) -> dict:
+    """{dtype: path}: the model saved as a checkpoint under root, exported through the command line in every dtype."""
+    ckpt = save_checkpoint(root / "ckpt", model, model.config, tokenizer=tokenizer)
+    paths = {}
+    for dtype in export.GGUF_DTYPES:
+        paths[dtype] = root / f"model-{dtype}.gguf"
+        export.main(["gguf", "--load", str(ckpt), "--out", str(paths[dtype]), "--dtype", dtype])
+    return paths
+
+
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     """kind -> (model, {dtype: path}) for the dense and MoE tiny models, written through the command line."""
     tok = Tokenizer.load()
     out = {}
     for kind in KINDS:
-        root = tmp_path_factory.mktemp(f"gguf_{kind}")
         model = tiny(kind, seed=1 if kind == "moe" else 0)
-        ckpt = save_checkpoint(root / "ckpt", model, model.config, tokenizer=tok)
-        paths = {}
-        for dtype in export.GGUF_DTYPES:
-            paths[dtype] = root / f"model-{dtype}.gguf"
-            export.main(["gguf", "--load", str(ckpt), "--out", str(paths[dtype]), "--dtype", dtype])
-        out[kind] = (model, paths)
+        out[kind] = (model, write_ggufs(tmp_path_factory.mktemp(f"gguf_{kind}"), model, tok))
     return out
 
 

@@ -29,6 +29,7 @@ from test_export_gguf import (  # llama.cpp semantics in torch (tests/tools is o
     rms,
     rope_adjacent_pairs,
     swiglu,
+    write_ggufs,
 )
 
 from minimind_fast.checkpoint import load_model, load_model_state, model_state_dict, save_checkpoint
@@ -283,14 +284,8 @@ def exported(tmp_path_factory, tokenizer):
     """kind -> (model, {dtype: path}), written through the command line."""
     out = {}
     for kind in KINDS:
-        root = tmp_path_factory.mktemp(f"m3_gguf_{kind}")
         model = m3(kind, seed=11)
-        ckpt = save_checkpoint(root / "ckpt", model, model.config, tokenizer=tokenizer)
-        paths = {}
-        for dtype in export.GGUF_DTYPES:
-            paths[dtype] = root / f"model-{dtype}.gguf"
-            export.main(["gguf", "--load", str(ckpt), "--out", str(paths[dtype]), "--dtype", dtype])
-        out[kind] = (model, paths)
+        out[kind] = (model, write_ggufs(tmp_path_factory.mktemp(f"m3_gguf_{kind}"), model, tokenizer))
     return out
 
 
