@@ -183,3 +183,50 @@ def test_bad_agent_settings_stop_with_one_line(files, tmp_path, capsys):
         grpo.main(base + ["--world", "none", "--max_turns", "0"])
     with pytest.raises(SystemExit, match=r"rl_tools.jsonl:\d+: the prompt with its tools is \d+ tokens"):
         grpo.main(base + ["--world", "none", "--max_seq_len", "50"])
+
+
+def test_agent_grpo_on_two_ranks_logs_the_mean_of_both_ranks_rollouts(files, tmp_path, torchrun, tokenizer):
+    """torchrun, 2 ranks, one step of one prompt x 2 rollouts per rank: rank r rolls out prompt r of the epoch order
+    with its own RNG (rollout number r). The logged reward, tool calls and turns are the means over both ranks'
+    rollouts, recomputed here in one process from the same checkpoint."""
+    from minimind_fast.data import RLPromptDataset
+
+    out = tmp_path / "ddp"
+    flags = list(FAST)
+    flags[flags.index("--batch_size") + 1] = "1"
+    torchrun("grpo.py", flags + ["--from_weight", files["start"], "--data_path", files["data"], "--world",
+                                 files["world"], "--max_steps", "1", "--out_dir", out, "--seed", "42"])  # fmt: skip
+    got = metric_rows(out, "grpo")[1]
+
+    policy, _, _ = ckpt.load_model(files["start"])
+    data = RLPromptDataset(str(files["data"]), tokenizer, 400)
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(42 * 1_000_003))
+    box = Toolbox(files["world"])
+    reward_fn = rewards.build_rewards("rule+shaping")
+    ros = []
+    for r in (0, 1):
+        b = rollout.agent_prompt_batch(data, order, r, 1, tokenizer, box, 400)
+        ros.append(
+            rollout.agent_collect(
+                policy,
+                None,
+                b["conversations"],
+                b["tools"],
+                b["texts"],
+                b["records"],
+                reward_fn,
+                tokenizer,
+                box,
+                num_samples=2,
+                max_new_tokens=64,
+                max_turns=3,
+                device=torch.device("cpu"),
+                temperature=1.0,
+                with_old_logp=False,
+                generator=rollout.rollout_generator(torch.device("cpu"), 42, r),
+            )  # fmt: skip
+        )
+    rewards_all = torch.cat([ro.rewards for ro in ros])
+    assert got["reward"] == pytest.approx(float(rewards_all.mean()), abs=1e-4)
+    for key in ("tool_calls", "turns"):
+        assert got[key] == pytest.approx(float(torch.cat([ro.agent[key] for ro in ros]).mean()), abs=1e-4), key
