@@ -283,7 +283,8 @@ def main(argv: list[str] | None = None) -> dict:
             if stopping:
                 break
     bar.close()
-    rollout.finish_stage(args, rt, metrics, "GRPO", ("reward", "kl"))
+    title = ("CISPO" if args.loss_type == "cispo" else "GRPO") + (", agentic" if args.agent else "")
+    rollout.finish_stage(args, rt, metrics, title, ("reward", "kl", "tool_calls") if args.agent else ("reward", "kl"))
     return {"rewards": history, "steps": plan.total_steps, "out": str(Path(args.out_dir) / args.save_weight)}
 
 
