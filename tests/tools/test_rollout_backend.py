@@ -25,6 +25,7 @@ from minimind_fast.engine import Engine, SamplingParams
 from minimind_fast.generate import generate
 from minimind_fast.model import MiniMind
 from tests.serve_cli import cli_server
+from tests.teach import teach
 from tools import serve
 
 pytestmark = pytest.mark.usefixtures("one_thread_module")
@@ -48,25 +49,9 @@ def trained(tokenizer, tmp_path_factory):
     """(model, checkpoint folder, prompt, answer ids): greedy decoding of prompt gives exactly answer ids, eos last."""
     torch.manual_seed(0)
     cfg = tiny_config()
-    model = MiniMind(cfg)
     prompt = [tokenizer.bos_id] + tokenizer.encode(QUESTION)
     answer = tokenizer.encode(ANSWER) + [tokenizer.eos_id]
-    ids = torch.tensor([prompt + answer])
-    labels = ids.clone()
-    labels[0, : len(prompt)] = -100
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for step in range(300):
-        loss = model(ids, labels=labels).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if step % 10 == 9:
-            model.eval()
-            if generate(model, [prompt], MAX_NEW, greedy=True)[0] == answer:
-                break
-            model.train()
-    else:
-        raise AssertionError("the model did not learn its answer")
+    model = teach(MiniMind(cfg), prompt, answer, steps=300)
     folder = save_checkpoint(tmp_path_factory.mktemp("backend") / "policy-0", model, cfg, tokenizer=tokenizer)
     return model, folder, prompt, answer
 

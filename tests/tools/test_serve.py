@@ -21,6 +21,7 @@ from minimind_fast.config import MiniMindConfig, from_preset
 from minimind_fast.generate import generate
 from minimind_fast.model import MiniMind
 from tests.serve_cli import cli_server
+from tests.teach import teach
 from tools import serve
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -68,25 +69,9 @@ def train_reasoner(tokenizer) -> MiniMind:
     cfg = MiniMindConfig(
         hidden_size=64, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256
     )
-    model = MiniMind(cfg)
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": REASON_QUESTION}], True, tokenize=True)
     text = f"<think>\n{REASON_THOUGHT}\n</think>\n<answer>\n{REASON_ANSWER}\n</answer><|im_end|>"
-    answer = tokenizer.encode(text)
-    ids = torch.tensor([prompt + answer])
-    labels = ids.clone()
-    labels[0, : len(prompt)] = -100
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for step in range(400):
-        loss = model(ids, labels=labels).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if step % 10 == 9:
-            model.eval()
-            if generate(model, [prompt], len(answer) + 2, greedy=True)[0] == answer:
-                return model
-            model.train()
-    raise AssertionError("the reasoning model did not learn its answer")
+    return teach(MiniMind(cfg), prompt, tokenizer.encode(text))
 
 
 API_KEY = "s3cret-key"

@@ -19,45 +19,16 @@ import httpx
 import pytest
 import torch
 import uvicorn
+from test_serve import REASON_ANSWER, REASON_QUESTION, REASON_THOUGHT, train_reasoner
 
-from minimind_fast.config import MiniMindConfig
 from minimind_fast.generate import generate
-from minimind_fast.model import MiniMind
 from minimind_fast.toolcall import Toolbox
 from tools import serve
 
 CHROMIUM = Path("/usr/bin/chromium")
 pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="needs /usr/bin/chromium (apt install chromium)")
 
-QUESTION = "Is the sky blue?"
-THOUGHT = "Light scatters; blue scatters most."
-ANSWER = "Yes, it is blue."
-
-
-def train_reasoner(tokenizer) -> MiniMind:
-    """A one-layer model trained until its greedy answer to QUESTION is the R1-style text, eos included."""
-    torch.manual_seed(0)
-    cfg = MiniMindConfig(
-        hidden_size=64, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256
-    )
-    model = MiniMind(cfg)
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": QUESTION}], True, tokenize=True)
-    answer = tokenizer.encode(f"<think>\n{THOUGHT}\n</think>\n<answer>\n{ANSWER}\n</answer><|im_end|>")
-    ids = torch.tensor([prompt + answer])
-    labels = ids.clone()
-    labels[0, : len(prompt)] = -100
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for step in range(400):
-        loss = model(ids, labels=labels).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if step % 10 == 9:
-            model.eval()
-            if generate(model, [prompt], len(answer) + 2, greedy=True)[0] == answer:
-                return model
-            model.train()
-    raise AssertionError("the reasoning model did not learn its answer")
+QUESTION, THOUGHT, ANSWER = REASON_QUESTION, REASON_THOUGHT, REASON_ANSWER
 
 
 @pytest.fixture(scope="module")
