@@ -289,17 +289,22 @@ def _history_call(i: int, k: int, call: Any) -> dict[str, Any]:
     name = fn.get("name")
     if not isinstance(name, str) or not name:
         raise bad_request(f"{where}.function.name must be a non-empty string", f"{where}.function.name")
-    args = fn.get("arguments")
-    if isinstance(args, str):
-        try:
-            args = json.loads(args)
-        except ValueError:
-            args = None
-    if not isinstance(args, dict):
+    args = arguments_object(fn.get("arguments"))
+    if args is None:
         raise bad_request(
             f"{where}.function.arguments must be a JSON object or a string holding one", f"{where}.function.arguments"
         )
     return {"type": "function", "function": {"name": name, "arguments": args}}
+
+
+def arguments_object(args: Any) -> dict | None:
+    """A tool call's arguments as an object: given as one, or as a JSON string holding one; None otherwise."""
+    if isinstance(args, str):
+        try:
+            args = json.loads(args)
+        except ValueError:
+            return None
+    return args if isinstance(args, dict) else None
 
 
 def parse_messages(raw: Any) -> list[dict[str, Any]]:
@@ -806,15 +811,10 @@ def create_app(
         body = await asyncio.to_thread(read_json, await read_body(request))
         if not isinstance(body, dict):
             raise bad_request("the request body must be a JSON object {name, arguments}")
-        name, args = body.get("name"), body.get("arguments", {})
+        name, args = body.get("name"), arguments_object(body.get("arguments", {}))
         if not isinstance(name, str) or not name:
             raise bad_request("'name' must be a non-empty string (the tool to run)", "name")
-        if isinstance(args, str):
-            try:
-                args = json.loads(args)
-            except ValueError:
-                args = None
-        if not isinstance(args, dict):
+        if args is None:
             raise bad_request("'arguments' must be a JSON object or a string holding one", "arguments")
         call = ToolCall(name, args, None, json.dumps(args, ensure_ascii=False))
         return {"name": name, "content": await asyncio.to_thread(box.run, call)}
