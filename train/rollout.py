@@ -91,16 +91,6 @@ class Rollout:
 
 
 # ---------------------------------------------------------------------------------------------------------- sampling
-@contextlib.contextmanager
-def eval_mode(model: torch.nn.Module):
-    was = model.training
-    model.eval()
-    try:
-        yield model
-    finally:
-        model.train(was)
-
-
 def sample_completions(
     model: torch.nn.Module,
     prompts: Sequence[Sequence[int]],

@@ -72,7 +72,7 @@ from typing import Any, Protocol
 import torch
 
 from minimind_fast.checkpoint import MANIFEST_FILE, MODEL_FILE, clean_state_keys, save_checkpoint
-from minimind_fast.engine import Engine, RequestError, SamplingParams
+from minimind_fast.engine import Engine, RequestError, SamplingParams, params_per_prompt
 
 
 class BackendError(RuntimeError):
@@ -113,13 +113,6 @@ class RolloutBackend(Protocol):
     ) -> list[Completion]: ...
 
     def sync_weights(self, model: torch.nn.Module) -> Any: ...
-
-
-def _params_each(prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams]) -> list:
-    each = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
-    if len(each) != len(prompts):
-        raise ValueError(f"{len(prompts)} prompts but {len(each)} sampling settings")
-    return each
 
 
 @contextlib.contextmanager
@@ -180,7 +173,7 @@ class EngineBackend:
         self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams]
     ) -> list[Completion]:
         # The whole answer as content: the HTTP backend's text is not split either.
-        each = [replace(p, split_reasoning=False) for p in _params_each(prompts, params)]
+        each = [replace(p, split_reasoning=False) for p in params_per_prompt(prompts, params)]
         if not prompts:
             return []
         engine = self.engine(len(prompts))
@@ -393,7 +386,7 @@ class HTTPBackend:
     def generate(
         self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams]
     ) -> list[Completion]:
-        bodies = [self.request_body(p, sp) for p, sp in zip(prompts, _params_each(prompts, params))]
+        bodies = [self.request_body(p, sp) for p, sp in zip(prompts, params_per_prompt(prompts, params))]
         if not bodies:
             return []
         pool = ThreadPoolExecutor(min(self.max_concurrency, len(bodies)), thread_name_prefix="rollout-http")

@@ -92,6 +92,16 @@ class SamplingParams:
         return (False, self.temperature, self.top_k, self.top_p, self.repetition_penalty)
 
 
+def params_per_prompt(
+    prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams]
+) -> list[SamplingParams]:
+    """One SamplingParams for every prompt, or one per prompt (a count that differs is a ValueError)."""
+    each = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
+    if len(each) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(each)} sampling settings")
+    return each
+
+
 @dataclass(eq=False)
 class Request:
     """One generation: what was asked and, as it runs, what came out."""
@@ -318,10 +328,7 @@ class Engine:
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams]):
         """Run these requests to their end and return them in order (from the calling thread when no worker runs,
         otherwise by waiting on the worker)."""
-        each = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
-        if len(each) != len(prompts):
-            raise ValueError(f"{len(prompts)} prompts but {len(each)} sampling settings")
-        reqs = [self.submit(p, sp, _force=True) for p, sp in zip(prompts, each)]
+        reqs = [self.submit(p, sp, _force=True) for p, sp in zip(prompts, params_per_prompt(prompts, params))]
         if self.alive:
             for r in reqs:
                 r.wait()
