@@ -11,6 +11,8 @@ once; saved once here with the shipped tokenizer) with
 own sources first on PYTHONPATH (a temporary `git worktree` of --against). Scenarios (all greedy, ignore_eos, so
 every request generates exactly its max_tokens; prompts and answer lengths mixed and fixed by --seed):
   staggered32   32 clients, one arriving every 50 ms, prompts of 1-6 sentences, max_tokens 16-128
+  together32    staggered32's 32 requests (same prompts and lengths) all at once: the same work with no arrival
+                to wait for, which shows how much of staggered32's wall time is the work itself
   together8     8 clients at once, max_tokens 64
   single        1 client, max_tokens 128
 Per scenario and tree: wall seconds from the first request to the last answer, generated tokens per second over
@@ -28,6 +30,7 @@ import contextlib
 import os
 import random
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -47,6 +50,7 @@ import bench  # noqa: E402
 
 SCENARIOS = {
     "staggered32": dict(clients=32, gap_s=0.05, max_tokens=(16, 128)),
+    "together32": dict(clients=32, gap_s=0.0, max_tokens=(16, 128), same_as="staggered32"),
     "together8": dict(clients=8, gap_s=0.0, max_tokens=(64, 64)),
     "single": dict(clients=1, gap_s=0.0, max_tokens=(128, 128)),
 }
@@ -99,13 +103,49 @@ def make_checkpoint(preset: str, seed: int, out: Path) -> Path:
     return save_checkpoint(out / f"{preset}-random", model, cfg, tokenizer=tok)
 
 
+# Config fields added after older commits, with the value that means what those commits did without the field
+# (head_dim: hidden / heads). A tree that does not know a field gets a copy of the checkpoint without it.
+_LATER_FIELDS = {
+    "head_dim": lambda m: m["hidden_size"] // m["num_attention_heads"],
+    "qk_norm": lambda m: False,
+    "norm_topk_k1": lambda m: False,
+}
+
+
+def checkpoint_for(tree: Path, ckpt: Path, out: Path) -> Path:
+    """ckpt as `tree`'s code reads it: the same weights, without config fields its MiniMindConfig lacks (each must
+    hold the value that older code implied, or the two trees would serve different models)."""
+    import json
+
+    from minimind_fast.checkpoint import write_manifest
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(str(tree / p) for p in ("kernels", "minimind", "."))}
+    probe = "import dataclasses, json, minimind_fast.config as c; "
+    probe += "print(json.dumps([f.name for f in dataclasses.fields(c.MiniMindConfig)]))"
+    known = set(json.loads(subprocess.run([sys.executable, "-c", probe], cwd=tree, env=env, capture_output=True,
+                                          text=True, check=True).stdout))  # fmt: skip
+    cfg = json.loads((ckpt / "config.json").read_text())
+    drop = [k for k in cfg["model"] if k not in known]
+    if not drop:
+        return ckpt
+    for k in drop:
+        if k not in _LATER_FIELDS or cfg["model"][k] != _LATER_FIELDS[k](cfg["model"]):
+            raise RuntimeError(f"{tree} cannot read config field {k}={cfg['model'][k]!r} of {ckpt}")
+        del cfg["model"][k]
+    copy = out / ckpt.name
+    shutil.copytree(ckpt, copy)
+    (copy / "config.json").write_text(json.dumps(cfg, indent=2))
+    write_manifest(copy)
+    return copy
+
+
 def _silent(text: str) -> bool:
     return text.strip() == "" or "\ufffd" in text
 
 
 def requests_for(name: str, seed: int) -> list[dict[str, Any]]:
     sc = SCENARIOS[name]
-    rng = random.Random(f"{seed}-{name}")
+    rng = random.Random(f"{seed}-{sc.get('same_as', name)}")
     lo, hi = sc["max_tokens"]
     out = []
     for i in range(sc["clients"]):
@@ -261,12 +301,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if args.against:
             result["against_commit"] = stack.enter_context(bench.worktree(args.against, work / "against"))
             trees.insert(0, (work / "against", args.against))
+        ckpts = {label: checkpoint_for(tree, ckpt, work / label.replace(" ", "-")) for tree, label in trees}
         for rnd in range(1, args.rounds + 1):
             for name in args.scenarios:
                 reqs = requests_for(name, args.seed)
                 pair = []
                 for tree, label in trees:
-                    server = Server(tree, ckpt, args.threads)
+                    server = Server(tree, ckpts[label], args.threads)
                     try:
                         run_scenario(server.base, ckpt.name, reqs[:1])  # warm-up: first-call costs
                         rec = {

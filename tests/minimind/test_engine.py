@@ -236,10 +236,11 @@ def test_a_failing_model_ends_its_rows_with_an_error_and_the_engine_goes_on(dens
     assert again.output_ids == alone(dense, tokenizer, again.prompt_ids, sp)
 
 
-def test_row_cache_decode_matches_per_row_caches(dense):
-    """RowKVCache: rows at different lengths decoded in one step give each row's own single-cache logits."""
+@pytest.mark.parametrize("lengths", [[3, 7, 5], [5, 5, 5]], ids=["mixed", "equal"])
+def test_row_cache_decode_matches_per_row_caches(dense, lengths):
+    """RowKVCache: rows at different lengths decoded in one step give each row's own single-cache logits (and rows
+    at one length, which write one column without an index, the same)."""
     torch.manual_seed(1)
-    lengths = [3, 7, 5]
     seqs = [torch.randint(0, dense.config.vocab_size, (n + 1,)) for n in lengths]
     rc = RowKVCache(dense.config, 4, 16)
     want = []
@@ -255,6 +256,9 @@ def test_row_cache_decode_matches_per_row_caches(dense):
         ids = torch.stack([s[-1:] for s in seqs])
         got = dense(ids, position_ids=torch.tensor(lengths)[:, None], kv_cache=rc).logits[:, -1]
     torch.testing.assert_close(got, torch.stack(want), rtol=1e-5, atol=1e-5)
+    assert (rc.column is None) == (len(set(lengths)) > 1)
+    for i, n in enumerate(lengths):  # each row's new key went into its own column n, nothing after it
+        assert rc.k[:, i, :, n].abs().sum() > 0 and rc.k[:, i, :, n + 1 :].abs().sum() == 0
 
 
 def test_compiled_decode_step_gives_the_same_tokens(dense, tokenizer):

@@ -1,8 +1,9 @@
 """Every preset through every stage, chained as users chain them, on CPU: tiny dense and tiny MoE (preset tiny with
---use_moe 1) through pretrain -> sft -> lora / dpo / distill / grpo / ppo / spo (each from the SFT output) and
-dpo -> distill_reason (MiniMind's order), two optimizer steps each on tiny batches. The MiniMind-3-shaped m3-tiny,
-dense and MoE, takes a shorter path (pretrain -> sft -> lora / grpo, and pretrain -> sft -> dpo): its stages run the
-same code as MiniMind2's; what differs is the model, which every stage exercises through pretrain and SFT.
+--use_moe 1) through pretrain -> sft -> lora / dpo / distill / grpo / ppo / spo / agent (agentic RL, grpo --agent 1
+with the tools) (each from the SFT output) and dpo -> distill_reason (MiniMind's order), two optimizer steps each on
+tiny batches. The MiniMind-3-shaped m3-tiny, dense and MoE, takes a shorter path (pretrain -> sft -> lora / grpo /
+agent, and pretrain -> sft -> dpo / agent): its stages run the same code as MiniMind2's; what differs is the model,
+which every stage exercises through pretrain and SFT.
 
 Each stage runs once per preset (a module-scoped cache). Most stages run one step, then `--from_resume 1
 --max_steps 2` continues in the same folder from the step-1 checkpoint. For pretrain and SFT an uninterrupted 2-step
@@ -16,7 +17,7 @@ tools/export.py writes a transformers folder (LlamaForCausalLM for dense, Qwen2M
 match ours; tools/eval.py reports what the evaluation library computes on the reloaded model; tools/serve.py loads
 it and answers a chat completion as generate() does. Last, the MoE checkpoint is resumed and saved by 2 FSDP2 ranks.
 
-About 3 minutes on a 2-core CPU, most of it in the 36 stage runs (each loads, saves and hashes its checkpoints).
+About 3-4 minutes on a 2-core CPU, most of it in the 40 stage runs (each loads, saves and hashes its checkpoints).
 """
 
 from __future__ import annotations
@@ -54,8 +55,8 @@ PRESETS = {
     "m3": ["--preset", "m3-tiny"],
     "m3-moe": ["--preset", "m3-tiny", "--use_moe", "1"],
 }
-STAGES = ("pretrain", "sft", "lora", "dpo", "distill", "distill_reason", "grpo", "ppo", "spo")
-PRESET_STAGES = {"m3": ("pretrain", "sft", "lora", "grpo"), "m3-moe": ("pretrain", "sft", "dpo")}  # else all
+STAGES = ("pretrain", "sft", "lora", "dpo", "distill", "distill_reason", "grpo", "ppo", "spo", "agent")
+PRESET_STAGES = {"m3": ("pretrain", "sft", "lora", "grpo", "agent"), "m3-moe": ("pretrain", "sft", "dpo", "agent")}
 # What tools/export.py hf makes of each preset.
 HF_CLASS = {"dense": "LlamaForCausalLM", "moe": "Qwen2MoeForCausalLM", "m3": "Qwen3ForCausalLM"}
 HF_CLASS["m3-moe"] = "Qwen3MoeForCausalLM"
@@ -72,6 +73,10 @@ RUN = ["--kernels", "torch", "--device", "cpu", "--log_interval", "1", "--keep_l
 POST = ["--batch_size", "2", "--max_seq_len", "40", "--learning_rate", "1e-3"]
 RL = ["--batch_size", "2", "--max_seq_len", "32", "--max_gen_len", "4", "--reward", "rule+shaping"]
 RL += ["--learning_rate", "1e-3"]
+# Agentic RL (grpo --agent 1): prompts carry the tools block (420-630 tokens), two model turns of 4 tokens, the
+# calculator and lookup over the shipped world file.
+AGENT = ["--agent", "1", "--batch_size", "2", "--num_generations", "2", "--max_seq_len", "700", "--max_gen_len", "4"]
+AGENT += ["--max_turns", "2", "--reward", "rule+shaping", "--learning_rate", "1e-3"]
 
 
 def _slice(src: str, dst: Path, n: int) -> str:
@@ -101,6 +106,7 @@ class Matrix:
             "distill": _slice("sft.jsonl", root / "distill.jsonl", 16),
             "distill_reason": _slice("r1_mix.jsonl", root / "r1.jsonl", 16),
             "rl": str(rl_prompts),
+            "agent": _slice("rl_tools.jsonl", root / "rl_tools.jsonl", 8),
         }
         self.records: dict[tuple[str, str], dict | BaseException] = {}
 
@@ -117,6 +123,7 @@ class Matrix:
             "grpo": (grpo, [*RL, "--num_generations", "2"]),
             "ppo": (ppo, [*RL, "--mini_batch_size", "2", "--ppo_epochs", "1", "--critic_learning_rate", "1e-3"]),
             "spo": (spo, [*RL, "--accumulation_steps", "1"]),
+            "agent": (grpo, AGENT),
         }
         module, extra = table[stage]
         argv = RUN + (["--from_weight", str(start)] if start else []) + extra
