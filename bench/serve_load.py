@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import os
 import random
 import re
@@ -115,8 +116,6 @@ _LATER_FIELDS = {
 def checkpoint_for(tree: Path, ckpt: Path, out: Path) -> Path:
     """ckpt as `tree`'s code reads it: the same weights, without config fields its MiniMindConfig lacks (each must
     hold the value that older code implied, or the two trees would serve different models)."""
-    import json
-
     from minimind_fast.checkpoint import write_manifest
 
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(str(tree / p) for p in ("kernels", "minimind", "."))}

@@ -113,7 +113,6 @@ class RowKVCache:
         self.rows = 0
         self.length = 0  # the widest row's length before this step (what the model's `start` reads)
         self.pos_N: torch.Tensor | None = None
-        self.column: int | None = None  # the one write column when every row is at the same length
         self.mask = None
 
     def set_rows(self, positions: list[int]) -> None:
@@ -125,9 +124,8 @@ class RowKVCache:
         self.pos_N = torch.tensor(positions, dtype=torch.long, device=self.k.device)
         self.idx_N = torch.arange(n, device=self.k.device)
         # Rows of equal length need no mask (SDPA's unmasked path, as for a request alone), and their new keys and
-        # values go into one column: a plain strided copy instead of an indexed write.
+        # values go into one column, `length`: a plain strided copy instead of an indexed write (see write()).
         same = min(positions) == span - 1
-        self.column = span - 1 if same else None
         cols_S = torch.arange(span, device=self.k.device)
         self.mask = None if same else (cols_S[None, :] <= self.pos_N[:, None])[:, None, None, :]
 
@@ -136,9 +134,9 @@ class RowKVCache:
             raise ValueError(f"RowKVCache takes one new token for each of its {self.rows} rows")
         n, span = self.rows, self.length + 1
         # (Not under torch.compile: the column would be baked into the graph, one recompile per step.)
-        if not torch.compiler.is_compiling() and self.column is not None:
-            self.k[layer, :n, :, self.column] = k_BHkvTD[:, :, 0]
-            self.v[layer, :n, :, self.column] = v_BHkvTD[:, :, 0]
+        if not torch.compiler.is_compiling() and self.mask is None:
+            self.k[layer, :n, :, self.length] = k_BHkvTD[:, :, 0]
+            self.v[layer, :n, :, self.length] = v_BHkvTD[:, :, 0]
         else:  # advanced indices split by a slice: the indexed view is [n, Hkv, Dh], row i at column pos[i]
             self.k[layer][self.idx_N, :, self.pos_N] = k_BHkvTD[:, :, 0].to(self.k.dtype)
             self.v[layer][self.idx_N, :, self.pos_N] = v_BHkvTD[:, :, 0].to(self.v.dtype)

@@ -256,7 +256,7 @@ def test_row_cache_decode_matches_per_row_caches(dense, lengths):
         ids = torch.stack([s[-1:] for s in seqs])
         got = dense(ids, position_ids=torch.tensor(lengths)[:, None], kv_cache=rc).logits[:, -1]
     torch.testing.assert_close(got, torch.stack(want), rtol=1e-5, atol=1e-5)
-    assert (rc.column is None) == (len(set(lengths)) > 1)
+    assert (rc.mask is None) == (len(set(lengths)) == 1)  # one length: no mask, one column written
     for i, n in enumerate(lengths):  # each row's new key went into its own column n, nothing after it
         assert rc.k[:, i, :, n].abs().sum() > 0 and rc.k[:, i, :, n + 1 :].abs().sum() == 0
 
