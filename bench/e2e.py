@@ -195,9 +195,10 @@ def run_one(args: Args, command: str) -> dict[str, Any]:
     if not 1 <= args.warmup_steps < args.steps:  # the first step (compilation) is never part of the rate
         raise SystemExit(f"error: need 1 <= --warmup_steps ({args.warmup_steps}) < --steps ({args.steps})")
     on_cpu = args.device == "cpu" or (args.device == "auto" and not torch.cuda.is_available())
-    # MiniMind's trainer autocasts only on CUDA (nullcontext on a CPU): its CPU baseline runs fp32
+    # MiniMind's trainer autocasts only on CUDA (nullcontext on a CPU): its CPU baseline runs fp32, and with the
+    # allocator as the process finds it
     dtype = "float32" if args.baseline and on_cpu else args.dtype
-    rt = setup_runtime(args.device, dtype, args.seed)
+    rt = setup_runtime(args.device, dtype, args.seed, keep_allocations=not args.baseline)
     spec = "minimind" if args.baseline else args.kernels
     # KernelSpecError when it cannot run here: main() records it as unavailable
     ops = minimind_baseline.ops() if args.baseline else kernels.resolve(spec)

@@ -124,11 +124,18 @@ def keep_cpu_allocations() -> bool:
 _CPU_ALLOC_KEPT: bool | None = None
 
 
-def setup_runtime(device: str = "auto", dtype: str = "auto", seed: int = 42, dist_timeout: float = 600.0) -> Runtime:
+def setup_runtime(
+    device: str = "auto",
+    dtype: str = "auto",
+    seed: int = 42,
+    dist_timeout: float = 600.0,
+    keep_allocations: bool = True,
+) -> Runtime:
     """Pick the device and precision: bf16 autocast on CUDA (fp16 is not offered: no loss scaling here); on a CPU
     bf16 autocast where a start-up probe finds bf16 matmuls at least CPU_BF16_MIN_SPEEDUP times faster than fp32, fp32
     elsewhere (the start-up line gives the probe's figure). --dtype float32 / bfloat16 overrides the choice. A CPU
-    run also keeps freed memory in the process (keep_cpu_allocations).
+    run also keeps freed memory in the process (keep_cpu_allocations; keep_allocations=False leaves the allocator as
+    it is, for bench/e2e.py's MiniMind baseline).
 
     Under torchrun (WORLD_SIZE > 1) it also joins the process group: NCCL on CUDA (one GPU per LOCAL_RANK), gloo on
     CPU. Every rank seeds identically, so models start equal before DDP/FSDP broadcast anything. A collective that
@@ -155,7 +162,7 @@ def setup_runtime(device: str = "auto", dtype: str = "auto", seed: int = 42, dis
     if dtype not in ("bfloat16", "float32"):
         checks.fail(f"error: --dtype must be auto, bfloat16 or float32, got {dtype!r}")
     amp = torch.bfloat16 if dtype == "bfloat16" else None
-    if dev.type == "cpu":
+    if dev.type == "cpu" and keep_allocations:
         keep_cpu_allocations()
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
