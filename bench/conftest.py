@@ -94,7 +94,7 @@ def pytest_configure(config: pytest.Config) -> None:
     settings = Settings(
         scale=scale,
         device=torch.device("cuda" if cuda else "cpu"),
-        # bf16 is what training runs in on a GPU; CPU runs use fp32 (bf16 on a CPU is slow and checks nothing more).
+        # bf16 is what training runs in on a GPU; the CPU runs are smoke runs of the reference ops, in fp32.
         dtype=torch.bfloat16 if cuda else torch.float32,
         rounds=rounds,
         warmup_rounds=3 if scale == "full" else 1,

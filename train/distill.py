@@ -13,7 +13,7 @@ Algorithm, as implemented (Hinton et al. 2015, "Distilling the Knowledge in a Ne
 over the assistant tokens only (the positions whose next token is labelled), both terms averaged over those tokens;
 alpha 0.5 and T 1.5 by default (MiniMind2's values), plus the MoE balance loss for an MoE student. The teacher may
 have any size (hidden width and depth come from each checkpoint's config) but must share the tokenizer and vocab.
-It runs in eval mode without gradients, its matmul weights stored in the compute dtype (bf16 on CUDA).
+It runs in eval mode without gradients, its matmul weights stored in the compute dtype (bf16 under bf16 autocast).
 
 Memory: no [B, T, V] logits are materialised. The CE goes through the model's fused linear cross-entropy; for the KL
 both models return their final-norm hidden states, and train/losses.py:chunked_distill_kl makes the two models'

@@ -6,8 +6,9 @@
     torchrun --nproc_per_node 4 train/dpo.py --data_path dpo.jsonl   # DDP (add --fsdp for FSDP2)
 
 Algorithm, as implemented: the policy and a frozen reference start from the same checkpoint (--from_weight). The
-reference is in eval mode, without gradients, its matmul weights stored in the compute dtype (bf16 on CUDA, fp32 on
-CPU; embedding, norms and MoE router stay fp32, so policy and reference agree exactly before the first step).
+reference is in eval mode, without gradients, its matmul weights stored in the compute dtype (bf16 under bf16
+autocast, else fp32; embedding, norms and MoE router stay fp32, so policy and reference agree exactly before the first
+step).
 Each batch of B pairs is one padded batch of 2B rows (chosen rows first, then the rejected rows of the same pairs),
 so each model runs one forward per batch. Per-token log-probs come from the model's fused cross-entropy path
 (loss_reduction="none", no [B, T, V] log-softmax) and are summed over the assistant tokens (sequence_logp); the loss

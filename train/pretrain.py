@@ -9,8 +9,8 @@ Algorithm, as implemented: documents become [bos] + tokens + [eos] and are packe
 max_seq_len tokens (no padding; MiniMind pads every sample instead). The loss is the token-mean cross-entropy of
 predicting token t+1 from tokens <= t over every position, plus the MoE balance loss of all MoE layers. AdamW
 (betas 0.9/0.999, weight decay 0.01 on matrices), gradient accumulation, gradient clipping at 1.0, MiniMind's cosine
-schedule from lr to 0.1 * lr (optional linear warmup), bf16 autocast on CUDA, fp32 on a CPU (bf16 autocast there,
---dtype bfloat16, trained faster but learned less: train/runtime.py CPU_BF16_MIN_SPEEDUP).
+schedule from lr to 0.1 * lr (optional linear warmup), bf16 autocast on CUDA and on a CPU with fast bf16 matmuls, else
+fp32 (train/runtime.py setup_runtime).
 The sample order of each epoch is a permutation seeded by (seed, epoch), and the data position is the optimizer step,
 so --from_resume replays exactly the batches an uninterrupted run would have seen.
 
