@@ -45,8 +45,9 @@ def _wait_for(path, proc, timeout=120):
 
 def test_sigkill_then_resume_matches_the_uninterrupted_run_exactly(tmp_path, one_thread):
     # 2 rows of 32 tokens: the kill lands between checkpoints all the same, at a fifth of the cost. One thread here as
-    # in the spawned run: on an Intel Xeon (AMX) fp32 matmuls round differently with 1 and 2 threads, so a run resumed
-    # with another thread count than it was saved with drifts by ~1e-6 (on AMD EPYC they agreed)
+    # in the spawned run: on an Intel Xeon (AMX) the fp32 step with 1 and with 2 threads differs by ~1e-6 (its
+    # matmuls agree bit for bit; which op differs is not known), so a run resumed under another thread count than it
+    # was saved with drifts (this failed at 82f7454 too there; on the AMD EPYC machines the two agreed)
     args = SMALL + ["--max_steps", "16", "--save_interval", "4", "--keep_last", "2", "--batch_size", "2"]
     args += ["--max_seq_len", "32"]
     pretrain.main(args + ["--out_dir", str(tmp_path / "full")])
