@@ -104,9 +104,9 @@ def keep_cpu_allocations() -> bool:
     """Tell glibc's malloc to keep freed memory instead of giving it back to the kernel at once (mallopt: blocks up to
     32 MiB come from the heap, not a fresh mmap; the heap is trimmed only above 1 GiB free). A training step on a CPU
     allocates and frees the same large activations and logits every step; each fresh mmap is zero-filled page by page
-    on first touch. Measured on the tiny preset, 2 cores, 4 x 256 tokens: 8,350-8,610 -> 9,630-10,040 tokens/s in bf16,
-    6,600-6,790 -> 7,030 in fp32. The heap then stays at its peak size until the process ends. -> True where applied
-    (Linux with glibc); elsewhere nothing changes."""
+    on first touch. Measured on the tiny preset, 2 cores, 4 x 256 tokens, alternating processes: 8,350-8,610 ->
+    9,630-10,040 tokens/s in bf16, 6,600-6,790 -> 7,030 in fp32. The heap then stays at its peak size until the
+    process ends. -> True where applied (Linux with glibc); elsewhere nothing changes."""
     global _CPU_ALLOC_KEPT
     if _CPU_ALLOC_KEPT is None:
         _CPU_ALLOC_KEPT = False
