@@ -8,13 +8,15 @@ A spec is a base implementation followed by optional per-op overrides, comma sep
   torch   the pure-PyTorch reference (minimind_kernels/reference.py); runs everywhere
   triton  our Triton kernels (minimind_kernels/<op>.py); needs CUDA, or TRITON_INTERPRET=1 with CPU tensors (tests)
   liger   Liger-Kernel where it has the op, else ours (Triton), else torch, with a note for each fallback
-  auto    triton when CUDA and Triton work, else torch
+  auto    triton when CUDA and Triton work, else torch with the cpu family's ops
 Families that implement one op only, named in a per-op override (never as the base):
   grouped moe_experts through torch._grouped_mm (minimind_kernels/moe_grouped.py), e.g. triton,moe_experts=grouped;
           bf16 on sm_90/sm_100 CUDA, or a CPU
   flash, cudnn, efficient, math
           attention through that one backend of PyTorch's SDPA (minimind_kernels/sdpa.py), e.g.
           triton,attention=cudnn; all but math need CUDA
+  cpu     ops that train faster on a CPU than their reference form (minimind_kernels/cpu.py): attention (bf16
+          forward, fp32 backward); auto picks them where there is no CUDA, e.g. torch,attention=cpu by hand
 An explicit implementation that cannot run is an error, never a silent fallback. The environment is read here, once,
 never inside a forward pass. Implementations are imported lazily so that `import kernels` needs only torch.
 """
@@ -59,6 +61,7 @@ _IMPLS: dict[str, dict[str, str]] = {
     },
     "grouped": {"moe_experts": "minimind_kernels.moe_grouped:moe_experts"},
     **{b: {"attention": f"minimind_kernels.sdpa:attention_{b}"} for b in ("flash", "cudnn", "efficient", "math")},
+    "cpu": {"attention": "minimind_kernels.cpu:attention"},
 }
 _CUDA_ONLY = ("flash", "cudnn", "efficient")  # SDPA backends with no CPU kernels
 _BASES = ("torch", "triton", "liger", "auto")
@@ -182,7 +185,11 @@ def resolve(spec: str = "auto", check_runnable: bool = True) -> Ops:
     if base == "auto":
         import torch
 
-        base = "triton" if triton_available() and torch.cuda.is_available() else "torch"
+        if triton_available() and torch.cuda.is_available():
+            base = "triton"
+        else:  # no CUDA: the reference ops, with the cpu family's where it has one and no override names another
+            base = "torch"
+            overrides = {**{op: "cpu" for op in _IMPLS["cpu"]}, **overrides}
     chosen: dict[str, str] = {}
     notes: list[str] = []
     for op in OP_NAMES:

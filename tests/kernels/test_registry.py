@@ -12,9 +12,11 @@ def test_torch_spec_uses_reference_everywhere():
     assert ops.rmsnorm is reference.rmsnorm and ops.linear_cross_entropy is reference.linear_cross_entropy
 
 
-def test_auto_is_torch_without_cuda(monkeypatch):
+def test_auto_without_cuda_is_torch_but_for_the_cpu_family(monkeypatch):
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)
-    assert set(kernels.resolve("auto").impl.values()) == {"torch"}
+    impl = kernels.resolve("auto").impl
+    assert {op for op, family in impl.items() if family == "cpu"} == {"attention"}  # tests/kernels/test_cpu_ops.py
+    assert {family for op, family in impl.items() if op != "attention"} == {"torch"}
 
 
 def test_override_grammar_and_table():
