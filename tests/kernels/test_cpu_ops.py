@@ -7,9 +7,9 @@ import torch
 from _tolerance import check_op
 
 import minimind_kernels as kernels
-from minimind_kernels import cpu, reference
 from minimind_fast.config import from_preset
 from minimind_fast.model import MiniMind
+from minimind_kernels import cpu, reference
 
 
 def _qkv_BTHD(b, h, hkv, t, d, dtype, seed=0):
