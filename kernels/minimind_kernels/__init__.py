@@ -16,7 +16,8 @@ Families that implement one op only, named in a per-op override (never as the ba
           attention through that one backend of PyTorch's SDPA (minimind_kernels/sdpa.py), e.g.
           triton,attention=cudnn; all but math need CUDA
   cpu     ops that train faster on a CPU than their reference form (minimind_kernels/cpu.py): attention (bf16
-          forward, fp32 backward); auto picks them where there is no CUDA, e.g. torch,attention=cpu by hand
+          forward, fp32 backward) and linear_cross_entropy (its gradient written out); auto picks them where there
+          is no CUDA; by hand e.g. torch,attention=cpu
 An explicit implementation that cannot run is an error, never a silent fallback. The environment is read here, once,
 never inside a forward pass. Implementations are imported lazily so that `import kernels` needs only torch.
 """
@@ -61,7 +62,7 @@ _IMPLS: dict[str, dict[str, str]] = {
     },
     "grouped": {"moe_experts": "minimind_kernels.moe_grouped:moe_experts"},
     **{b: {"attention": f"minimind_kernels.sdpa:attention_{b}"} for b in ("flash", "cudnn", "efficient", "math")},
-    "cpu": {"attention": "minimind_kernels.cpu:attention"},
+    "cpu": {op: f"minimind_kernels.cpu:{op}" for op in ("attention", "linear_cross_entropy")},
 }
 _CUDA_ONLY = ("flash", "cudnn", "efficient")  # SDPA backends with no CPU kernels
 _BASES = ("torch", "triton", "liger", "auto")

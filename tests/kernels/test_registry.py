@@ -15,8 +15,9 @@ def test_torch_spec_uses_reference_everywhere():
 def test_auto_without_cuda_is_torch_but_for_the_cpu_family(monkeypatch):
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)
     impl = kernels.resolve("auto").impl
-    assert {op for op, family in impl.items() if family == "cpu"} == {"attention"}  # tests/kernels/test_cpu_ops.py
-    assert {family for op, family in impl.items() if op != "attention"} == {"torch"}
+    cpu_ops = {"attention", "linear_cross_entropy"}  # tests/kernels/test_cpu_ops.py
+    assert {op for op, family in impl.items() if family == "cpu"} == cpu_ops
+    assert {family for op, family in impl.items() if op not in cpu_ops} == {"torch"}
 
 
 def test_override_grammar_and_table():

@@ -4,6 +4,7 @@ wait for the device. Counted on the CPU by wrapping those methods of torch.Tenso
 count at each step of the progress bar."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -77,12 +78,21 @@ class SyncCounter:
         return counted
 
 
-@pytest.mark.parametrize("stage", list(STAGES))
-def test_no_host_sync_in_a_step_that_neither_logs_nor_saves(stage, start, tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    "stage, cpu_default",
+    [(s, False) for s in STAGES] + [("pretrain", True), ("sft", True)],
+    ids=list(STAGES) + ["pretrain-cpu-bf16", "sft-cpu-bf16"],
+)
+def test_no_host_sync_in_a_step_that_neither_logs_nor_saves(stage, cpu_default, start, tmp_path, monkeypatch, capsys):
     module, flags = STAGES[stage]
     counter = SyncCounter(monkeypatch)
     argv = flags.format(sft=start / "sft").split() + QUIET + ["--out_dir", str(tmp_path)]
+    if cpu_default:  # the CPU default path on a bf16 CPU: the cpu family's attention and linear+CE under autocast
+        argv += ["--kernels", "auto", "--dtype", "bfloat16"]
     module.main(argv)
+    if cpu_default:
+        table = capsys.readouterr().out
+        assert re.search(r"attention +cpu", table) and re.search(r"linear_cross_entropy +cpu", table), table
     # Steps 0 .. STEPS-2 neither log (interval 100) nor save; the last one does both.
     quiet = {s: counter.calls.get(s, []) for s in range(STEPS - 1)}
     assert quiet == {s: [] for s in range(STEPS - 1)}
