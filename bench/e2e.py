@@ -30,7 +30,8 @@ subprocess (an OOM or crash costs that row only) and writes after each one, so a
 
 --cpu_compare (a CPU): --repeats pairs of runs, each in a fresh process, alternating the MiniMind baseline and our
 default CPU path (kernels, compile and precision as train/pretrain.py picks them on a CPU) on the same documents
-(--data, default the shipped sample), at --preset (small: MiniMind2-small); per pair the non-pad tokens/s ratio and
+(--data, default the shipped sample; --join_docs K makes each run of K consecutive texts one document, for rows that
+padding does not fill), at --preset (small: MiniMind2-small); per pair the non-pad tokens/s ratio and
 the step-time ratio (both sides compute the same rows x tokens, so this one is the step's own speed and the rest is
 packing), written to bench/results/cpu/cpu-compare-<preset>_cpu_<date>.{json,md} with the CPU's model and flags.
 
@@ -112,11 +113,13 @@ class Args:
     device: str = arg("auto", "cuda, cpu or auto")
     dtype: str = arg("auto", "bfloat16 or float32 (auto: as the trainer, train/runtime.py setup_runtime)")
     seed: int = arg(42, "seed for initialisation and random rows")
+    join_docs: int = arg(1, "with --data: each run of this many consecutive texts is one document (longer documents)")
 
 
 # ------------------------------------------------------------------------------------------------------------ batches
-def tokenize_documents(path: str | Path, tok: Tokenizer) -> list[list[int]]:
-    """[bos] + tokens + [eos] for every {"text": ...} line of a pretrain JSONL (empty lines skipped)."""
+def tokenize_documents(path: str | Path, tok: Tokenizer, join: int = 1) -> list[list[int]]:
+    """[bos] + tokens + [eos] for every {"text": ...} line of a pretrain JSONL (empty lines skipped); with join > 1,
+    each run of `join` consecutive texts (space-separated) is one document."""
     texts = []
     with open(path, encoding="utf-8") as f:
         for line in f:
@@ -124,6 +127,9 @@ def tokenize_documents(path: str | Path, tok: Tokenizer) -> list[list[int]]:
                 texts.append(str(json.loads(line)["text"]))
     if not texts:
         raise SystemExit(f"error: {path} holds no documents")
+    if join < 1:
+        raise SystemExit(f"error: --join_docs must be >= 1, got {join}")
+    texts = [" ".join(texts[i : i + join]) for i in range(0, len(texts), join)]
     return [[tok.bos_id, *ids, tok.eos_id] for ids in tok.encode_batch(texts)]
 
 
@@ -152,13 +158,15 @@ def batches(args: Args, cfg: MiniMindConfig, tok: Tokenizer | None) -> tuple[Ite
     """An endless iterator of CPU micro-batches (input_ids, labels, counted tokens) and a description of the data."""
     b, t = args.batch_size, args.max_seq_len
     if args.baseline:
-        docs = tokenize_documents(args.data or DEFAULT_DATA, tok)
+        docs = tokenize_documents(args.data or DEFAULT_DATA, tok, args.join_docs)
         x_all, y_all = padded_rows(docs, t, tok.pad_id)
-        source = f"{args.data or DEFAULT_DATA.relative_to(_ROOT)} ({len(docs)} documents, one per padded row)"
+        joined = f", texts joined {args.join_docs} at a time" if args.join_docs > 1 else ""
+        source = f"{args.data or DEFAULT_DATA.relative_to(_ROOT)} ({len(docs)} documents{joined}, one per padded row)"
     elif args.data:
-        x_all = packed_rows(tokenize_documents(args.data, tok), t)
+        x_all = packed_rows(tokenize_documents(args.data, tok, args.join_docs), t)
         y_all = x_all
-        source = f"{args.data} (packed into {x_all.shape[0]} rows)"
+        joined = f", texts joined {args.join_docs} at a time" if args.join_docs > 1 else ""
+        source = f"{args.data} (packed into {x_all.shape[0]} rows{joined})"
     else:
         x_all = y_all = None
         source = "random token ids, packed rows"
@@ -371,7 +379,7 @@ def child_argv(args: Args, config: dict[str, Any], json_out: str, peak: float | 
     else:
         argv += ["--kernels", config["kernels"], "--compile", str(int(config["compile"]))]
     if config.get("data", args.data):
-        argv += ["--data", config.get("data", args.data)]
+        argv += ["--data", config.get("data", args.data), "--join_docs", str(args.join_docs)]
     if peak:
         argv += ["--peak_tflops", str(peak)]
     return argv

@@ -142,6 +142,11 @@ def test_e2e_counts_non_pad_tokens_and_plot(tmp_path, one_thread, tokenizer):
     assert [int((r != -100).sum()) for r in y] == lengths[:rows]
     assert torch.equal(y != -100, x != 0) and torch.equal(x[:, 0], torch.ones(rows, dtype=torch.long))
 
+    # --join_docs 3: each document is three consecutive texts joined by a space, so fewer, longer rows
+    joined = e2e.tokenize_documents(ROOT / "data" / "sample" / "pretrain.jsonl", e2e.Tokenizer.load(), join=3)
+    assert len(joined) == -(-len(texts) // 3)
+    assert joined[1] == [1, *tokenizer.encode(" ".join(texts[3:6])), 2]
+
     sp = e2e.speedups([brun, run])
     assert math.isclose(sp[1]["vs_baseline"], run["tokens_per_s"] / brun["tokens_per_s"])
 
