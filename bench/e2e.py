@@ -71,7 +71,7 @@ from train import step  # noqa: E402
 from train.args import arg, parse_args  # noqa: E402
 from train.metrics import flops_per_token  # noqa: E402
 from train.models import build_config  # noqa: E402
-from train.runtime import cpu_bf16_speedup, setup_runtime  # noqa: E402
+from train.runtime import cpu_bf16_speedup, cpu_compile_default, setup_runtime  # noqa: E402
 
 DEFAULT_DATA = _ROOT / "data" / "sample" / "pretrain.jsonl"
 IGNORE = -100
@@ -203,10 +203,10 @@ def run_one(args: Args, command: str) -> dict[str, Any]:
     if not 1 <= args.warmup_steps < args.steps:  # the first step (compilation) is never part of the rate
         raise SystemExit(f"error: need 1 <= --warmup_steps ({args.warmup_steps}) < --steps ({args.steps})")
     on_cpu = args.device == "cpu" or (args.device == "auto" and not torch.cuda.is_available())
-    # MiniMind's trainer autocasts only on CUDA (nullcontext on a CPU): its CPU baseline runs fp32, and with the
-    # allocator as the process finds it
+    # MiniMind's trainer autocasts only on CUDA (nullcontext on a CPU): its CPU baseline runs fp32, with the allocator
+    # and the floating-point state as the process finds them
     dtype = "float32" if args.baseline and on_cpu else args.dtype
-    rt = setup_runtime(args.device, dtype, args.seed, keep_allocations=not args.baseline)
+    rt = setup_runtime(args.device, dtype, args.seed, tune_cpu=not args.baseline)
     spec = "minimind" if args.baseline else args.kernels
     # KernelSpecError when it cannot run here: main() records it as unavailable
     ops = minimind_baseline.ops() if args.baseline else kernels.resolve(spec)
@@ -470,16 +470,11 @@ def run_cpu_compare(args: Args, command: str) -> dict[str, Any]:
         raise SystemExit("error: --cpu_compare measures the CPU path: pass --device cpu on a machine with a GPU")
     if args.repeats < 1:
         raise SystemExit(f"error: --repeats must be >= 1, got {args.repeats}")
-    from train import pretrain  # our defaults on a CPU, as `python train/pretrain.py` takes them
-
     data = args.data or str(DEFAULT_DATA.relative_to(_ROOT))
-    ours = {
-        "preset": args.preset,
-        "baseline": "",
-        "kernels": "auto",
-        "compile": pretrain._AUTO["compile"][0],
-        "data": data,
-    }
+    cfg = from_preset(args.preset)
+    # our defaults on a CPU, as `python train/pretrain.py --preset P` takes them (one process)
+    compiled = cpu_compile_default(cfg.hidden_size, cfg.use_moe, world_size=1)
+    ours = {"preset": args.preset, "baseline": "", "kernels": "auto", "compile": compiled, "data": data}
     base = {"preset": args.preset, "baseline": "minimind", "kernels": "torch", "compile": False, "data": data}
     out_dir = args.out_dir if args.out_dir != str(bench.RESULTS_DIR) else str(bench.RESULTS_DIR / "cpu")
     paths = bench.result_paths(out_dir, args.name or f"cpu-compare-{args.preset}")

@@ -36,7 +36,14 @@ from train.args import StageArgs, arg, parse_args, resolve_auto
 from train.metrics import Timer, flops_per_token, peak_flops
 from train.models import build_config, load_init_weights, load_tokenizer, open_dataset
 from train.resume import restore_resume, save_step
-from train.runtime import all_reduce_mean, describe_runtime, resolve_kernels, setup_runtime, wrap_model
+from train.runtime import (
+    all_reduce_mean,
+    cpu_compile_default,
+    describe_runtime,
+    resolve_kernels,
+    setup_runtime,
+    wrap_model,
+)
 
 # Defaults that depend on the machine: (CPU, CUDA). On a CPU the run must finish in minutes on 2 cores; batch 4 at
 # lr 3e-3 runs about as many tokens per second as batch 16 and makes 4x the optimizer steps, which is what the tiny
@@ -48,7 +55,9 @@ _AUTO = {
     "max_seq_len": (256, 340),
     "learning_rate": (3e-3, 5e-4),
     "epochs": (2, 1),
-    "compile": (False, True),  # packed rows of one length: one compiled graph (tests/minimind/test_one_graph.py)
+    # packed rows of one length: one compiled graph (tests/minimind/test_one_graph.py); on a CPU decided once the model
+    # is known (train/runtime.py cpu_compile_default)
+    "compile": (None, True),
 }
 
 
@@ -76,7 +85,11 @@ class Args(StageArgs):
         None, "MoE balance-loss weight (default: the preset's, 0.01 for MiniMind2, 5e-4 for MiniMind-3)"
     )
     seed: int = arg(42, "seed for initialisation and data order")
-    compile: bool | None = arg(None, "torch.compile the model (default: on with CUDA, off on CPU; --compile 0 = off)")
+    compile: bool | None = arg(
+        None,
+        "torch.compile the model (default: on with CUDA; on a CPU on for dense models of hidden size >= 512 where a "
+        "C++ compiler is found; --compile 0 = off)",
+    )
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -88,6 +101,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.aux_loss_alpha is not None:
         overrides["aux_loss_alpha"] = args.aux_loss_alpha
     cfg = build_config(args.preset, tok, **overrides)
+    if args.compile is None:  # a CPU: where it pays back its first step
+        args.compile = cpu_compile_default(cfg.hidden_size, cfg.use_moe, rt.world_size)
     if args.max_seq_len > cfg.max_position_embeddings:
         checks.fail(
             f"error: --max_seq_len {args.max_seq_len} exceeds the rotary table ({cfg.max_position_embeddings} "

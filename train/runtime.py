@@ -100,6 +100,28 @@ CPU_BF16_MIN_SPEEDUP = 1.5  # --dtype auto on a CPU picks bf16 autocast where th
 # ended at 1.21 (bf16) vs 0.95 (fp32) is a gap of the size seeds make (last loss 0.72-1.24 over the 16 runs above).
 
 
+# --compile left unset on a CPU: compile where it pays back its first step. Measured on a 2-core AMX Xeon (bf16
+# autocast, `python bench/e2e.py --preset P --device cpu --compile 0/1`, see README "Performance"): the compiled
+# first step costs ~17-28 s; later steps are ~1.1x at tiny (hidden 256), which the 2-minute default run does not
+# repay, and 1.25x at small (hidden 512). MoE models stay eager (the reference expert loop's data-dependent shapes).
+CPU_COMPILE_MIN_HIDDEN = 512
+
+
+def cxx_compiler() -> str | None:
+    """The C++ compiler torch.compile's CPU backend would use, or None when there is none (it cannot compile then)."""
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+
+        return get_cpp_compiler()
+    except Exception:
+        return None
+
+
+def cpu_compile_default(hidden_size: int, use_moe: bool, world_size: int) -> bool:
+    """Whether a CPU run compiles when --compile is not given (see CPU_COMPILE_MIN_HIDDEN)."""
+    return world_size == 1 and not use_moe and hidden_size >= CPU_COMPILE_MIN_HIDDEN and cxx_compiler() is not None
+
+
 def keep_cpu_allocations() -> bool:
     """Tell glibc's malloc to keep freed memory instead of giving it back to the kernel at once (mallopt: blocks up to
     32 MiB come from the heap, not a fresh mmap; the heap is trimmed only above 1 GiB free). A training step on a CPU
@@ -125,18 +147,32 @@ def keep_cpu_allocations() -> bool:
 _CPU_ALLOC_KEPT: bool | None = None
 
 
+def flush_cpu_denormals() -> bool:
+    """Compute with fp32 denormals (|x| < 1.18e-38) as zero: torch.set_flush_denormal (x86 FTZ + DAZ), set on this
+    thread before the first parallel op so that the intra-op threads, which copy their creator's floating-point
+    state, have it too. In training, denormals come from exponentials of very negative numbers (attention and
+    softmax probabilities, their gradients) and from optimizer moments decaying toward zero, more of them as the
+    model sharpens; x86 computes on them at a small fraction of its normal rate (bf16 instructions flush them
+    already). Measured with the tiny preset's default run, 2-core AMX Xeon, steps 10-300: without the flush the rate
+    fell from ~10,000 to ~6,000 tokens/s by step 200 with the cpu family's ops (~8,700 -> ~7,700 with the reference
+    ops); with it, 9,500-12,000 throughout (9,000-9,600 with the reference ops). GPUs flush the same way in their
+    fast paths. -> True where supported (x86 with SSE3)."""
+    return torch.set_flush_denormal(True)
+
+
 def setup_runtime(
     device: str = "auto",
     dtype: str = "auto",
     seed: int = 42,
     dist_timeout: float = 600.0,
-    keep_allocations: bool = True,
+    tune_cpu: bool = True,
 ) -> Runtime:
     """Pick the device and precision: bf16 autocast on CUDA (fp16 is not offered: no loss scaling here); on a CPU
     bf16 autocast where a start-up probe finds bf16 matmuls at least CPU_BF16_MIN_SPEEDUP times faster than fp32, fp32
     elsewhere (the start-up line gives the probe's figure). --dtype float32 / bfloat16 overrides the choice. A CPU
-    run also keeps freed memory in the process (keep_cpu_allocations; keep_allocations=False leaves the allocator as
-    it is, for bench/e2e.py's MiniMind baseline).
+    run also flushes denormals to zero (flush_cpu_denormals) and keeps freed memory in the process
+    (keep_cpu_allocations); tune_cpu=False leaves both as the process found them, for bench/e2e.py's MiniMind
+    baseline.
 
     Under torchrun (WORLD_SIZE > 1) it also joins the process group: NCCL on CUDA (one GPU per LOCAL_RANK), gloo on
     CPU. Every rank seeds identically, so models start equal before DDP/FSDP broadcast anything. A collective that
@@ -151,6 +187,9 @@ def setup_runtime(
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         checks.fail("error: --device cuda asked for but CUDA is not available")
+    if dev.type == "cpu" and tune_cpu:  # before the probe's matmuls start the intra-op threads
+        flush_cpu_denormals()
+        keep_cpu_allocations()
     note = ""
     if dtype == "auto" and dev.type == "cpu" and world == 1:
         speedup = cpu_bf16_speedup()
@@ -163,8 +202,6 @@ def setup_runtime(
     if dtype not in ("bfloat16", "float32"):
         checks.fail(f"error: --dtype must be auto, bfloat16 or float32, got {dtype!r}")
     amp = torch.bfloat16 if dtype == "bfloat16" else None
-    if dev.type == "cpu" and keep_allocations:
-        keep_cpu_allocations()
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -362,5 +399,6 @@ def describe_runtime(rt: Runtime, args: StageArgs) -> str:
     """'cpu x 2 ranks (fp32, FSDP2)': where and how the run computes, for the start-up line."""
     ranks = f" x {rt.world_size} ranks" if rt.world_size > 1 else ""
     how = ["bf16 autocast" if rt.amp_dtype else "fp32"] + [rt.precision_note] * bool(rt.precision_note)
-    how += ["compiled"] * bool(args.compile) + ["FSDP2"] * bool(args.fsdp)
+    compiled = "compiled" + (" (the first step compiles: ~0.5 min on a CPU; --compile 0 for eager)" * (not rt.is_cuda))
+    how += [compiled] * bool(args.compile) + ["FSDP2"] * bool(args.fsdp)
     return f"{rt.device}{ranks} ({', '.join(how)})"

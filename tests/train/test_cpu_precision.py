@@ -1,6 +1,7 @@
 """--dtype auto on a CPU is bf16 autocast where the start-up probe finds bf16 matmuls at least CPU_BF16_MIN_SPEEDUP
 times faster than fp32, else fp32; the start-up line gives the probe's figure and names --dtype float32;
---dtype float32 / bfloat16 choose. A CPU run keeps freed memory in the process (keep_cpu_allocations)."""
+--dtype float32 / bfloat16 choose. A CPU run keeps freed memory in the process (keep_cpu_allocations) and computes
+with denormals flushed to zero (flush_cpu_denormals)."""
 
 import os
 import platform
@@ -119,3 +120,34 @@ def test_a_cpu_run_keeps_freed_memory_instead_of_faulting_it_in_again():
     # process still faulted 2,560 (10 MB; cause not found), so the bar is a large reduction, not zero.
     assert default > 5000 and kept < default / 4, (default, kept)
     assert runtime.keep_cpu_allocations() is True
+
+
+_DENORMALS = """
+import sys
+import torch
+torch.set_num_threads(2)
+from train.runtime import setup_runtime
+setup_runtime("cpu", "float32", tune_cpu=sys.argv[1] == "cpu")
+x = torch.full((1 << 22,), 1e-39)  # a denormal fp32 (the smallest normal is 1.18e-38)
+y = x * 3.0  # 4M elements: split over both intra-op threads
+print(int((y == 0).sum()), y.numel())
+"""
+
+
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="FTZ/DAZ are x86 switches")
+def test_a_cpu_run_computes_with_denormals_flushed_on_every_thread():
+    """Two fresh processes multiply a tensor of denormals with both intra-op threads: after setup_runtime on a CPU
+    every product is zero (the flush reached the threads started later); with tune_cpu=False (the MiniMind baseline)
+    none is."""
+
+    def zeros(mode: str) -> tuple[int, int]:
+        env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'kernels'}{os.pathsep}{REPO / 'minimind'}"}
+        proc = subprocess.run(
+            [sys.executable, "-c", _DENORMALS, mode], env=env, capture_output=True, text=True, timeout=120
+        )
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        n_zero, n = (int(v) for v in proc.stdout.split()[-2:])
+        return n_zero, n
+
+    assert zeros("cpu") == (1 << 22, 1 << 22)
+    assert zeros("plain") == (0, 1 << 22)
