@@ -157,15 +157,14 @@ def padded_rows(docs: list[list[int]], seq_len: int, pad_id: int = 0) -> tuple[t
 def batches(args: Args, cfg: MiniMindConfig, tok: Tokenizer | None) -> tuple[Iterator[tuple], str]:
     """An endless iterator of CPU micro-batches (input_ids, labels, counted tokens) and a description of the data."""
     b, t = args.batch_size, args.max_seq_len
+    joined = f", texts joined {args.join_docs} at a time" if args.join_docs > 1 else ""
     if args.baseline:
         docs = tokenize_documents(args.data or DEFAULT_DATA, tok, args.join_docs)
         x_all, y_all = padded_rows(docs, t, tok.pad_id)
-        joined = f", texts joined {args.join_docs} at a time" if args.join_docs > 1 else ""
         source = f"{args.data or DEFAULT_DATA.relative_to(_ROOT)} ({len(docs)} documents{joined}, one per padded row)"
     elif args.data:
         x_all = packed_rows(tokenize_documents(args.data, tok, args.join_docs), t)
         y_all = x_all
-        joined = f", texts joined {args.join_docs} at a time" if args.join_docs > 1 else ""
         source = f"{args.data} (packed into {x_all.shape[0]} rows{joined})"
     else:
         x_all = y_all = None

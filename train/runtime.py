@@ -101,9 +101,10 @@ CPU_BF16_MIN_SPEEDUP = 1.5  # --dtype auto on a CPU picks bf16 autocast where th
 
 
 # --compile left unset on a CPU: compile where it pays back its first step. Measured on a 2-core AMX Xeon (bf16
-# autocast, `python bench/e2e.py --preset P --device cpu --compile 0/1`, see README "Performance"): the compiled
-# first step costs ~17-28 s; later steps are ~1.1x at tiny (hidden 256), which the 2-minute default run does not
-# repay, and 1.25x at small (hidden 512). MoE models stay eager (the reference expert loop's data-dependent shapes).
+# autocast, cold inductor cache; bench/results/cpu/e2e-cpu-compile_cpu_20261207.md, README "Useful flags"): the
+# compiled first step costs 27-30 s and later steps are 1.14x at tiny (hidden 256) and at small (hidden 512). A small
+# run repays it after ~550 steps; the 2-minute tiny default run would gain about what it pays. MoE models stay eager
+# (the reference expert loop's data-dependent shapes).
 CPU_COMPILE_MIN_HIDDEN = 512
 
 

@@ -26,6 +26,20 @@ import torch
 from minimind_kernels import reference
 
 
+def _cpu_training(*tensors: torch.Tensor) -> bool:
+    """The calls the ops here were measured on (module docstring): CPU tensors of one half dtype (bf16 or fp16, as
+    CPU autocast gives them), autograd recording a gradient for at least one of them, not under torch.compile."""
+    first = tensors[0]
+    return (
+        first.device.type == "cpu"
+        and first.dtype in (torch.bfloat16, torch.float16)
+        and all(t.dtype == first.dtype for t in tensors)
+        and torch.is_grad_enabled()
+        and any(t.requires_grad for t in tensors)
+        and not torch.compiler.is_compiling()
+    )
+
+
 class _CausalFlashFp32Backward(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q_BHTD: torch.Tensor, k_BHkvSD: torch.Tensor, v_BHkvSD: torch.Tensor) -> torch.Tensor:
@@ -56,13 +70,8 @@ def attention(
     fast = (
         attn_mask is None
         and is_causal
-        and q_BHTD.device.type == "cpu"
-        and q_BHTD.dtype in (torch.bfloat16, torch.float16)
-        and q_BHTD.dtype == k_BHkvSD.dtype == v_BHkvSD.dtype
         and q_BHTD.shape[-2] == k_BHkvSD.shape[-2]  # causal over equal lengths, as in training
-        and torch.is_grad_enabled()
-        and (q_BHTD.requires_grad or k_BHkvSD.requires_grad or v_BHkvSD.requires_grad)
-        and not torch.compiler.is_compiling()
+        and _cpu_training(q_BHTD, k_BHkvSD, v_BHkvSD)
     )
     if not fast:
         return reference.attention(q_BHTD, k_BHkvSD, v_BHkvSD, attn_mask=attn_mask, is_causal=is_causal)
@@ -125,16 +134,8 @@ def linear_cross_entropy(
 ) -> torch.Tensor:
     """reference.linear_cross_entropy; bf16/fp16 CPU training calls with reduction mean or sum take the gradient
     above."""
-    fast = (
-        reduction in ("mean", "sum")
-        and hidden_ND.device.type == "cpu"
-        and hidden_ND.dtype in (torch.bfloat16, torch.float16)  # in fp32 it measured no faster than the reference
-        and weight_VD.dtype == hidden_ND.dtype
-        and torch.is_grad_enabled()
-        and (hidden_ND.requires_grad or weight_VD.requires_grad)
-        and not torch.compiler.is_compiling()
-    )
-    if not fast:
+    # in fp32 it measured no faster than the reference, so _cpu_training's half dtypes only
+    if not (reduction in ("mean", "sum") and _cpu_training(hidden_ND, weight_VD)):
         return reference.linear_cross_entropy(hidden_ND, weight_VD, labels_N, ignore_index, token_weight_N, reduction)
     with torch.autocast("cpu", enabled=False):
         return _LinearCrossEntropy.apply(hidden_ND, weight_VD, labels_N, ignore_index, token_weight_N, reduction)
