@@ -68,8 +68,16 @@ def cpu_bf16_speedup() -> float:
     """How much faster a bf16 matmul runs than an fp32 one on this CPU, found once per process. An x86 CPU without
     bf16 dot-product instructions (avx512_bf16 or amx_bf16) converts bf16 to fp32 and is never faster: 0.0 without
     measuring (on an AVX2-only EPYC bf16 ran 1.4-1.8 vs 22-39 GFLOP/s on 1024x256x768 to 2720x512x1408). Elsewhere a
-    256x512x512 matmul in each dtype is timed after warm-up (best of several; a smaller probe measures thread
-    wake-up, not arithmetic: at 128x256x256 fp32 ran at 1.1 GFLOP/s here)."""
+    256x512x512 matmul in each dtype is timed on one thread, the two dtypes alternating, and the best time of each is
+    compared: the question is what the core's instructions do, and a machine busy with other work must not change the
+    answer. Measured on a 2-core AMX Xeon with another process multiplying matrices on both cores: timed on both
+    threads, all of one dtype then the other (best of 5 and 3), the ratio read 0.8-38.8 in 10 fresh processes, 6 of
+    them under 1.5 (4.3-4.9 idle); this way, best of 20: 4.2-5.4 in 10 processes, 4.1-4.9 in 10 more beside two such
+    loads (4.3-4.8 idle), ~50 ms. Setting the thread count, even back to the same number, is not free of effects:
+    torch.set_num_threads also fixes the BLAS library's own thread choice, which moves a run's rounding (the default
+    tiny run ended step 200 at loss 2.2357 instead of 2.6600: another trajectory, as another seed gives); bf16 steps
+    ran as fast either way (4 alternating pairs), fp32 steps 1-5% slower (3 pairs), and fp32 follows the probe only
+    where bf16 measured slow."""
     global _CPU_BF16_SPEEDUP
     if _CPU_BF16_SPEEDUP is None:
         flags = x86_cpu_flags()
@@ -77,17 +85,19 @@ def cpu_bf16_speedup() -> float:
             _CPU_BF16_SPEEDUP = 0.0
             return _CPU_BF16_SPEEDUP
         a, b = torch.randn(256, 512), torch.randn(512, 512)
-        best = {}
-        for dt, reps in ((torch.float32, 5), (torch.bfloat16, 3)):
-            x, y = a.to(dt), b.to(dt)
-            for _ in range(2):  # warm-up: thread pool, oneDNN's kernel choice
-                x @ y
-            times = []
-            for _ in range(reps):
-                t = time.perf_counter()
-                x @ y
-                times.append(time.perf_counter() - t)
-            best[dt] = min(times)
+        pairs = {dt: (a.to(dt), b.to(dt)) for dt in (torch.float32, torch.bfloat16)}
+        best = dict.fromkeys(pairs, float("inf"))
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            for rep in range(22):
+                for dt, (x, y) in pairs.items():
+                    t = time.perf_counter()
+                    x @ y
+                    if rep >= 2:  # the first two of each warm up (oneDNN's kernel choice, caches)
+                        best[dt] = min(best[dt], time.perf_counter() - t)
+        finally:
+            torch.set_num_threads(threads)
         _CPU_BF16_SPEEDUP = best[torch.float32] / max(best[torch.bfloat16], 1e-9)
     return _CPU_BF16_SPEEDUP
 
