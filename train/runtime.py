@@ -73,11 +73,12 @@ def cpu_bf16_speedup() -> float:
     answer. Measured on a 2-core AMX Xeon with another process multiplying matrices on both cores: timed on both
     threads, all of one dtype then the other (best of 5 and 3), the ratio read 0.8-38.8 in 10 fresh processes, 6 of
     them under 1.5 (4.3-4.9 idle); this way, best of 20: 4.2-5.4 in 10 processes, 4.1-4.9 in 10 more beside two such
-    loads (4.3-4.8 idle), ~50 ms. Setting the thread count, even back to the same number, is not free of effects:
-    torch.set_num_threads also fixes the BLAS library's own thread choice, which moves a run's rounding (the default
-    tiny run ended step 200 at loss 2.2357 instead of 2.6600: another trajectory, as another seed gives); bf16 steps
-    ran as fast either way (4 alternating pairs), fp32 steps 1-5% slower (3 pairs), and fp32 follows the probe only
-    where bf16 measured slow."""
+    loads (4.3-4.8 idle), ~50 ms. Where bf16 is emulated (under half fp32's speed after two timed pairs) it stops
+    there: 22 slow bf16 matmuls would cost over a second. Setting the thread count, even back to the same number, is
+    not free of effects: torch.set_num_threads also turns off MKL's own per-call thread choice (as MKL_DYNAMIC=FALSE
+    does), which moves a run's rounding (the default tiny run ended step 200 at loss 2.2357 instead of 2.6600: another
+    trajectory, as another seed gives). bf16 steps ran as fast either way (4 alternating pairs); fp32 steps were 1-5%
+    slower (3 pairs), but an x86 CPU that runs fp32 is not timed (above), and other CPUs' torch builds have no MKL."""
     global _CPU_BF16_SPEEDUP
     if _CPU_BF16_SPEEDUP is None:
         flags = x86_cpu_flags()
@@ -96,6 +97,8 @@ def cpu_bf16_speedup() -> float:
                     x @ y
                     if rep >= 2:  # the first two of each warm up (oneDNN's kernel choice, caches)
                         best[dt] = min(best[dt], time.perf_counter() - t)
+                if rep >= 3 and best[torch.bfloat16] > 2 * best[torch.float32]:
+                    break
         finally:
             torch.set_num_threads(threads)
         _CPU_BF16_SPEEDUP = best[torch.float32] / max(best[torch.bfloat16], 1e-9)

@@ -111,6 +111,32 @@ def test_the_probe_reads_the_same_on_a_busy_machine(monkeypatch):
     assert torch.get_num_threads() == threads  # the probe times on one thread and gives the others back
 
 
+_EMULATED = """
+import time
+from train import runtime
+t = time.perf_counter()
+print(runtime.cpu_bf16_speedup(), time.perf_counter() - t)
+"""
+
+
+def test_the_probe_finds_emulated_bf16_slow():
+    """A CPU whose bf16 matmuls are emulated (here: this CPU with oneDNN held to AVX2, so bf16 goes through fp32
+    conversion, as on CPUs other than x86 without bf16 arithmetic) is timed and reads slow, so auto picks fp32."""
+    flags = runtime.x86_cpu_flags()
+    if not flags or not flags & {"avx512_bf16", "amx_bf16"}:
+        pytest.skip("held to AVX2 by ONEDNN_MAX_CPU_ISA only where the CPU has more")
+    env = {
+        **os.environ,
+        "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'kernels'}{os.pathsep}{REPO / 'minimind'}",
+        "ONEDNN_MAX_CPU_ISA": "AVX2",
+    }
+    proc = subprocess.run([sys.executable, "-c", _EMULATED], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    speedup, seconds = (float(v) for v in proc.stdout.split()[-2:])
+    assert speedup < 0.5, speedup  # measured 0.02-0.03 (with all 20 pairs, ~1.3 s; it stops after two: ~0.25 s)
+    assert seconds < 5, seconds
+
+
 _FAULTS = """
 import ctypes, resource, sys
 import torch
