@@ -149,7 +149,23 @@ def command_line(script: str, argv: list[str] | None) -> str:
     import shlex
 
     args = sys.argv[1:] if argv is None else argv
-    return shlex.join(["python", script, *args])
+    env = [f"{k}={os.environ[k]}" for k in MEASUREMENT_ENV if k in os.environ]
+    return shlex.join([*env, "python", script, *args])
+
+
+# Environment variables that change what a measurement measures (threads, the instruction set torch, oneDNN and MKL
+# may use, MKL's thread and reproducibility modes, the CUDA cards seen): named in the recorded command when set.
+MEASUREMENT_ENV = (
+    "OMP_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "MKL_DYNAMIC",
+    "MKL_CBWR",
+    "MKL_ENABLE_INSTRUCTIONS",
+    "ATEN_CPU_CAPABILITY",
+    "ONEDNN_MAX_CPU_ISA",
+    "DNNL_MAX_CPU_ISA",
+    "CUDA_VISIBLE_DEVICES",
+)
 
 
 def result_paths(out_dir: str | Path, what: str) -> tuple[Path, Path]:

@@ -175,3 +175,27 @@ def test_e2e_counts_non_pad_tokens_and_plot(tmp_path, one_thread, tokenizer):
 
     png = plot_bench.main([str(tmp_path), "--out", str(tmp_path / "e2e.png")])
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+
+
+def test_the_recorded_command_names_the_environment_that_changes_the_measurement(monkeypatch):
+    """A result measured with the instruction set held down (or threads pinned) must say so in its command, in a form
+    that runs again as typed; unrelated variables stay out."""
+    import shlex
+
+    import bench
+
+    for key in bench.MEASUREMENT_ENV:
+        monkeypatch.delenv(key, raising=False)
+    assert bench.command_line("bench/e2e.py", ["--steps", "5"]) == "python bench/e2e.py --steps 5"
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("HOME_UNRELATED", "x")
+    line = bench.command_line("bench/default_run.py", ["--pretrain_args", "--dtype float32"])
+    assert shlex.split(line) == [
+        "OMP_NUM_THREADS=1",
+        "ONEDNN_MAX_CPU_ISA=AVX2",
+        "python",
+        "bench/default_run.py",
+        "--pretrain_args",
+        "--dtype float32",
+    ]
