@@ -64,6 +64,9 @@ def x86_cpu_flags() -> set[str] | None:
     return None
 
 
+X86_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})  # /proc/cpuinfo names of bf16 dot-product instructions
+
+
 def cpu_bf16_speedup() -> float:
     """How much faster a bf16 matmul runs than an fp32 one on this CPU, found once per process. An x86 CPU without
     bf16 dot-product instructions (avx512_bf16 or amx_bf16) converts bf16 to fp32 and is never faster: 0.0 without
@@ -82,7 +85,7 @@ def cpu_bf16_speedup() -> float:
     global _CPU_BF16_SPEEDUP
     if _CPU_BF16_SPEEDUP is None:
         flags = x86_cpu_flags()
-        if flags is not None and not flags & {"avx512_bf16", "amx_bf16"}:
+        if flags is not None and not flags & X86_BF16_FLAGS:
             _CPU_BF16_SPEEDUP = 0.0
             return _CPU_BF16_SPEEDUP
         a, b = torch.randn(256, 512), torch.randn(512, 512)

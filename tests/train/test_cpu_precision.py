@@ -18,6 +18,26 @@ from train import pretrain, runtime
 pytestmark = pytest.mark.usefixtures("one_thread")
 REPO = Path(__file__).resolve().parents[2]
 RUN = ["--preset", "tiny", "--max_seq_len", "32", "--batch_size", "2", "--max_steps", "1", "--kernels", "torch"]
+_FLAGS = runtime.x86_cpu_flags()
+needs_bf16_instructions = pytest.mark.skipif(
+    not _FLAGS or not _FLAGS & runtime.X86_BF16_FLAGS,
+    reason="this CPU has no bf16 instructions: the probe does not time it",
+)
+
+
+def _script(code: str, *argv: str, **env: str) -> list[str]:
+    """Run code in a fresh Python process importing this checkout (extra environment variables as keywords);
+    -> the words it printed."""
+    paths = os.pathsep.join(str(p) for p in (REPO, REPO / "kernels", REPO / "minimind"))
+    proc = subprocess.run(
+        [sys.executable, "-c", code, *argv],
+        env={**os.environ, "PYTHONPATH": paths, **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout.split()
 
 
 @pytest.mark.parametrize(
@@ -87,14 +107,12 @@ while time.time() < end:
 """
 
 
+@needs_bf16_instructions
 def test_the_probe_reads_the_same_on_a_busy_machine(monkeypatch):
     """Other work on the machine (a test run beside the training run, say) must not flip the choice: with another
     process multiplying matrices on every core, the probe still finds bf16 fast where the CPU has bf16 instructions.
     Timed on all threads, one dtype after the other (as it was before), it read under 1.5 in 6 of 10 processes under
     such a load on a 2-core AMX Xeon, and 4.3-4.9 idle."""
-    flags = runtime.x86_cpu_flags()
-    if not flags or not flags & {"avx512_bf16", "amx_bf16"}:
-        pytest.skip("this CPU has no bf16 instructions: the probe does not time it (test above)")
     torch.set_num_threads(threads := 2)  # as a training run has them (this module's fixture restores one after)
     load = subprocess.Popen([sys.executable, "-c", _LOAD, str(os.cpu_count() or 1)], stdout=subprocess.PIPE, text=True)
     try:
@@ -119,20 +137,11 @@ print(runtime.cpu_bf16_speedup(), time.perf_counter() - t)
 """
 
 
+@needs_bf16_instructions  # held to AVX2 by ONEDNN_MAX_CPU_ISA only where the CPU has more
 def test_the_probe_finds_emulated_bf16_slow():
     """A CPU whose bf16 matmuls are emulated (here: this CPU with oneDNN held to AVX2, so bf16 goes through fp32
     conversion, as on CPUs other than x86 without bf16 arithmetic) is timed and reads slow, so auto picks fp32."""
-    flags = runtime.x86_cpu_flags()
-    if not flags or not flags & {"avx512_bf16", "amx_bf16"}:
-        pytest.skip("held to AVX2 by ONEDNN_MAX_CPU_ISA only where the CPU has more")
-    env = {
-        **os.environ,
-        "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'kernels'}{os.pathsep}{REPO / 'minimind'}",
-        "ONEDNN_MAX_CPU_ISA": "AVX2",
-    }
-    proc = subprocess.run([sys.executable, "-c", _EMULATED], env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    speedup, seconds = (float(v) for v in proc.stdout.split()[-2:])
+    speedup, seconds = (float(v) for v in _script(_EMULATED, ONEDNN_MAX_CPU_ISA="AVX2")[-2:])
     assert speedup < 0.5, speedup  # measured 0.02-0.03 (with all 20 pairs, ~1.3 s; it stops after two: ~0.25 s)
     assert seconds < 5, seconds
 
@@ -169,15 +178,7 @@ def test_a_cpu_run_keeps_freed_memory_instead_of_faulting_it_in_again():
     (its default thresholds adapt, so whether a training step hits this varies; the tiny preset's step measured
     +14-17% tokens/s with the memory kept); after setup_runtime on a CPU the memory stays in the process."""
 
-    def faults(mode: str) -> float:
-        env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'kernels'}{os.pathsep}{REPO / 'minimind'}"}
-        proc = subprocess.run(
-            [sys.executable, "-c", _FAULTS, mode], env=env, capture_output=True, text=True, timeout=120
-        )
-        assert proc.returncode == 0, proc.stderr[-2000:]
-        return float(proc.stdout.split()[-1])
-
-    default, kept = faults("plain"), faults("cpu")
+    default, kept = (float(_script(_FAULTS, mode)[-1]) for mode in ("plain", "cpu"))
     # Measured: 19,203 and 0 faults per repetition run alone; once, inside the full suite on this machine, the kept
     # process still faulted 2,560 (10 MB; cause not found), so the bar is a large reduction, not zero.
     assert default > 5000 and kept < default / 4, (default, kept)
@@ -203,14 +204,8 @@ def test_a_cpu_run_computes_with_denormals_flushed_on_every_thread(dtype):
     every product is zero (the flush reached the threads started later); with tune_cpu=False (the MiniMind baseline)
     none is."""
 
-    def zeros(mode: str) -> tuple[int, int]:
-        env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'kernels'}{os.pathsep}{REPO / 'minimind'}"}
-        proc = subprocess.run(
-            [sys.executable, "-c", _DENORMALS, mode, dtype], env=env, capture_output=True, text=True, timeout=120
-        )
-        assert proc.returncode == 0, proc.stderr[-2000:]
-        n_zero, n = (int(v) for v in proc.stdout.split()[-2:])
-        return n_zero, n
+    def zeros(mode: str) -> tuple[int, ...]:
+        return tuple(int(v) for v in _script(_DENORMALS, mode, dtype)[-2:])
 
     assert zeros("cpu") == (1 << 22, 1 << 22)
     assert zeros("plain") == (0, 1 << 22)
